@@ -1,0 +1,31 @@
+# netota: `make test` and `make demo` work on a fresh machine with only Python and pip.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.netota-installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo rack-demo install benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '.[test]'
+	# Regenerate Twisted's plugin cache so `twistd --help` lists netota.
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $(STAMP)
+
+# Tests run against the source tree (python -m pytest puts it first on sys.path).
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m netota_daemon.demo
+
+benchmark: $(STAMP)
+	$(BIN)/python -m benchmarks.serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from netota_daemon.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``netota`` command: one module per group of subcommands."""

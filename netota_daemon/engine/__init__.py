@@ -1,0 +1,1 @@
+"""One upgrade of one device: phases, retries inside a deadline, the reboot wait, outcomes, progress."""

@@ -1,0 +1,47 @@
+"""What the engine needs to know about a device and how long each step may take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeviceTarget:
+    """Where a device is reached. Every device is 192.168.1.1 on a real rack; ``interface`` (bound
+    with SO_BINDTODEVICE) and ``source_address`` tell the connections apart."""
+
+    name: str
+    host: str = "192.168.1.1"
+    ctp_port: int = 3333
+    http_port: int = 8080
+    ota_port: int = 3335
+    interface: str | None = None
+    source_address: str | None = None
+    reconnect_command: str | None = None  # run with NETOTA_DEVICE/INTERFACE/SSID after phase 1
+    expected_ssid: str | None = None  # the SSID to rejoin, passed to reconnect_command
+
+
+@dataclass(frozen=True)
+class UpgradeTimeouts:
+    """Every wait of an upgrade, in seconds. Defaults fit the real device (protocol-research §4.2)."""
+
+    deadline: float = 900.0  # the whole job
+    connect: float = 10.0  # one TCP connection attempt
+    ctp_reply: float = 10.0  # a CTP request's reply
+    http: float = 10.0  # the description document
+    ota_accept: float = 30.0  # the device's first header after connecting to 3335
+    receive: float = 5.0  # one receive timeout on the OTA stream
+    max_receive_timeouts: int = 10  # give up after more than this many in a row
+    reboot: float = 120.0  # after phase 1, until the loader answers
+    verify: float = 120.0  # after phase 2, until the new firmware answers
+    poll_interval: float = 1.0  # between connection attempts while waiting for a reboot
+    keepalive_interval: float = 10.0  # CTP keep-alive while a session is held
+    echo_final_notice: bool = False  # answer the final 100 % notice (PROTOCOL.md decision)
+
+    def replaced(self, **changes: Any) -> "UpgradeTimeouts":
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,91 @@
+"""``FirmwareImage``: an upgrade file, opened once and served by byte range.
+
+The file is memory-mapped read-only, so serving a READ never reads the file again or copies the
+whole image; every job flashing the same file shares one mapping through :func:`open_image`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import weakref
+from pathlib import Path
+
+from netota_daemon.wire.ota import byte_sum
+
+#: The OTA header's offsets and sizes are u32: a larger image can't be addressed.
+MAX_IMAGE_SIZE = 0xFFFFFFFF
+
+
+class FirmwareError(Exception):
+    """The firmware file can't be used: missing, unreadable, empty or too large."""
+
+
+class FirmwareImage:
+    """A read-only view of one firmware file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not self.path.is_file():
+                    raise FirmwareError(f"firmware {self.path} is not a regular file")
+                if size == 0:
+                    raise FirmwareError(f"firmware {self.path} is empty")
+                if size > MAX_IMAGE_SIZE:
+                    raise FirmwareError(
+                        f"firmware {self.path} is {size} bytes; the OTA protocol addresses at most {MAX_IMAGE_SIZE}"
+                    )
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise FirmwareError(f"firmware {self.path} does not exist") from None
+        except IsADirectoryError:
+            raise FirmwareError(f"firmware {self.path} is a directory") from None
+        except PermissionError:
+            raise FirmwareError(f"firmware {self.path} is not readable (permission denied)") from None
+        except OSError as e:
+            raise FirmwareError(f"firmware {self.path} can't be read: {e.strerror or e}") from None
+        self.size = size
+        self._view = memoryview(self._map)
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """Bytes ``offset .. offset+length``, clamped at the end of the image (no copy)."""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        return self._view[offset : min(offset + length, self.size)]
+
+    def range_sum(self, offset: int, length: int) -> int:
+        """The byte sum (mod 2**32) of a range, as the reply checksum needs it."""
+        return byte_sum(self.read(offset, length))
+
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self._view).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<FirmwareImage {self.path} {self.size} bytes>"
+
+
+_cache: "weakref.WeakValueDictionary[tuple, FirmwareImage]" = weakref.WeakValueDictionary()
+_cache_lock = threading.Lock()
+
+
+def open_image(path: str | os.PathLike[str]) -> FirmwareImage:
+    """The shared :class:`FirmwareImage` for ``path``: one mapping per file version, reused by every
+    job that holds it. A file replaced or modified on disk gets a new mapping."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FirmwareError(f"firmware {path} does not exist") from None
+    except OSError as e:
+        raise FirmwareError(f"firmware {path} can't be read: {e.strerror or e}") from None
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _cache_lock:
+        image = _cache.get(key)
+        if image is None:
+            image = FirmwareImage(path)
+            _cache[key] = image
+        return image

@@ -1,0 +1,60 @@
+"""Shared fixtures. End-to-end tests use the real reactor through pytest-twisted."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def reactor():
+    """The global reactor pytest-twisted runs (it has no fixture of its own)."""
+    from twisted.internet import reactor as _reactor
+
+    return _reactor
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (prefer listening on port 0 where the API allows)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """An environment in which ``python -m netota_daemon`` and ``python -m twisted netota`` run this
+    source tree (and find its twistd plugin)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def fail_on_unhandled_deferred_errors():
+    """An error nobody handled in a Deferred fails the test that caused it (as magic-wormhole does)."""
+    errors: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_failure") is not None and "Unhandled error in Deferred" in str(event.get("log_format", "")):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield
+    gc.collect()
+    globalLogPublisher.removeObserver(observer)
+    if errors:
+        failures = "\n".join(e["log_failure"].getTraceback() for e in errors)
+        pytest.fail(f"{len(errors)} unhandled error(s) in Deferreds:\n{failures}")
