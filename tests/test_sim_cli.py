@@ -1,0 +1,106 @@
+"""``netota sim`` and ``netota sim make-image``: options, errors, and the real subprocess."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from netota_daemon.cli.main import build_parser, main
+from netota_daemon.cli.sim import config_from_args
+from netota_daemon.sim.config import StallFault
+from netota_daemon.sim.image import read_trailer
+from netota_daemon.wire.ctp import CtpDecoder, request
+from tests.conftest import PYTHON, subprocess_env
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["sim", *argv])
+
+
+def test_every_option_reaches_the_config(tmp_path):
+    args = parse(
+        "--listen", "127.0.0.3", "--ctp-port", "0", "--http-port", "1", "--ota-port", "2",
+        "--mode", "loader", "--ota-listen-at-start", "--time-scale", "0.5", "--double-backup",
+        "--firmware-version", "3.0", "--image-size", "1000", "--phase1-all-size", "--reject-image", "--same-as-installed",
+        "--same-status", "err", "--reboot-seconds", "4", "--loader-start-seconds", "5",
+        "--phase2-reboot-seconds", "6", "--no-reboot", "--reboot-command", "true",
+        "--drop-after-reads", "7", "--stall-after-reads", "8:9.5", "--corrupt-header-every", "10",
+        "--corrupt-reply-check", "--fault-phase", "2",
+    )
+    config = config_from_args(args, tmp_path)
+    assert (config.listen, config.ctp_port, config.http_port, config.ota_port) == ("127.0.0.3", 0, 1, 2)
+    assert (config.mode, config.ota_listen_at_start, config.time_scale, config.double_backup) == ("loader", True, 0.5, True)
+    assert (config.firmware_version, config.image_size, config.reject_image) == ("3.0", 1000, True)
+    assert config.phase1_all_size is True
+    assert (config.same_as_installed, config.same_status) == (True, "err")
+    assert (config.reboot_seconds, config.loader_start_seconds, config.phase2_reboot_seconds) == (4, 5, 6)
+    assert (config.no_reboot, config.reboot_command) == (True, "true")
+    assert (config.drop_after_reads, config.stall_after_reads) == (7, StallFault(8, 9.5))
+    assert (config.corrupt_header_every, config.corrupt_reply_check, config.fault_phase) == (10, True, 2)
+    assert config.state_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--time-scale", "0"], ["--ctp-port", "70000"], ["--stall-after-reads", "5"], ["--drop-after-reads", "0"],
+     ["--mode", "boot"], ["--fault-phase", "3"]],
+)
+def test_bad_options_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_documents_every_event():
+    text = build_parser()._subparsers._group_actions[0].choices["sim"].format_help()
+    for event in ("session_end", "checksum_error", "stop_received", "reboot", "mode", "watchdog_reset",
+                  "ctp_connect", "http_request", "phase<N>-received.bin", "events.jsonl"):
+        assert event in text
+
+
+def test_make_image_command(tmp_path, capsys):
+    out = tmp_path / "image.bin"
+    assert main(["sim", "make-image", str(out), "--version", "4.5.6", "--size", "5000"]) == 0
+    assert out.stat().st_size == 5000 and read_trailer(out).version == "4.5.6"
+    assert main(["sim", "make-image", str(out), "--version", "4.5.6", "--size", "10"]) == 2
+    assert "at least 88 bytes" in capsys.readouterr().err
+
+
+def test_netota_sim_subprocess_runs_until_sigterm(tmp_path):
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [PYTHON, "-m", "netota_daemon", "sim", "--ctp-port", "0", "--http-port", "0", "--ota-port", "0",
+         "--state-dir", str(state), "--time-scale", "0.01"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), text=True,
+    )
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        assert selector.select(timeout=20), "no ready line within 20 s"
+        line = process.stdout.readline()
+        assert line.startswith("netota sim: main firmware 1.0.0 on 127.0.0.1")
+        ports = json.loads((state / "ports.json").read_text())
+        assert f"ctp {ports['ctp']}" in line and f"ota {ports['ota']}" in line
+        with socket.create_connection(("127.0.0.1", ports["ctp"]), timeout=10) as sock:
+            sock.sendall(request("APP_ACCESS", "PUT", type="0", ver="20906"))
+            decoder = CtpDecoder()
+            frames = []
+            while not frames:
+                frames = decoder.feed(sock.recv(4096))
+            assert frames[0].param == {"type": "0", "ver": "20906"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    events = [json.loads(line)["event"] for line in (state / "events.jsonl").read_text().splitlines()]
+    assert events[:2] == ["start", "mode"] and events[-1] == "stop" and "app_access" in events

@@ -1,0 +1,331 @@
+"""The device side of one 3335 session, byte for byte, on a StringTransport and a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from netota_daemon.sim.config import SimConfig
+from netota_daemon.sim.image import build_image
+from netota_daemon.sim.ota_session import FaultState, OtaDeviceSession
+from netota_daemon.wire.ota import STOP_BYTES, OtaHeader, Status, encode_reply, notice_echo
+
+
+class FakeHost:
+    """The device, as far as a session sees it (real time: time_scale 1)."""
+
+    def __init__(self, **config: Any) -> None:
+        self.config = SimConfig(**config)
+        self.clock = Clock()
+        self.faults = FaultState()
+        self.events: list[dict[str, Any]] = []
+        self.ended: list[OtaDeviceSession] = []
+        self.progress = 0
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        entry = {"event": event, **fields}
+        self.events.append(entry)
+        return entry
+
+    def ota_session_started(self, session: OtaDeviceSession) -> None:
+        pass
+
+    def ota_progress(self, session: OtaDeviceSession) -> None:
+        self.progress += 1
+
+    def ota_session_ended(self, session: OtaDeviceSession) -> None:
+        self.ended.append(session)
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+
+def connect(host: FakeHost, phase: int = 1) -> tuple[OtaDeviceSession, StringTransport]:
+    session = OtaDeviceSession(host, phase)
+    transport = StringTransport()
+    session.makeConnection(transport)
+    return session, transport
+
+
+def sent(transport: StringTransport) -> bytes:
+    data = transport.value()
+    transport.clear()
+    return data
+
+
+def headers(data: bytes) -> list[OtaHeader]:
+    assert len(data) % 20 == 0
+    return [OtaHeader.decode(data[i : i + 20]) for i in range(0, len(data), 20)]
+
+
+def reply_to(header: OtaHeader, image: bytes) -> bytes:
+    return encode_reply(header, image[header.seek_addr : header.seek_addr + header.read_size])
+
+
+def lose(session: OtaDeviceSession, transport: StringTransport) -> None:
+    assert transport.disconnecting
+    session.connectionLost(Failure(ConnectionDone()))
+
+
+ERR_BYTES = bytes.fromhex("02000000" "00000000" "00000000" "00000000" "02000000")
+OK_BYTES = bytes.fromhex("65000000" "00000000" "00000000" "00000000" "01640000")
+FINAL_NOTICE = bytes.fromhex("64000000" "00000000" "00000000" "00000000" "00640000")
+
+
+def test_device_speaks_first_after_100_ms_with_a_phase1_window():
+    host = FakeHost(image_size=50_000)
+    session, transport = connect(host)
+    host.clock.advance(0.099)
+    assert transport.value() == b""
+    host.clock.advance(0.001)
+    # READ seek 0, read_size 20436 (0x4fd4), percent 1; sum 0xd4+0x4f+4+1 = 0x128
+    assert sent(transport) == bytes.fromhex("28010000" "00000000" "d44f0000" "00000000" "04010000")
+    assert host.names() == ["session_start"]
+
+
+def test_phase2_first_read_and_all_size_notice_match_the_research_examples():
+    host = FakeHost(image_size=1_000_000)
+    image = bytes(1_000_000)
+    session, transport = connect(host, phase=2)
+    host.clock.advance(0.1)
+    first = sent(transport)
+    assert first == bytes.fromhex("78010000" "00000000" "d49f0000" "00000000" "04010000")
+    session.dataReceived(reply_to(headers(first)[0], image))
+    assert sent(transport) == bytes.fromhex("92000000" "00000000" "00000000" "40420f00" "00010000")
+    assert host.names()[-1] == "all_size_sent"
+
+
+def serve(host: FakeHost, session: OtaDeviceSession, transport: StringTransport, image: bytes, echo: bool) -> list[OtaHeader]:
+    """Answer READs until the final notice; returns every header seen."""
+    seen: list[OtaHeader] = []
+    for _ in range(1000):
+        host.clock.advance(0.1)
+        data = sent(transport)
+        for header in headers(data):
+            seen.append(header)
+            if header.status == Status.READ:
+                session.dataReceived(reply_to(header, image))
+            elif header.status == Status.DOING and header.percent == 100:
+                if echo:
+                    session.dataReceived(notice_echo(header))
+                return seen
+            elif header.status != Status.DOING:
+                return seen
+        if header_all_size(seen):
+            host.clock.advance(5)
+    raise AssertionError("the session never finished")
+
+
+def header_all_size(seen: list[OtaHeader]) -> bool:
+    return bool(seen) and seen[-1].all_size != 0
+
+
+def test_phase2_end_echo_ends_the_wait_then_ok_then_rst():
+    image = build_image("2.0.0", 90_000)
+    host = FakeHost()
+    session, transport = connect(host, phase=2)
+    seen = serve(host, session, transport, image, echo=True)
+    assert seen[-1].encode() == FINAL_NOTICE
+    assert "notice_echo" in host.names()
+    host.clock.advance(0.49)
+    assert transport.value() == b""
+    host.clock.advance(0.01)
+    assert sent(transport) == OK_BYTES
+    assert not transport.disconnecting
+    host.clock.advance(0.5)
+    assert transport.disconnected  # abortConnection: an RST
+    lose(session, transport)
+    result = host.ended[0].result
+    assert (result.outcome, result.phase, result.all_size_sent, result.new_version) == ("ok", 2, True, "2.0.0")
+    assert result.received == image
+
+
+def test_without_echo_the_device_waits_5_s_before_ok():
+    image = bytes(30_000)
+    host = FakeHost(image_size=len(image))
+    session, transport = connect(host)
+    serve(host, session, transport, image, echo=False)
+    host.clock.advance(5.0)
+    assert transport.value() == b""
+    host.clock.advance(0.5)
+    assert sent(transport) == OK_BYTES
+
+
+def test_bad_reply_sum_is_dropped_then_5_s_later_err_and_rst():
+    image = bytes(range(256)) * 200
+    host = FakeHost(image_size=len(image))
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    request = headers(sent(transport))[0]
+    reply = bytearray(reply_to(request, image))
+    reply[0] ^= 1
+    session.dataReceived(bytes(reply))
+    assert transport.value() == b"" and host.events[-1]["event"] == "checksum_error"
+    host.clock.advance(4.99)
+    assert transport.value() == b""
+    host.clock.advance(0.01)
+    assert sent(transport) == ERR_BYTES
+    host.clock.advance(0.5)
+    assert transport.disconnected
+    lose(session, transport)
+    assert (host.ended[0].result.outcome, host.ended[0].result.checksum_errors) == ("err", 1)
+
+
+def test_stop_at_any_time_ends_err():
+    host = FakeHost(image_size=50_000)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    sent(transport)
+    session.dataReceived(STOP_BYTES)
+    assert sent(transport) == ERR_BYTES
+    assert "stop_received" in host.names()
+    host.clock.advance(0.5)
+    lose(session, transport)
+    assert host.ended[0].result.stop_received is True
+
+
+def test_reply_to_the_all_size_notice_is_the_memory_fault():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image))
+    session, transport = connect(host, phase=2)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    notice = headers(sent(transport))[0]
+    assert notice.all_size == 100_000
+    session.dataReceived(notice_echo(notice))  # all_size 0, valid sum: still a reply to that notice
+    assert sent(transport) == ERR_BYTES
+    host.clock.advance(0.5)
+    lose(session, transport)
+    assert "memory fault" in host.ended[0].result.reason
+
+
+def test_reply_longer_than_asked_fails_at_its_header():
+    host = FakeHost(image_size=100_000)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    request = headers(sent(transport))[0]
+    too_long = OtaHeader(request.seek_addr, request.read_size + 1, 0, Status.READ, 1).encode()
+    session.dataReceived(too_long)
+    assert sent(transport) == ERR_BYTES
+
+
+def test_no_reply_within_5_s_fails():
+    host = FakeHost(image_size=100_000)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    sent(transport)
+    host.clock.advance(5)
+    assert sent(transport) == ERR_BYTES
+
+
+def test_data_before_the_device_spoke_is_unsolicited():
+    host = FakeHost(image_size=100_000)
+    session, transport = connect(host)
+    session.dataReceived(bytes(20))
+    assert sent(transport) == ERR_BYTES
+
+
+def test_corrupt_header_is_resent_valid_after_the_wait():
+    host = FakeHost(image_size=100_000, corrupt_header_every=1)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    bad = headers(sent(transport))[0]
+    assert not bad.is_valid() and bad.status == Status.READ
+    host.clock.advance(5)
+    good = headers(sent(transport))[0]
+    assert good.is_valid() and (good.seek_addr, good.read_size) == (bad.seek_addr, bad.read_size)
+    assert host.names().count("header_corrupted") == 1
+
+
+def test_drop_after_reads_aborts_once():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), drop_after_reads=2)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    assert transport.disconnected and transport.value() == b""
+    lose(session, transport)
+    assert host.ended[0].result.outcome == "dropped" and host.faults.drop_used
+
+
+def test_faults_limited_to_the_other_phase_do_not_fire():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), drop_after_reads=1, fault_phase=2)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    assert not transport.disconnecting and len(headers(sent(transport))) == 1
+
+
+def test_stall_delays_the_next_request():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), stall_after_reads="1:30")
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    host.clock.advance(29.9)
+    assert transport.value() == b""
+    host.clock.advance(0.1)
+    assert headers(sent(transport))[0].status == Status.READ
+
+
+@pytest.mark.parametrize("same_status, wire", [("same", "10000000" "00000000" "00000000" "00000000" "10000000"), ("err", None)])
+def test_same_as_installed_after_the_first_reply(same_status, wire):
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), same_as_installed=True, same_status=same_status)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    assert sent(transport) == (bytes.fromhex(wire) if wire else ERR_BYTES)
+    host.clock.advance(0.5)
+    lose(session, transport)
+    assert host.ended[0].result.outcome == "same"
+
+
+def test_reject_image_ends_err_after_the_transfer():
+    image = bytes(30_000)
+    host = FakeHost(image_size=len(image), reject_image=True)
+    session, transport = connect(host)
+    seen = serve(host, session, transport, image, echo=True)
+    assert seen[-1].encode() == ERR_BYTES
+
+
+def test_app_closing_first_is_aborted_and_partial_bytes_are_kept():
+    image = bytes(range(256)) * 400
+    host = FakeHost(image_size=len(image))
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    session.connectionLost(Failure(ConnectionDone()))
+    result = host.ended[0].result
+    assert result.outcome == "aborted" and result.bytes == 20436
+    assert len(result.received) == len(image) and result.received[:20436] == image[:20436]
+    assert result.received[20436:] == bytes(len(image) - 20436)
+    assert host.clock.getDelayedCalls() == []
+
+
+def test_late_echo_while_closing_is_ignored():
+    image = bytes(30_000)
+    host = FakeHost(image_size=len(image))
+    session, transport = connect(host)
+    seen = serve(host, session, transport, image, echo=False)
+    host.clock.advance(5.0)  # the wait ended without an echo; OK comes 0.5 s later
+    session.dataReceived(notice_echo(seen[-1]))
+    host.clock.advance(0.5)
+    assert sent(transport) == OK_BYTES
+
+
+def test_phase1_all_size_option_sends_the_notice_in_phase1():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), phase1_all_size=True)
+    session, transport = connect(host)
+    host.clock.advance(0.1)
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    notice = headers(sent(transport))[0]
+    assert (notice.status, notice.read_size, notice.all_size) == (Status.DOING, 0, 100_000)
