@@ -16,6 +16,8 @@ from netota_daemon.wire.ota import byte_sum
 
 #: The OTA header's offsets and sizes are u32: a larger image can't be addressed.
 MAX_IMAGE_SIZE = 0xFFFFFFFF
+#: Range sums remembered per image (bounded; a 64 MiB image has about 1600 windows of 42 KiB).
+RANGE_SUM_CACHE = 4096
 
 
 class FirmwareError(Exception):
@@ -49,6 +51,7 @@ class FirmwareImage:
             raise FirmwareError(f"firmware {self.path} can't be read: {e.strerror or e}") from None
         self.size = size
         self._view = memoryview(self._map)
+        self._range_sums: dict[tuple[int, int], int] = {}
 
     def read(self, offset: int, length: int) -> memoryview:
         """Bytes ``offset .. offset+length``, clamped at the end of the image (no copy)."""
@@ -57,8 +60,16 @@ class FirmwareImage:
         return self._view[offset : min(offset + length, self.size)]
 
     def range_sum(self, offset: int, length: int) -> int:
-        """The byte sum (mod 2**32) of a range, as the reply checksum needs it."""
-        return byte_sum(self.read(offset, length))
+        """The byte sum (mod 2**32) of a range, as the reply checksum needs it.
+
+        Every job flashing this image asks for the same windows, so sums are remembered (bounded)."""
+        key = (offset, length)
+        total = self._range_sums.get(key)
+        if total is None:
+            if len(self._range_sums) >= RANGE_SUM_CACHE:
+                self._range_sums.clear()
+            total = self._range_sums[key] = byte_sum(self.read(offset, length))
+        return total
 
     def sha256(self) -> str:
         import hashlib

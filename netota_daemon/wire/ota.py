@@ -51,9 +51,10 @@ class OtaHeaderError(ValueError):
 
 def byte_sum(data: bytes | bytearray | memoryview) -> int:
     """The unsigned sum of every byte of ``data``, mod 2**32, computed without a Python loop."""
-    if not len(data):
-        return 0
-    return int(numpy.frombuffer(data, dtype=numpy.uint8).sum(dtype=numpy.uint64)) & 0xFFFFFFFF
+    if len(data) <= 64:  # a header: the built-in sum beats numpy's per-call overhead
+        return sum(data) & 0xFFFFFFFF
+    # uint32 accumulation wraps mod 2**32, the checksum's own rule, and is about twice as fast.
+    return int(numpy.frombuffer(data, dtype=numpy.uint8).sum(dtype=numpy.uint32))
 
 
 def _fields_sum(seek_addr: int, read_size: int, all_size: int, status: int, percent: int, resv: int) -> int:
@@ -140,7 +141,9 @@ def clamp_read(request: OtaHeader, image_size: int) -> int:
 def reply_header(request: OtaHeader, sent: int, payload_sum: int) -> bytes:
     """The 20-byte header of the reply to a READ: the request echoed, ``all_size`` 0, ``read_size`` =
     bytes sent, and the checksum over header fields plus payload."""
-    return replace(request, read_size=sent, all_size=0, sum_check=None).encode(payload_sum)
+    fields = (request.seek_addr, sent, 0, request.status, request.percent, request.resv)
+    check = (byte_sum(_BODY.pack(*fields)) + payload_sum) & 0xFFFFFFFF
+    return _LAYOUT.pack(check, *fields)
 
 
 def encode_reply(request: OtaHeader, payload: bytes | memoryview) -> bytes:
