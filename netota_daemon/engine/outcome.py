@@ -43,6 +43,10 @@ ADVICE_UNVERIFIED = (
     "The device reported success but its new firmware did not answer in time: check that it rejoined "
     "the network and read its firmware_version."
 )
+ADVICE_NOTHING_SENT = (
+    "Nothing was sent to the device; its firmware is unchanged. Check that this host reaches it "
+    "(joined to its WiFi, or bound to the right interface) and try again."
+)
 ADVICE_DOUBLE_BACKUP = (
     "This device runs a double-backup build (ota_type 0): it is upgraded over FTP, not by this flow. "
     "Single- and double-backup images can't be swapped."

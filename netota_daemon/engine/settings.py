@@ -35,9 +35,12 @@ class UpgradeTimeouts:
     max_receive_timeouts: int = 10  # give up after more than this many in a row
     reboot: float = 120.0  # after phase 1, until the loader answers
     verify: float = 120.0  # after phase 2, until the new firmware answers
-    poll_interval: float = 1.0  # between connection attempts while waiting for a reboot
+    poll_interval: float = 1.0  # longest wait between polls during a reboot, and between phase-2 attempts
     keepalive_interval: float = 10.0  # CTP keep-alive while a session is held
     echo_final_notice: bool = False  # answer the final 100 % notice (PROTOCOL.md decision)
+    connect_window: float = 30.0  # connection attempts to a present device are retried this long
+    hook: float = 60.0  # the reconnect command may run this long before it is killed
+    phase2_error_retries: int = 1  # phase 2 starts again this many times after the loader's ERR
 
     def replaced(self, **changes: Any) -> "UpgradeTimeouts":
         return replace(self, **changes)

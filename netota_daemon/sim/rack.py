@@ -224,8 +224,9 @@ class SimulatedRack:
         self.control_path.unlink(missing_ok=True)
         log = open(self.workdir / "daemon.log", "wb")
         self.daemon = subprocess.Popen(
-            ["ip", "netns", "exec", self.rack_namespace, self.python, "-m", "twisted", "--nodaemon",
-             "--pidfile", "", "netota", "--config", str(config)],
+            ["ip", "netns", "exec", self.rack_namespace, self.python, "-c",
+             "from twisted.scripts.twistd import run; run()",
+             "--nodaemon", "--pidfile", "", "netota", "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT, env=self._env, cwd=self.workdir,
         )
         _wait_for(lambda: self.control_path.exists() or self.daemon.poll() is not None, 30, "the daemon's control socket")

@@ -1,0 +1,287 @@
+"""``netota flash``: upgrade one device in the foreground, without the daemon.
+
+Every argument is checked (the firmware opened, the interface probed) before any packet is sent.
+The job runs on the reactor through ``twisted.internet.task.react``; Ctrl-C (SIGINT) or SIGTERM
+cancels it cleanly: STOP on an open stream, outcome "aborted", the recovery advice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import uuid
+from typing import Any, TextIO
+
+from twisted.internet import defer
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+
+from netota_daemon.cli.progress import ProgressRenderer
+from netota_daemon.engine.outcome import (
+    EXIT_ALREADY_CURRENT_STRICT,
+    EXIT_CODES,
+    EXIT_USAGE,
+    Outcome,
+    OutcomeKind,
+    exit_code,
+)
+from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+from netota_daemon.firmware import FirmwareError, FirmwareImage, open_image
+from netota_daemon.protocols.endpoints import EndpointError, check_interface
+
+DEFAULTS = UpgradeTimeouts()
+
+EPILOG = f"""\
+exit codes:
+  {EXIT_CODES[OutcomeKind.SUCCEEDED]}   succeeded (the new firmware answered), or already current (the device
+      answered SAME) unless --strict
+  {EXIT_CODES[OutcomeKind.FAILED]}   failed (device refused, device error, timeout, protocol error, firmware
+      file, connection); the advice says what to do
+  {EXIT_CODES[OutcomeKind.UNVERIFIED]}   unverified: the device was flashed but its new firmware did not answer in time
+  {EXIT_ALREADY_CURRENT_STRICT}   already current, with --strict
+  {EXIT_CODES[OutcomeKind.ABORTED]}   aborted (Ctrl-C, SIGTERM); the advice says what state the device is in
+  {EXIT_CODES[OutcomeKind.NOT_APPLICABLE]}   not applicable: a double-backup device (ota_type 0), upgraded over FTP
+  {EXIT_USAGE}  bad arguments (missing, empty, unreadable or over-4-GiB firmware, unknown interface, ...):
+      nothing was sent
+
+--json prints one JSON object on stdout: the outcome (kind, message, phase, failure, advice,
+point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code.
+The progress bar goes to stderr (phase, percent, bytes, rate, ETA); --quiet turns it off.
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "flash",
+        help="upgrade one device in the foreground (no daemon)",
+        description="Upgrade one device's firmware with the single-backup network upgrade (both phases), "
+        "showing progress, and exit with a code that says how it ended.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("firmware", metavar="FIRMWARE", help="the upgrade file (update.ufw)")
+    parser.add_argument("--host", required=True, help="the device's address (192.168.1.1 on a real device)")
+    parser.add_argument("--ctp-port", type=_port, default=3333, help="CTP port (default 3333)")
+    parser.add_argument("--http-port", type=_port, default=8080, help="description document port (default 8080)")
+    parser.add_argument("--ota-port", type=_port, default=3335, help="OTA data port (default 3335)")
+    parser.add_argument("--interface", help="leave on this network interface (SO_BINDTODEVICE; needs CAP_NET_RAW)")
+    parser.add_argument("--source-address", help="connect from this local address")
+    parser.add_argument("--name", help="the device's name in logs and output (default: HOST)")
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=DEFAULTS.deadline,
+        help=f"the whole upgrade's deadline in seconds (default {DEFAULTS.deadline:g})",
+    )
+    parser.add_argument(
+        "--reboot-timeout", type=_positive_float, default=DEFAULTS.reboot,
+        help=f"after phase 1, how long to wait for the update loader (default {DEFAULTS.reboot:g})",
+    )
+    parser.add_argument(
+        "--verify-timeout", type=_positive_float, default=DEFAULTS.verify,
+        help=f"after phase 2, how long to wait for the new firmware (default {DEFAULTS.verify:g})",
+    )
+    parser.add_argument(
+        "--receive-timeout", type=_positive_float, default=DEFAULTS.receive,
+        help=f"one OTA receive timeout in seconds (default {DEFAULTS.receive:g})",
+    )
+    parser.add_argument(
+        "--max-receive-timeouts", type=_count, default=DEFAULTS.max_receive_timeouts,
+        help=f"give up after more than this many in a row (default {DEFAULTS.max_receive_timeouts})",
+    )
+    parser.add_argument(
+        "--reconnect-command", metavar="CMD",
+        help="run CMD (sh -c) after each reboot to rejoin the device's WiFi; it gets NETOTA_DEVICE, "
+        "NETOTA_INTERFACE, NETOTA_SSID and NETOTA_PHASE (reboot|verify)",
+    )
+    parser.add_argument("--ssid", help="the device's SSID, passed to the reconnect command as NETOTA_SSID")
+    parser.add_argument(
+        "--echo-final-notice", action="store_true",
+        help="answer the device's final 100%% notice (ends its 5 s wait early; off by default)",
+    )
+    parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_ALREADY_CURRENT_STRICT} when already current")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log the engine's steps to stderr")
+    parser.add_argument("--log-file", help="append the engine's log to this file as JSON lines")
+
+    def usage_error(message: str) -> None:
+        parser.print_usage(sys.stderr)
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
+
+    parser.error = usage_error  # type: ignore[method-assign]  # usage errors exit 64, not 2
+    parser.set_defaults(func=run_flash_command)
+    return parser
+
+
+class UsageError(Exception):
+    """A bad argument found before anything was sent."""
+
+
+def prepare(args: argparse.Namespace) -> tuple[DeviceTarget, FirmwareImage, UpgradeTimeouts]:
+    """Everything ``netota flash`` needs, checked; raises :class:`UsageError` (nothing sent yet)."""
+    if not args.host or not args.host.strip():
+        raise UsageError("--host is empty")
+    if not args.firmware:
+        raise UsageError("the firmware path is empty")
+    try:
+        image = open_image(args.firmware)
+    except FirmwareError as e:
+        raise UsageError(str(e)) from None
+    if args.interface:
+        try:
+            check_interface(args.interface)
+        except EndpointError as e:
+            raise UsageError(str(e)) from None
+    target = DeviceTarget(
+        name=args.name or args.host,
+        host=args.host.strip(),
+        ctp_port=args.ctp_port,
+        http_port=args.http_port,
+        ota_port=args.ota_port,
+        interface=args.interface,
+        source_address=args.source_address,
+        reconnect_command=args.reconnect_command,
+        expected_ssid=args.ssid,
+    )
+    timeouts = DEFAULTS.replaced(
+        deadline=args.timeout,
+        reboot=args.reboot_timeout,
+        verify=args.verify_timeout,
+        receive=args.receive_timeout,
+        max_receive_timeouts=args.max_receive_timeouts,
+        echo_final_notice=args.echo_final_notice,
+    )
+    return target, image, timeouts
+
+
+def result_json(outcome: Outcome, code: int) -> str:
+    return json.dumps({**outcome.to_json(), "exit_code": code}, sort_keys=True)
+
+
+def print_outcome(outcome: Outcome, code: int, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+    if args.json:
+        out.write(result_json(outcome, code) + "\n")
+        out.flush()
+        return
+    versions = ""
+    if outcome.firmware_version_before or outcome.firmware_version_after:
+        versions = f" (firmware {outcome.firmware_version_before or '?'} -> {outcome.firmware_version_after or '?'})"
+    failure = f" [{outcome.failure.value}]" if outcome.failure else ""
+    out.write(f"{outcome.kind.value}{failure}: {outcome.message}{versions}\n")
+    if outcome.advice:
+        out.write(f"advice: {outcome.advice}\n")
+    out.flush()
+
+
+async def flash(
+    reactor: Any,
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    on_job: Any = None,
+) -> int:
+    """Run one flash job on ``reactor`` and print its result; returns the exit code.
+    ``on_job(job)`` is called once the job exists (the command uses it to hook signals)."""
+    from netota_daemon.engine.job import UpgradeJob  # imports the protocols; keep --help fast
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        target, image, timeouts = prepare(args)
+    except UsageError as e:
+        err.write(f"netota flash: error: {e}\n")
+        return EXIT_USAGE
+    job = UpgradeJob(reactor, target, image, timeouts, job_id=f"flash-{uuid.uuid4().hex[:8]}")
+    if not args.quiet:
+        job.events.subscribe(ProgressRenderer(err))
+    if on_job is not None:
+        on_job(job)
+    outcome = await job.run()
+    code = exit_code(outcome.kind, strict=args.strict)
+    print_outcome(outcome, code, args, out, err)
+    return code
+
+
+def _start_logging(args: argparse.Namespace) -> None:
+    """Engine log to stderr (errors only, or every step with --verbose) and, with --log-file, every
+    event as JSON lines. Raises :class:`UsageError` when the log file can't be opened."""
+    observers = []
+    level = LogLevel.info if args.verbose else LogLevel.critical
+    observers.append(
+        FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)])
+    )
+    if args.log_file:
+        try:
+            log_file = open(args.log_file, "a")
+        except OSError as e:
+            raise UsageError(f"can't open the log file {args.log_file}: {e.strerror or e}") from None
+        observers.append(jsonFileLogObserver(log_file, recordSeparator=""))
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+
+def run_flash_command(args: argparse.Namespace) -> int:
+    """The ``netota flash`` entry point: runs the reactor until the job ends, then exits."""
+    from twisted.internet import task
+
+    try:
+        prepare(args)  # fail on bad arguments before the reactor starts
+        _start_logging(args)
+    except UsageError as e:
+        sys.stderr.write(f"netota flash: error: {e}\n")
+        return EXIT_USAGE
+
+    def hook_signals(reactor: Any, job: Any) -> None:
+        def on_signal(signum: int, frame: Any) -> None:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            sys.stderr.write(f"\n{name}: aborting (STOP to the device)...\n")
+            reactor.callFromThread(job.cancel, f"interrupted ({name})")
+
+        def install() -> None:  # after the reactor installed its own handlers
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+
+        reactor.callWhenRunning(install)
+
+    async def main(reactor: Any) -> None:
+        code = await flash(reactor, args, on_job=lambda job: hook_signals(reactor, job))
+        raise SystemExit(code)
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    return 0  # not reached: react exits

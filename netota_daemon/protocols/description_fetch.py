@@ -1,0 +1,125 @@
+"""Fetching the device description document (``dev_desc.txt``, HTTP 8080) with treq.
+
+The phase-2 loader answers with non-standard headers (``Content-Type:text``, no spaces) and never
+closes its socket. Twisted's HTTP/1.1 client splits each header line at the first colon and strips
+the value, and reads exactly ``Content-Length`` bytes, so the loader's answer parses as it is (this
+is tested against a raw server that answers byte for byte like the loader). The request goes through
+:class:`~netota_daemon.protocols.endpoints.DeviceConnector`, so it leaves on the device's interface,
+and the connection pool is not persistent: nothing stays open after a fetch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from netota_daemon.protocols.endpoints import DeviceConnector, bounded
+from netota_daemon.wire.description import DESCRIPTION_PATH, DescriptionError, DeviceDescription, parse_description
+
+#: How long closing a fetch's connection may take before it is aborted.
+CLOSE_GRACE = 2.0
+#: The document is small (454 bytes from the loader, about 600 from the main firmware).
+MAX_DOCUMENT_SIZE = 64 * 1024
+
+
+class DescriptionFetchError(Exception):
+    """The device answered, but not with a usable description document."""
+
+
+class _QuietConnectionPool(HTTPConnectionPool):
+    """A pool whose connections don't log "Starting factory" / "Stopping factory": a reboot wait
+    polls the device every second. (``_factory`` is the pool's hook for its protocol factory.)"""
+
+    class _factory(HTTPConnectionPool._factory):  # type: ignore[name-defined,misc]
+        noisy = False
+
+
+class _TrackingEndpoint:
+    """Connects through the device's endpoint and remembers each connection's protocol, so that a
+    fetch can wait until its connection is really closed."""
+
+    def __init__(self, endpoint: Any, protocols: list[Any]) -> None:
+        self._endpoint = endpoint
+        self._protocols = protocols
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        d = self._endpoint.connect(factory)
+
+        def remember(protocol: Any) -> Any:
+            self._protocols.append(protocol)
+            return protocol
+
+        return d.addCallback(remember)
+
+
+@implementer(IAgentEndpointFactory)
+class _DeviceEndpointFactory:
+    def __init__(self, connector: DeviceConnector, port: int, timeout: float) -> None:
+        self._connector = connector
+        self._port = port
+        self._timeout = timeout
+        self.protocols: list[Any] = []
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return _TrackingEndpoint(self._connector.endpoint(self._port, self._timeout), self.protocols)
+
+
+def description_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}{DESCRIPTION_PATH}"
+
+
+async def fetch_description(
+    connector: DeviceConnector, port: int, timeout: float, clock: Any | None = None
+) -> DeviceDescription:
+    """GET the description document within ``timeout`` seconds (connect, headers and body).
+
+    Raises :class:`DescriptionFetchError` for a non-200 answer, an oversized or unparsable body;
+    connection errors and ``defer.TimeoutError`` pass through (the caller decides on retries).
+    """
+    clock = clock or connector.reactor
+    return await bounded(clock, defer.ensureDeferred(_fetch(connector, port, timeout)), timeout, "the description document")
+
+
+async def _fetch(connector: DeviceConnector, port: int, timeout: float) -> DeviceDescription:
+    pool = _QuietConnectionPool(connector.reactor, persistent=False)
+    endpoints = _DeviceEndpointFactory(connector, port, timeout)
+    agent = Agent.usingEndpointFactory(connector.reactor, endpoints, pool=pool)
+    client = HTTPClient(agent)
+    url = description_url(connector.host, port)
+    try:
+        response = await client.get(url, headers={"Connection": "close"})
+        body = await treq.content(response)
+    finally:
+        await _close_connections(connector.reactor, endpoints.protocols)
+    if response.code != 200:
+        raise DescriptionFetchError(f"GET {url} answered HTTP {response.code}")
+    if len(body) > MAX_DOCUMENT_SIZE:
+        raise DescriptionFetchError(f"the description document is {len(body)} bytes; refusing it")
+    try:
+        return parse_description(body)
+    except DescriptionError as e:
+        raise DescriptionFetchError(str(e)) from None
+
+
+async def _close_connections(reactor: Any, protocols: list[Any]) -> None:
+    """Close the fetch's connections and wait until they are closed (the loader never closes its
+    side), so that a finished fetch leaves no connection behind.
+
+    One reactor turn first: the fetch's Deferreds fire from inside the HTTP protocol's own
+    callbacks, before it has updated its state, and ``abort()`` must see the settled state.
+    """
+    await deferLater(reactor, 0, lambda: None)
+    for protocol in protocols:
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and not transport.disconnected:
+            try:
+                await bounded(reactor, protocol.abort(), CLOSE_GRACE, "closing the HTTP connection")
+            except defer.TimeoutError:
+                transport.abortConnection()

@@ -1,0 +1,275 @@
+"""Reaching a device: client endpoints that can carry a local interface and source address, and
+connection attempts retried with backoff up to a deadline.
+
+Every device of a test rack lives at 192.168.1.1, one per WiFi interface, so every connection to a
+device (CTP, HTTP, OTA) is made through :class:`DeviceConnector`, which binds the socket to the
+device's interface (``SO_BINDTODEVICE``, set before ``connect()``) and optionally to a source address.
+It does so inside Twisted's own endpoint machinery: a :class:`TCP4ClientEndpoint` whose reactor is
+wrapped so that ``connectTCP`` builds a connector whose transport sets the socket option.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, Awaitable, Callable, TypeVar
+
+from twisted.application.internet import backoffPolicy
+from twisted.internet import defer, error, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: Linux's SO_BINDTODEVICE (25); the socket module exposes it on Linux only.
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+class EndpointError(Exception):
+    """A connection can't even be attempted: unknown interface, missing privilege. Not retried."""
+
+
+def check_interface(interface: str) -> None:
+    """Raise :class:`EndpointError` unless ``interface`` exists and this process may bind to it."""
+    try:
+        socket.if_nametoindex(interface)
+    except OSError:
+        raise EndpointError(f"network interface {interface!r} does not exist") from None
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        bind_to_device(probe, interface)
+    finally:
+        probe.close()
+
+
+def bind_to_device(sock: socket.socket, interface: str) -> None:
+    """Set SO_BINDTODEVICE on ``sock``, turning the kernel's errors into clear ones."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode() + b"\0")
+    except OSError as e:
+        raise EndpointError(_bind_error_message(interface, e.errno)) from None
+
+
+def _bind_error_message(interface: str, code: int | None) -> str:
+    if code in (errno.EPERM, errno.EACCES):
+        return (
+            f"binding to interface {interface!r} needs the CAP_NET_RAW capability "
+            "(run as root or grant it, e.g. AmbientCapabilities=CAP_NET_RAW)"
+        )
+    if code == errno.ENODEV:
+        return f"network interface {interface!r} does not exist"
+    return f"can't bind to interface {interface!r}: {errno.errorcode.get(code or 0, code)}"
+
+
+class _InterfaceBoundClient(tcp.Client):
+    """A TCP client transport whose socket is bound to one network interface before connecting."""
+
+    def __init__(self, host: str, port: int, bindAddress: Any, connector: Any, reactor: Any, interface: str) -> None:
+        self._interface = interface
+        super().__init__(host, port, bindAddress, connector, reactor)
+
+    def createInternetSocket(self) -> socket.socket:
+        sock = super().createInternetSocket()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self._interface.encode() + b"\0")
+        except OSError:
+            sock.close()
+            raise  # Twisted reports it as ConnectBindError through clientConnectionFailed
+        return sock
+
+
+class _InterfaceBoundConnector(tcp.Connector):
+    def __init__(self, *args: Any, interface: str, **kwargs: Any) -> None:
+        self._interface = interface
+        super().__init__(*args, **kwargs)
+
+    def _makeTransport(self) -> tcp.Client:
+        return _InterfaceBoundClient(self.host, self.port, self.bindAddress, self, self.reactor, self._interface)
+
+
+class _InterfaceBindingReactor:
+    """Stands in for the reactor inside a :class:`TCP4ClientEndpoint`: its ``connectTCP`` makes
+    an interface-bound connection; everything else is the real reactor."""
+
+    def __init__(self, reactor: Any, interface: str) -> None:
+        self._reactor = reactor
+        self._interface = interface
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None) -> Any:
+        connector = _InterfaceBoundConnector(
+            host, port, factory, timeout, bindAddress, self._reactor, interface=self._interface
+        )
+        connector.connect()
+        return connector
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+class DeviceConnector:
+    """Makes client endpoints to one device's ports, on its interface and source address."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        interface: str | None = None,
+        source_address: str | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.interface = interface
+        self.source_address = source_address
+        self._checked = False
+
+    def check(self) -> None:
+        """Verify the interface once (exists, may be bound); raises :class:`EndpointError`."""
+        if self.interface and not self._checked:
+            check_interface(self.interface)
+        self._checked = True
+
+    def endpoint(self, port: int, timeout: float) -> IStreamClientEndpoint:
+        """A client endpoint to ``port`` of the device; ``timeout`` bounds the TCP connect."""
+        self.check()
+        bind = (self.source_address, 0) if self.source_address else None
+        reactor = _InterfaceBindingReactor(self.reactor, self.interface) if self.interface else self.reactor
+        return TCP4ClientEndpoint(reactor, self.host, port, timeout=max(timeout, 0.001), bindAddress=bind)
+
+    def describe(self) -> str:
+        via = f" via {self.interface}" if self.interface else ""
+        source = f" from {self.source_address}" if self.source_address else ""
+        return f"{self.host}{via}{source}"
+
+
+#: Errors worth another connection attempt (the device may be rebooting or not listening yet).
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    error.ConnectError,  # refused, timed out, no route, ...
+    error.ConnectionLost,
+    error.ConnectionDone,
+    defer.TimeoutError,
+    error.TimeoutError,
+)
+
+
+def connection_error_message(exc: BaseException) -> str:
+    """A short human message for a failed connection attempt."""
+    if isinstance(exc, error.ConnectBindError) and exc.osError is not None:
+        return str(exc)
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, defer.TimeoutError) and str(exc):
+        return str(exc)  # from bounded(): says what timed out
+    if isinstance(exc, (error.TCPTimedOutError, error.TimeoutError, defer.TimeoutError)):
+        return "connection timed out"
+    if isinstance(exc, error.NoRouteError):
+        return "no route to host"
+    reasons = getattr(exc, "reasons", None)  # twisted.web's ResponseFailed & co. wrap failures
+    if isinstance(reasons, list) and reasons:
+        inner = "; ".join(
+            connection_error_message(r.value) if hasattr(r, "value") else str(r) for r in reasons
+        )
+        return f"{type(exc).__name__}: {inner}"
+    if isinstance(exc, error.ConnectionLost):
+        return "connection lost"
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+class RetriesExhausted(Exception):
+    """Every attempt failed before the deadline; ``last_error`` is the last attempt's error."""
+
+    def __init__(self, what: str, attempts: int, last_error: BaseException) -> None:
+        super().__init__(f"{what}: {attempts} attempt(s) failed, last: {connection_error_message(last_error)}")
+        self.what = what
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+def default_backoff() -> Callable[[int], float]:
+    """0.2 s, then growing by 1.5 up to 5 s (no jitter: one app talks to one device)."""
+    return backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.5, jitter=lambda: 0.0)
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is what a cancelled Deferred turned into: CancelledError itself, a cancelled
+    connection attempt, or an HTTP client error wrapping a CancelledError."""
+    if isinstance(exc, (defer.CancelledError, error.ConnectingCancelledError)):
+        return True
+    reasons = getattr(exc, "reasons", None)  # twisted.web's ResponseFailed & co.
+    if isinstance(reasons, list):
+        return any(getattr(r, "check", lambda *_: False)(defer.CancelledError) for r in reasons)
+    return False
+
+
+async def bounded(clock: IReactorTime, d: defer.Deferred[T], seconds: float, what: str) -> T:
+    """Await ``d`` for at most ``seconds``: then cancel it and raise ``defer.TimeoutError``.
+
+    Unlike ``Deferred.addTimeout`` this also recognises cancellations that the cancelled Deferred
+    reports as another error (a connection attempt, treq); a cancellation from outside (the caller's
+    own Deferred cancelled) is raised as ``CancelledError``.
+    """
+    timed_out = False
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        d.cancel()
+
+    call = clock.callLater(max(seconds, 0.0), expire)
+    try:
+        return await d
+    except BaseException as e:
+        if timed_out:
+            raise defer.TimeoutError(f"{what}: timed out after {seconds:g} s") from None
+        if is_cancellation(e) and not isinstance(e, defer.CancelledError):
+            raise defer.CancelledError(str(e)) from e
+        raise
+    finally:
+        if call.active():
+            call.cancel()
+
+
+async def retry_until_deadline(
+    clock: IReactorTime,
+    attempt: Callable[[], Awaitable[T] | defer.Deferred[T]],
+    deadline: float,
+    attempt_timeout: float,
+    what: str,
+    policy: Callable[[int], float] | None = None,
+    retryable: tuple[type[BaseException], ...] = RETRYABLE_ERRORS,
+    log_context: dict[str, Any] | None = None,
+) -> T:
+    """Run ``attempt`` until it succeeds, with backoff between attempts, for at most ``deadline``
+    seconds from now; each attempt gets ``attempt_timeout`` seconds (less near the deadline).
+
+    Errors that are not ``retryable`` (e.g. :class:`EndpointError`) end it at once. When time runs
+    out, raises :class:`RetriesExhausted` carrying the last error. Cancelling the returned coroutine's
+    Deferred cancels the running attempt or the wait (and raises CancelledError, never a retry).
+    """
+    policy = policy or default_backoff()
+    end = clock.seconds() + deadline
+    attempts = 0
+    while True:
+        remaining = end - clock.seconds()
+        attempts += 1
+        try:
+            return await bounded(clock, defer.ensureDeferred(attempt()), min(attempt_timeout, remaining), what)
+        except defer.CancelledError:
+            raise
+        except retryable as e:
+            last_error: BaseException = e
+            log.debug(
+                "{what}: attempt {attempts} failed: {error}",
+                what=what,
+                attempts=attempts,
+                error=connection_error_message(e),
+                **(log_context or {}),
+            )
+        delay = policy(attempts - 1)
+        if clock.seconds() + delay >= end:
+            raise RetriesExhausted(what, attempts, last_error)
+        await deferLater(clock, delay, lambda: None)

@@ -1,0 +1,233 @@
+"""``netota flash``: argument checks, exit codes, ``--json``, and Ctrl-C, against the simulator.
+
+The command runs as a subprocess (``python -m netota_daemon flash``) against an in-process simulated
+device on loopback, or in-process through its ``flash()`` coroutine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.protocol import ProcessProtocol
+
+from netota_daemon.cli.flash import flash
+from netota_daemon.cli.main import build_parser
+from netota_daemon.engine.outcome import EXIT_USAGE
+from netota_daemon.sim.config import SimConfig
+from netota_daemon.sim.device import SimulatedDevice
+from netota_daemon.sim.image import make_image
+from tests.conftest import PYTHON, subprocess_env
+
+TIME_SCALE = 0.01
+FAST_FLAGS = ["--reboot-timeout", "5", "--verify-timeout", "5", "--receive-timeout", "0.2", "--timeout", "30"]
+
+
+async def start_device(reactor: Any, tmp_path: Path, **faults: Any) -> SimulatedDevice:
+    device = SimulatedDevice(
+        reactor,
+        SimConfig(state_dir=tmp_path / "device", ctp_port=0, http_port=0, ota_port=0, time_scale=TIME_SCALE,
+                  firmware_version="1.0.0", **faults),
+    )
+    await device.start()
+    return device
+
+
+def flash_args(device: SimulatedDevice, firmware: Path | str, *extra: str) -> list[str]:
+    ports = device.ports
+    return [
+        "flash", str(firmware), "--host", "127.0.0.1",
+        "--ctp-port", str(ports["ctp"]), "--http-port", str(ports["http"]), "--ota-port", str(ports["ota"]),
+        *FAST_FLAGS, *extra,
+    ]
+
+
+class Collect(ProcessProtocol):
+    """Collects a subprocess's output; ``ended`` fires with its exit code."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.stderr_waiters: list[tuple[bytes, defer.Deferred[None]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        for waiter in list(self.stderr_waiters):
+            if waiter[0] in self.err:
+                self.stderr_waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    def wait_stderr(self, text: bytes) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if text in self.err:
+            d.callback(None)
+        else:
+            self.stderr_waiters.append((text, d))
+        return d
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+def spawn_netota(reactor: Any, args: list[str]) -> Collect:
+    process = Collect()
+    reactor.spawnProcess(process, PYTHON, [PYTHON, "-m", "netota_daemon", *args], env=subprocess_env())
+    return process
+
+
+@pytest_twisted.ensureDeferred
+async def test_flash_subprocess_succeeds_with_json(reactor, tmp_path):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 150_000)
+    device = await start_device(reactor, tmp_path)
+    try:
+        process = spawn_netota(reactor, flash_args(device, image, "--json"))
+        code = await process.ended.addTimeout(60, reactor)
+    finally:
+        await device.stop()
+    assert code == 0, process.err.decode()
+    result = json.loads(process.out.decode())  # exactly one JSON object on stdout
+    assert result["kind"] == "succeeded"
+    assert result["exit_code"] == 0
+    assert result["firmware_version_before"] == "1.0.0"
+    assert result["firmware_version_after"] == "2.0.0"
+    assert result["point_of_no_return"] is True
+    assert (tmp_path / "device" / "phase2-received.bin").read_bytes() == Path(image).read_bytes()
+    err = process.err.decode()
+    assert "phase 1/2" in err and "phase 2/2" in err and "ETA" in err  # the progress display
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_aborts_with_stop_and_advice(reactor, tmp_path):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 150_000)
+    # the device stalls after 3 replies for 10 device minutes: the job sits in phase 1 until Ctrl-C
+    device = await start_device(reactor, tmp_path, stall_after_reads="3:60000", fault_phase=1)
+    try:
+        process = spawn_netota(reactor, flash_args(device, image, "--json", "--max-receive-timeouts", "1000"))
+        await device.wait_for_event(lambda e: e["event"] == "fault_stall", timeout=30)
+        # the progress display has drawn phase 1: the job (and its signal handler) is running
+        await process.wait_stderr(b"phase 1/2 [").addTimeout(30, reactor)
+        process.transport.signalProcess("INT")
+        code = await process.ended.addTimeout(30, reactor)
+        stop = await device.wait_for_event(lambda e: e["event"] == "stop_received", timeout=10)
+    finally:
+        await device.stop()
+    assert code == 4, process.err.decode()
+    result = json.loads(process.out.decode())
+    assert result["kind"] == "aborted"
+    assert result["phase"] == "phase1"
+    assert "reset the device" in result["advice"]
+    assert stop["phase"] == 1
+    assert b"Ctrl-C" in process.err
+
+
+def run_flash_in_process(reactor: Any, argv: list[str]) -> tuple[defer.Deferred[int], io.StringIO, io.StringIO]:
+    args = build_parser().parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    return defer.ensureDeferred(flash(reactor, args, out=out, err=err)), out, err
+
+
+def nothing_sent(device: SimulatedDevice) -> bool:
+    return not any(e["event"] in ("http_request", "ctp_connect", "session_start") for e in device.events)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "directory", "over_4_gib", "unreadable"])
+@pytest_twisted.ensureDeferred
+async def test_bad_firmware_fails_before_any_packet(reactor, tmp_path, case):
+    path = tmp_path / "update.ufw"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "directory":
+        path.mkdir()
+    elif case == "over_4_gib":
+        with open(path, "wb") as f:
+            f.truncate(4 * 1024**3)  # sparse: no disk used
+    elif case == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file")
+        path.write_bytes(b"x" * 100)
+        path.chmod(0)
+    device = await start_device(reactor, tmp_path)
+    try:
+        d, out, err = run_flash_in_process(reactor, flash_args(device, path))
+        code = await d
+    finally:
+        await device.stop()
+    assert code == EXIT_USAGE
+    assert out.getvalue() == ""
+    words = {"missing": "does not exist", "empty": "is empty", "directory": "directory",
+             "over_4_gib": "addresses at most", "unreadable": "not readable"}[case]
+    assert words in err.getvalue()
+    assert nothing_sent(device)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_interface_fails_before_any_packet(reactor, tmp_path):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 10_000)
+    device = await start_device(reactor, tmp_path)
+    try:
+        d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--interface", "netota-nope0"))
+        code = await d
+    finally:
+        await device.stop()
+    assert code == EXIT_USAGE
+    assert "netota-nope0" in err.getvalue() and "does not exist" in err.getvalue()
+    assert nothing_sent(device)
+
+
+@pytest.mark.parametrize("argv", [["flash", "fw.ufw"], ["flash", "fw.ufw", "--host", "h", "--ctp-port", "0"],
+                                  ["flash", "fw.ufw", "--host", "h", "--timeout", "-1"]])
+def test_usage_errors_exit_64(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == EXIT_USAGE
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strict,expected", [(False, 0), (True, 3)])
+@pytest_twisted.ensureDeferred
+async def test_already_current_exit_code(reactor, tmp_path, strict, expected):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)
+    device = await start_device(reactor, tmp_path, same_as_installed=True)
+    try:
+        argv = flash_args(device, image, "--quiet") + (["--strict"] if strict else [])
+        d, out, err = run_flash_in_process(reactor, argv)
+        code = await d
+    finally:
+        await device.stop()
+    assert code == expected
+    assert out.getvalue().startswith("already_current: ")
+    assert err.getvalue() == ""  # --quiet
+
+
+@pytest_twisted.ensureDeferred
+async def test_double_backup_device_exit_code(reactor, tmp_path):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)
+    device = await start_device(reactor, tmp_path, double_backup=True)
+    try:
+        d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--json", "-q"))
+        code = await d
+    finally:
+        await device.stop()
+    assert code == 5
+    result = json.loads(out.getvalue())
+    assert result["kind"] == "not_applicable" and "FTP" in result["advice"]
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["flash", "--help"])
+    text = capsys.readouterr().out
+    for line in ("0   succeeded", "1   failed", "2   unverified", "3   already current", "4   aborted",
+                 "5   not applicable", "64  bad arguments"):
+        assert line in text

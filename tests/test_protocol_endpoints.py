@@ -1,0 +1,166 @@
+"""Endpoints (interface and source binding) and the retry-until-deadline arithmetic."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+
+from netota_daemon.protocols.endpoints import (
+    DeviceConnector,
+    EndpointError,
+    RetriesExhausted,
+    check_interface,
+    retry_until_deadline,
+)
+
+
+class Attempts:
+    """An attempt function whose results the test controls."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred] = []
+        self.times: list[float] = []
+
+    def __call__(self, clock: Clock):
+        def attempt():
+            self.times.append(clock.seconds())
+            d = defer.Deferred()
+            self.pending.append(d)
+            return d
+
+        return attempt
+
+
+def run(clock, attempts, **kwargs):
+    results = []
+    d = defer.ensureDeferred(
+        retry_until_deadline(clock, attempts(clock), kwargs.pop("deadline", 10.0), kwargs.pop("attempt_timeout", 2.0),
+                             "test", policy=kwargs.pop("policy", lambda n: 1.0), **kwargs)
+    )
+    d.addBoth(results.append)
+    return d, results
+
+
+def test_retries_after_refusals_then_succeeds():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts)
+    attempts.pending[0].errback(error.ConnectionRefusedError())
+    clock.advance(1.0)
+    attempts.pending[1].errback(error.ConnectionRefusedError())
+    clock.advance(1.0)
+    attempts.pending[2].callback("connected")
+    assert results == ["connected"]
+    assert attempts.times == [0.0, 1.0, 2.0]
+    assert clock.getDelayedCalls() == []
+
+
+def test_each_attempt_is_bounded_and_the_deadline_ends_it():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts, deadline=10.0, attempt_timeout=3.0)
+    # every attempt hangs: 3 s timeout + 1 s wait each -> attempts at 0, 4, 8; the one at 8 is cut at 10
+    clock.pump([0.5] * 30)
+    assert attempts.times == [0.0, 4.0, 8.0]
+    (failure,) = results
+    assert failure.check(RetriesExhausted)
+    assert failure.value.attempts == 3
+    assert "timed out" in str(failure.value)
+    assert clock.getDelayedCalls() == []
+
+
+def test_no_attempt_starts_when_the_wait_would_pass_the_deadline():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts, deadline=2.5, policy=lambda n: 2.0)
+    attempts.pending[0].errback(error.ConnectionRefusedError())
+    clock.advance(2.0)
+    attempts.pending[1].errback(error.ConnectionRefusedError())
+    assert results[0].check(RetriesExhausted)
+    assert len(attempts.times) == 2
+
+
+def test_non_retryable_error_ends_at_once():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts)
+    attempts.pending[0].errback(EndpointError("network interface 'nope0' does not exist"))
+    assert results[0].check(EndpointError)
+    assert len(attempts.times) == 1
+
+
+def test_cancel_cancels_the_running_attempt_and_the_wait():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts)
+    attempts.pending[0].errback(error.ConnectionRefusedError())
+    assert clock.getDelayedCalls()  # the backoff wait
+    d.cancel()
+    assert results[0].check(defer.CancelledError)
+    assert clock.getDelayedCalls() == []
+    clock2, attempts2 = Clock(), Attempts()
+    d2, results2 = run(clock2, attempts2)
+    d2.cancel()
+    assert attempts2.pending[0].called  # the attempt itself was cancelled
+    assert results2[0].check(defer.CancelledError)
+
+
+def test_unknown_interface_is_a_clear_error(reactor):
+    with pytest.raises(EndpointError, match="does not exist"):
+        check_interface("netota-nope0")
+    connector = DeviceConnector(reactor, "127.0.0.1", interface="netota-nope0")
+    with pytest.raises(EndpointError, match="netota-nope0"):
+        connector.endpoint(3333, 1.0)
+
+
+def _can_bind_to_lo() -> bool:
+    try:
+        check_interface("lo")
+        return True
+    except EndpointError:
+        return False
+
+
+class _Recorder(Protocol):
+    def connectionMade(self):
+        self.factory.peer.callback(self.transport.getPeer())
+        self.transport.loseConnection()
+
+
+@pytest.mark.skipif(not _can_bind_to_lo(), reason="needs CAP_NET_RAW to bind to an interface")
+@pytest_twisted.ensureDeferred
+async def test_connection_leaves_on_the_interface_from_the_source_address(reactor):
+    factory = Factory.forProtocol(_Recorder)
+    factory.peer = defer.Deferred()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        connector = DeviceConnector(reactor, "127.0.0.1", interface="lo", source_address="127.0.0.2")
+        client = await connector.endpoint(port.getHost().port, 5).connect(Factory.forProtocol(Protocol))
+        sock = client.transport.getHandle()
+        bound = sock.getsockopt(socket.SOL_SOCKET, 25, 16).rstrip(b"\0")
+        assert bound == b"lo"
+        client.transport.loseConnection()
+        peer = await factory.peer.addTimeout(10, reactor)
+        assert peer.host == "127.0.0.2"
+    finally:
+        await port.stopListening()
+
+
+class _RefusingSocket:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def setsockopt(self, *args):
+        raise OSError(self.code, os.strerror(self.code))
+
+
+@pytest.mark.parametrize(
+    "code,words", [(errno.EPERM, "CAP_NET_RAW"), (errno.ENODEV, "does not exist"), (errno.EINVAL, "EINVAL")]
+)
+def test_bind_errors_are_explained(code, words):
+    from netota_daemon.protocols.endpoints import bind_to_device
+
+    with pytest.raises(EndpointError, match=words):
+        bind_to_device(_RefusingSocket(code), "wlan7")
