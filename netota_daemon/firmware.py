@@ -1,12 +1,15 @@
-"""``FirmwareImage``: an upgrade file, opened once and served by byte range.
+"""``FirmwareImage``: an upgrade file, read once and served by byte range.
 
-The file is memory-mapped read-only, so serving a READ never reads the file again or copies the
-whole image; every job flashing the same file shares one mapping through :func:`open_image`.
+The file is read into memory once, when a job opens it: serving a READ never touches the file again
+and never copies the image (replies are slices of one immutable buffer), and every job flashing the
+same file version shares that buffer through :func:`open_image`. Reading it once, rather than
+memory-mapping it, means a job always serves one consistent snapshot: a firmware file overwritten
+or truncated in place while devices are being flashed can neither mix two images on a device nor
+crash the daemon (a truncated mapping raises SIGBUS).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 import weakref
@@ -40,7 +43,7 @@ class FirmwareImage:
                     raise FirmwareError(
                         f"firmware {self.path} is {size} bytes; the OTA protocol addresses at most {MAX_IMAGE_SIZE}"
                     )
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                data = f.read()
         except FileNotFoundError:
             raise FirmwareError(f"firmware {self.path} does not exist") from None
         except IsADirectoryError:
@@ -49,8 +52,10 @@ class FirmwareImage:
             raise FirmwareError(f"firmware {self.path} is not readable (permission denied)") from None
         except OSError as e:
             raise FirmwareError(f"firmware {self.path} can't be read: {e.strerror or e}") from None
+        if len(data) != size:
+            raise FirmwareError(f"firmware {self.path} changed while it was read ({size} then {len(data)} bytes)")
         self.size = size
-        self._view = memoryview(self._map)
+        self._view = memoryview(data)
         self._range_sums: dict[tuple[int, int], int] = {}
 
     def read(self, offset: int, length: int) -> memoryview:
@@ -85,8 +90,8 @@ _cache_lock = threading.Lock()
 
 
 def open_image(path: str | os.PathLike[str]) -> FirmwareImage:
-    """The shared :class:`FirmwareImage` for ``path``: one mapping per file version, reused by every
-    job that holds it. A file replaced or modified on disk gets a new mapping."""
+    """The shared :class:`FirmwareImage` for ``path``: one buffer per file version, reused by every
+    job that holds it. A file replaced or modified on disk gets a new buffer."""
     try:
         st = os.stat(path)
     except FileNotFoundError:

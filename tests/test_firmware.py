@@ -20,12 +20,12 @@ def test_read_clamps_at_end_and_sums_ranges(tmp_path):
     assert isinstance(image.read(0, 10), memoryview)
 
 
-def test_open_image_shares_one_mapping_per_file_version(tmp_path):
+def test_open_image_shares_one_buffer_per_file_version(tmp_path):
     path = tmp_path / "fw.ufw"
     path.write_bytes(b"a" * 100)
     first = open_image(path)
     assert open_image(path) is first
-    path.write_bytes(b"b" * 200)  # replaced on disk: a new version, a new mapping
+    path.write_bytes(b"b" * 200)  # replaced on disk: a new version, a new buffer
     second = open_image(path)
     assert second is not first and bytes(second.read(0, 1)) == b"b" and second.size == 200
 
@@ -60,3 +60,14 @@ def test_image_over_4_gib_is_refused_before_mapping(tmp_path):
         f.truncate(0xFFFFFFFF + 1)  # sparse: no disk space used
     with pytest.raises(FirmwareError, match="addresses at most"):
         open_image(path)
+
+
+def test_a_file_truncated_in_place_does_not_change_an_open_image(tmp_path):
+    path = tmp_path / "fw.ufw"
+    path.write_bytes(b"A" * 5000)
+    image = open_image(path)
+    with open(path, "r+b") as f:  # someone copies a new image over the old one in place
+        f.truncate(10)
+        f.write(b"B" * 10)
+    assert bytes(image.read(4990, 10)) == b"A" * 10  # the job keeps serving one consistent image
+    assert image.range_sum(0, 5000) == ord("A") * 5000
