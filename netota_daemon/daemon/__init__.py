@@ -1,0 +1,1 @@
+"""The ``twistd netota`` service: config, device registry, job queue, journal, systemd notify."""

@@ -1,0 +1,111 @@
+"""``DeviceRegistry``: the configured devices and what each is doing now.
+
+The job queue keeps it current (queued, running with phase/percent/rate, idle with the last outcome
+and firmware version); the control API shows it (``GET /v1/devices``, ``netota devices``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from netota_daemon.daemon.config import DeviceConfig
+from netota_daemon.engine.events import Progress
+from netota_daemon.engine.outcome import Outcome, Phase
+
+
+@dataclass
+class DeviceStatus:
+    """What one device is doing; mutable, owned by the registry."""
+
+    config: DeviceConfig
+    state: str = "idle"  # idle | queued | running
+    job: str | None = None
+    phase: Phase | None = None
+    percent: float | None = None
+    rate: float | None = None
+    queue_position: int | None = None
+    last_job: str | None = None
+    last_outcome: str | None = None
+    firmware_version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        target = self.config.target
+        return {
+            "name": target.name,
+            "host": target.host,
+            "ctp_port": target.ctp_port,
+            "http_port": target.http_port,
+            "ota_port": target.ota_port,
+            "interface": target.interface,
+            "state": self.state,
+            "job": self.job,
+            "phase": self.phase.value if self.phase else None,
+            "percent": self.percent,
+            "rate": self.rate,
+            "queue_position": self.queue_position,
+            "last_job": self.last_job,
+            "last_outcome": self.last_outcome,
+            "firmware_version": self.firmware_version,
+        }
+
+
+class DeviceRegistry:
+    def __init__(self, devices: Iterable[DeviceConfig]) -> None:
+        self._devices = {d.name: DeviceStatus(d) for d in devices}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._devices
+
+    def names(self) -> list[str]:
+        return list(self._devices)
+
+    def get(self, name: str) -> DeviceStatus:
+        return self._devices[name]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [status.to_json() for status in self._devices.values()]
+
+    # Changes, called by the job queue.
+
+    def queued(self, name: str, job_id: str, position: int) -> None:
+        status = self._devices[name]
+        status.state, status.job, status.queue_position = "queued", job_id, position
+        status.phase = status.percent = status.rate = None
+
+    def running(self, name: str, job_id: str) -> None:
+        status = self._devices[name]
+        status.state, status.job, status.queue_position = "running", job_id, None
+        status.phase, status.percent, status.rate = Phase.DETECT, None, None
+
+    def phase(self, name: str, phase: Phase) -> None:
+        status = self._devices[name]
+        status.phase = phase
+        status.percent = status.rate = None
+
+    def progress(self, name: str, event: Progress) -> None:
+        status = self._devices[name]
+        status.phase, status.percent, status.rate = event.phase, event.percent, event.rate
+
+    def idle(self, name: str, job_id: str, outcome: Outcome | None) -> None:
+        """The device's job ended (``outcome`` None: it was interrupted without one)."""
+        status = self._devices[name]
+        status.state, status.job, status.queue_position = "idle", None, None
+        status.phase = status.percent = status.rate = None
+        status.last_job = job_id
+        if outcome is not None:
+            status.last_outcome = outcome.kind.value
+            version = outcome.firmware_version_after or outcome.firmware_version_before
+            if version:
+                status.firmware_version = version
+        else:
+            status.last_outcome = "interrupted"
+
+    def remember(self, name: str, job_id: str, outcome: Outcome | None, interrupted: bool) -> None:
+        """Load the last known result from the journal at start-up."""
+        if name in self._devices:
+            self.idle(name, job_id, None if interrupted else outcome)
+            if interrupted and outcome is not None:
+                version = outcome.firmware_version_after or outcome.firmware_version_before
+                if version:
+                    self._devices[name].firmware_version = version

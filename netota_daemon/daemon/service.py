@@ -1,0 +1,155 @@
+"""``NetotaService``: the daemon as one ``MultiService``.
+
+It owns the journal, the device registry, the job queue, the control API listener and the systemd
+notifications: the journal is recovered before the control socket listens; READY is sent once it
+listens; on stop, STOPPING is sent, running jobs are stopped (STOP on the wire) and recorded as
+interrupted, then the listener closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from netota_daemon import __version__
+from netota_daemon.control.resource import ControlResource
+from netota_daemon.daemon.config import DaemonConfig
+from netota_daemon.daemon.firmware_store import FirmwareStore
+from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
+from netota_daemon.daemon.journal import JobJournal, JobState
+from netota_daemon.daemon.registry import DeviceRegistry
+from netota_daemon.daemon.systemd import SystemdNotifier, WatchdogService, watchdog_interval
+
+log = Logger()
+
+
+class ControlEndpointError(Exception):
+    """The control endpoint string can't be turned into a listener."""
+
+
+class ControlListener(Service):
+    """Listens on the control endpoint in ``privilegedStartService`` (a failure to bind stops
+    start-up with the error), and calls ``on_listening`` once the reactor runs and the port is open."""
+
+    name = "control"
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, on_listening: Callable[[IListeningPort], None]) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.on_listening = on_listening
+        self.port: IListeningPort | None = None
+        self._listening: Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        failures: list[Failure] = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._got_port, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _got_port(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+        assert self._listening is not None
+        self._listening.addCallback(self.on_listening)
+        self._listening.addErrback(lambda f: log.failure("control endpoint failed", f))
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return maybeDeferred(port.stopListening)
+        return None
+
+
+class NetotaService(MultiService):
+    def __init__(
+        self,
+        config: DaemonConfig,
+        reactor: Any = None,
+        job_factory: JobFactory = default_job_factory,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.journal = JobJournal(config.state_dir, reactor)
+        self.registry = DeviceRegistry(config.devices.values())
+        self.queue = JobQueue(reactor, config, self.journal, self.registry, FirmwareStore(config.firmware_dir),
+                              job_factory=job_factory)
+        self.notifier = SystemdNotifier(environ)
+        self.control = ControlResource(self.queue, self.registry, reactor, token=config.control_token)
+        site = Site(self.control)
+        site.displayTracebacks = False
+        try:
+            endpoint = serverFromString(reactor, config.control)
+        except (IndexError, KeyError) as e:
+            raise ControlEndpointError(
+                f"{config.source}: daemon.control: {config.control!r}: systemd passed no such socket "
+                f"(LISTEN_FDS/LISTEN_FDNAMES; is the daemon started by its .socket unit?): {e!r}"
+            ) from None
+        except ValueError as e:
+            raise ControlEndpointError(f"{config.source}: daemon.control: {config.control!r} can't be used: {e}") from None
+        self.listener = ControlListener(endpoint, site, self._listening)
+        self.listener.setServiceParent(self)
+        interval = watchdog_interval(environ)
+        if interval is not None:
+            WatchdogService(self.notifier, interval, reactor).setServiceParent(self)
+
+    def _recover(self) -> None:
+        for record in self.journal.recover():
+            log.warn("job {job} on {device} interrupted in phase {phase}: {advice}", job=record.id,
+                     device=record.device, phase=record.phase.value, advice=record.advice)
+        for name in self.registry.names():
+            last = self.journal.last_finished(name) or next(iter(self.journal.jobs(device=name, limit=1)), None)
+            if last is not None:
+                self.registry.remember(name, last.id, last.outcome, last.state is JobState.INTERRUPTED)
+
+    def privilegedStartService(self) -> None:
+        self._recover()
+        super().privilegedStartService()
+
+    def _listening(self, port: IListeningPort) -> None:
+        log.info(
+            "netota {version} listening on {control} with {count} device(s), max_parallel {max_parallel}",
+            version=__version__, control=self.config.control, count=len(self.registry.names()),
+            max_parallel=self.config.max_parallel,
+        )
+        self.notifier.ready(f"listening on {self.config.control}")
+
+    def stopService(self) -> Deferred:
+        self.notifier.stopping("stopping: interrupting running jobs")
+        log.info("netota stopping")
+        d = self.queue.shutdown()
+        d.addBoth(lambda _: self.control.close_streams("the daemon is shutting down"))
+        d.addBoth(lambda _: MultiService.stopService(self))
+
+        def closed(result: Any) -> Any:
+            self.journal.close()
+            self.notifier.close()
+            log.info("netota stopped")
+            return result
+
+        d.addBoth(closed)
+        return d

@@ -1,0 +1,60 @@
+"""The ``twistd netota`` plugin's options and service: ``twistd -n netota --config PATH``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.python import usage
+
+from netota_daemon.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, DaemonConfig, load_config
+from netota_daemon.daemon.journal import JournalError
+
+LOG_FORMATS = ("text", "json")
+JSON_LOGGER = "netota_daemon.tap.json_log_observer"
+
+
+def json_log_observer() -> ILogObserver:
+    """JSON lines on stdout (one event a line), for log collectors."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--log-format text|json]"
+    longdesc = (
+        "Run the netota firmware-upgrade daemon: a job queue for the devices in the config file, "
+        "driven through the control API (see `netota --help`)."
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG_PATH, "The TOML configuration file."],
+        ["log-format", None, "text", "Log as human-readable text (default) or as JSON lines."],
+    ]
+
+    config: DaemonConfig
+
+    def postOptions(self) -> None:
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
+        try:
+            self.config = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None and not parent.get("logger"):
+            # twistd makes its log observer from its own --logger option (a dotted name it imports
+            # after parsing ours): the same as `twistd --logger netota_daemon.tap.json_log_observer`.
+            parent["logger"] = JSON_LOGGER
+
+
+def makeService(options: Any) -> IService:
+    from netota_daemon.daemon.service import NetotaService
+
+    config = options.config if hasattr(options, "config") else load_config(options["config"])
+    from netota_daemon.daemon.service import ControlEndpointError
+
+    try:
+        return NetotaService(config)
+    except (JournalError, ControlEndpointError) as e:
+        raise SystemExit(f"netota: {e}") from None

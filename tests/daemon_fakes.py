@@ -1,0 +1,169 @@
+"""A fake engine job for the daemon's unit tests: the test (or a clock) drives its phases."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+
+from netota_daemon.engine.events import EventPublisher, PhaseChanged, Progress
+from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase, recovery_advice
+
+
+class FakeJob:
+    """Looks like ``UpgradeJob``; ``cancel`` ends it as aborted after ``stop_delay`` clock seconds
+    (the real engine sends STOP first). ``on_run`` / ``on_cancel`` let a test look at the world at
+    the moment the queue acts."""
+
+    def __init__(self, reactor: Any, target: Any, image: Any, timeouts: Any, job_id: str,
+                 log_context: dict | None = None, factory: "FakeJobFactory | None" = None) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.image = image
+        self.timeouts = timeouts
+        self.job_id = job_id
+        self.log_context = log_context
+        self.events = EventPublisher()
+        self.phase = Phase.DETECT
+        self.point_of_no_return = False
+        self.cancelled: str | None = None
+        self.factory = factory
+        self._done: Deferred | None = None
+
+    def run(self) -> Deferred:
+        self._done = Deferred()
+        if self.factory and self.factory.on_run:
+            self.factory.on_run(self)
+        return self._done
+
+    @property
+    def running(self) -> bool:
+        return self._done is not None and not self._done.called
+
+    def enter(self, phase: Phase, message: str = "") -> None:
+        self.phase = phase
+        self.events.publish(PhaseChanged(phase, message))
+
+    def progress(self, percent: float, point_of_no_return: bool = False, total: int = 1000) -> None:
+        self.point_of_no_return = self.point_of_no_return or point_of_no_return
+        self.events.publish(Progress(self.phase, int(total * percent / 100), total, percent, int(percent), 1000.0,
+                                     self.point_of_no_return))
+
+    def finish(self, kind: OutcomeKind = OutcomeKind.SUCCEEDED, message: str = "done", **extra: Any) -> None:
+        assert self._done is not None and not self._done.called
+        advice = "" if kind is OutcomeKind.SUCCEEDED else recovery_advice(self.point_of_no_return, self.phase)
+        extra.setdefault("advice", advice)
+        self._done.callback(Outcome(kind=kind, message=message, phase=self.phase,
+                                    point_of_no_return=self.point_of_no_return, **extra))
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if self.factory and self.factory.on_cancel:
+            self.factory.on_cancel(self)
+        if not self.running or self.cancelled is not None:
+            return
+        self.cancelled = reason
+        delay = self.factory.stop_delay if self.factory else 0.0
+        self.reactor.callLater(delay, self._aborted, reason)
+
+    def _aborted(self, reason: str) -> None:
+        if self.running:
+            self.finish(OutcomeKind.ABORTED, reason)
+
+
+class FakeJobFactory:
+    def __init__(self, stop_delay: float = 1.0) -> None:
+        self.jobs: dict[str, FakeJob] = {}
+        self.order: list[FakeJob] = []
+        self.stop_delay = stop_delay
+        self.on_run: Callable[[FakeJob], None] | None = None
+        self.on_cancel: Callable[[FakeJob], None] | None = None
+
+    def __call__(self, reactor: Any, target: Any, image: Any, timeouts: Any, job_id: str,
+                 log_context: dict | None = None) -> FakeJob:
+        job = FakeJob(reactor, target, image, timeouts, job_id, log_context, factory=self)
+        self.jobs[job_id] = job
+        self.order.append(job)
+        return job
+
+
+class AutoJobFactory(FakeJobFactory):
+    """Jobs that play a whole two-phase upgrade on their own, step by step on the reactor's clock
+    (``step`` seconds apart), for tests of the client and the control API on a real reactor."""
+
+    def __init__(self, step: float = 0.01, stop_delay: float = 0.01, outcome: OutcomeKind = OutcomeKind.SUCCEEDED,
+                 hold_in: Phase | None = None) -> None:
+        super().__init__(stop_delay)
+        self.step = step
+        self.outcome = outcome
+        self.hold_in = hold_in  # stop advancing in this phase (until cancelled)
+        self.on_run = self._play
+
+    def outcome_for(self, job: FakeJob) -> OutcomeKind:
+        return self.outcome
+
+    def _play(self, job: FakeJob) -> None:
+        script: list[Callable[[], None]] = []
+        for phase in (Phase.DETECT, Phase.PHASE1, Phase.REBOOT, Phase.PHASE2, Phase.VERIFY):
+            script.append(lambda phase=phase: job.enter(phase))
+            if phase is self.hold_in:
+                break
+            if phase in (Phase.PHASE1, Phase.PHASE2):
+                for percent in (25.0, 50.0, 75.0, 100.0):
+                    script.append(lambda percent=percent, phase=phase: job.progress(
+                        percent, point_of_no_return=phase is Phase.PHASE2))
+        outcome = self.outcome_for(job)
+        if self.hold_in is None:
+            script.append(lambda: job.finish(outcome, "fake upgrade done",
+                                             firmware_version_before="1.0.0", firmware_version_after="2.0.0"))
+
+        def next_step(index: int) -> None:
+            if not job.running or job.cancelled is not None:
+                return
+            script[index]()
+            if index + 1 < len(script):
+                job.reactor.callLater(self.step, next_step, index + 1)
+
+        job.reactor.callLater(self.step, next_step, 0)
+
+
+def short_socket_dir() -> str:
+    """A fresh directory under /tmp whose paths fit a UNIX socket address (~100 bytes); removed when
+    the test run ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="nt", dir="/tmp")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def make_service(tmp_path: Any, reactor: Any, factory: Any, devices: tuple[str, ...] = ("a", "b", "c"),
+                 max_parallel: int = 2, token: str | None = None, environ: dict | None = None,
+                 control: str | None = None) -> Any:
+    """A NetotaService (not started) on a UNIX socket in a short directory, with fake jobs and a
+    firmware_dir holding ``v2.bin``."""
+    import os
+    from pathlib import Path
+
+    from netota_daemon.daemon.config import DaemonConfig, DeviceConfig, check_control_endpoint
+    from netota_daemon.daemon.service import NetotaService
+    from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+
+    firmware_dir = Path(tmp_path) / "fw"
+    firmware_dir.mkdir(exist_ok=True)
+    (firmware_dir / "v2.bin").write_bytes(os.urandom(2048))
+    socket_path = os.path.join(short_socket_dir(), "control.sock")
+    config = DaemonConfig(
+        source="test",
+        control=check_control_endpoint("test", control or f"unix:{socket_path}:lockfile=1", token),
+        state_dir=Path(tmp_path) / "state",
+        firmware_dir=firmware_dir,
+        max_parallel=max_parallel,
+        control_token=token,
+        shutdown_grace=5.0,
+        devices={n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in devices},
+    )
+    service = NetotaService(config, reactor, job_factory=factory, environ=environ or {})
+    service.socket_path = socket_path
+    return service

@@ -1,0 +1,209 @@
+"""The control API over a real UNIX socket (in-process daemon, fake engine jobs): every endpoint,
+every error, the event streams, the bearer token."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from netota_daemon.cli.client import ApiRefused, ControlClient
+from netota_daemon.engine.outcome import Phase
+from tests.daemon_fakes import AutoJobFactory, FakeJobFactory, make_service
+
+
+async def started(service):
+    service.privilegedStartService()
+    service.startService()
+    return service
+
+
+@pytest.fixture
+def held(tmp_path, reactor):
+    """A daemon whose jobs stay in phase 1 until cancelled."""
+    service = make_service(tmp_path, reactor, AutoJobFactory(hold_in=Phase.PHASE1))
+    service.privilegedStartService()
+    service.startService()
+    yield service
+    pytest_twisted.blockon(service.stopService())
+
+
+def client_for(service, reactor, token=None):
+    return ControlClient(reactor, f"unix:{service.socket_path}", token)
+
+
+async def refused(coro) -> ApiRefused:
+    try:
+        await coro
+    except ApiRefused as e:
+        return e
+    raise AssertionError("the request was not refused")
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_mode_is_0660(held):
+    assert stat.S_IMODE(os.stat(held.socket_path).st_mode) == 0o660
+    assert stat.S_ISSOCK(os.stat(held.socket_path).st_mode)
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_start_list_show(held, reactor):
+    client = client_for(held, reactor)
+    devices = (await client.request("GET", "/v1/devices"))["devices"]
+    assert [d["name"] for d in devices] == ["a", "b", "c"] and devices[0]["state"] == "idle"
+    job = (await client.request("POST", "/v1/jobs", {"device": "a", "firmware": "v2.bin"}))["job"]
+    assert job["state"] == "running" and job["device"] == "a"
+    devices = (await client.request("GET", "/v1/devices"))["devices"]
+    assert devices[0]["state"] == "running" and devices[0]["job"] == job["id"]
+    jobs = (await client.request("GET", "/v1/jobs"))["jobs"]
+    assert [j["id"] for j in jobs] == [job["id"]]
+    assert (await client.request("GET", "/v1/jobs?device=b"))["jobs"] == []
+    shown = (await client.request("GET", f"/v1/jobs/{job['id']}"))["job"]
+    assert shown["history"][0]["note"] == "created"
+    status = await client.request("GET", "/v1/status")
+    assert status["running"] == 1 and status["max_parallel"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_busy_is_409_and_leaves_the_running_job_alone(held, reactor):
+    client = client_for(held, reactor)
+    job = (await client.request("POST", "/v1/jobs", {"device": "a", "firmware": "v2.bin"}))["job"]
+    error = await refused(client.request("POST", "/v1/jobs", {"device": "a", "firmware": "v2.bin"}))
+    assert (error.status, error.code) == (409, "busy")
+    assert (await client.request("GET", f"/v1/jobs/{job['id']}"))["job"]["state"] == "running"
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_jobs_show_their_position(held, reactor):
+    client = client_for(held, reactor)
+    for device in ("a", "b"):
+        await client.request("POST", "/v1/jobs", {"device": device, "firmware": "v2.bin"})
+    job = (await client.request("POST", "/v1/jobs", {"device": "c", "firmware": "v2.bin"}))["job"]
+    assert job["state"] == "queued" and job["position"] == 1
+    devices = {d["name"]: d for d in (await client.request("GET", "/v1/devices"))["devices"]}
+    assert devices["c"]["state"] == "queued" and devices["c"]["queue_position"] == 1
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, "bad_json"),
+        (b"[1, 2]", 400, "bad_json"),
+        (b"", 400, "bad_json"),
+        (b'{"device": "a", "firmware": "v2.bin", "force": true}', 400, "unknown_field"),
+        (b'{"device": "a"}', 400, "missing_field"),
+        (b'{"device": 5, "firmware": "v2.bin"}', 400, "bad_field"),
+        (b'{"device": "zz", "firmware": "v2.bin"}', 404, "unknown_device"),
+        (b'{"device": "a", "firmware": "../v2.bin"}', 403, "firmware_outside"),
+        (b'{"device": "a", "firmware": "/etc/passwd"}', 403, "firmware_outside"),
+        (b'{"device": "a", "firmware": "escape.bin"}', 403, "firmware_outside"),
+        (b'{"device": "a", "firmware": "missing.bin"}', 404, "firmware_not_found"),
+        (b'{"device": "a", "firmware": "v2.bin", "options": {"nope": 1}}', 400, "bad_options"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_get_4xx_with_a_json_error(held, reactor, tmp_path, body, status, code):
+    import treq
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x" * 10)
+    escape = held.config.firmware_dir / "escape.bin"
+    if not escape.is_symlink():
+        escape.symlink_to(outside)
+    client = client_for(held, reactor)
+    response = await client._http.post("http://netota/v1/jobs", data=body, timeout=10)
+    answer = json.loads(await treq.content(response))
+    assert response.code == status
+    assert answer["error"]["code"] == code and answer["error"]["message"]
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert (await client.request("GET", "/v1/jobs"))["jobs"] == []  # nothing was created
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_paths_methods_and_jobs(held, reactor):
+    client = client_for(held, reactor)
+    assert (await refused(client.request("GET", "/v2/devices"))).status == 404
+    assert (await refused(client.request("GET", "/v1/jobs/nope"))).code == "unknown_job"
+    assert (await refused(client.request("POST", "/v1/jobs/nope/cancel", {}))).status == 404
+    assert (await refused(client.request("POST", "/v1/jobs/nope/resume", {}))).status == 404
+    assert (await refused(client.request("GET", "/v1/jobs/nope/events"))).status == 404
+    assert (await refused(client.request("DELETE", "/v1/devices"))).status == 405
+    assert (await refused(client.request("GET", "/v1/jobs?limit=x"))).code == "bad_query"
+    assert (await refused(client.request("GET", "/v1/jobs?device=zz"))).code == "unknown_device"
+    assert (await refused(client.request("POST", "/v1/jobs/x/cancel", {"why": 1}))).code == "unknown_field"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_then_cancel_again_is_refused_then_resume(held, reactor):
+    client = client_for(held, reactor)
+    job = (await client.request("POST", "/v1/jobs", {"device": "a", "firmware": "v2.bin"}))["job"]
+    events: list[tuple[str, dict]] = []
+    stream = client.stream(f"/v1/jobs/{job['id']}/events", lambda t, d: events.append((t, d)) and False)
+    cancelled = (await client.request("POST", f"/v1/jobs/{job['id']}/cancel", {"reason": "test"}))["job"]
+    assert cancelled["state"] == "cancelling"
+    d = Deferred.fromCoroutine(stream)
+    d.addTimeout(10, reactor)
+    await d  # the stream ends after the outcome
+    assert events[0][0] == "job"
+    assert events[-1][0] == "outcome" and events[-1][1]["outcome"]["kind"] == "aborted"
+    error = await refused(client.request("POST", f"/v1/jobs/{job['id']}/cancel", {}))
+    assert (error.status, error.code) == (409, "not_active")
+    resumed = (await client.request("POST", f"/v1/jobs/{job['id']}/resume", {}))["job"]
+    assert resumed["resumed_from"] == job["id"] and resumed["state"] == "running"
+    error = await refused(client.request("POST", f"/v1/jobs/{job['id']}/resume", {}))
+    assert (error.status, error.code) == (409, "not_resumable")
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_streams_carry_phase_progress_and_outcome(tmp_path, reactor):
+    service = make_service(tmp_path, reactor, AutoJobFactory(step=0.005))
+    await started(service)
+    try:
+        client = client_for(service, reactor)
+        everything: list[tuple[str, dict]] = []
+        all_done = Deferred.fromCoroutine(
+            client.stream("/v1/events", lambda t, d: everything.append((t, d)) or t == "outcome"))
+        job = (await client.request("POST", "/v1/jobs", {"device": "b", "firmware": "v2.bin"}))["job"]
+        one: list[tuple[str, dict]] = []
+        job_done = Deferred.fromCoroutine(client.stream(f"/v1/jobs/{job['id']}/events",
+                                                        lambda t, d: one.append((t, d)) and False))
+        job_done.addTimeout(10, reactor)
+        all_done.addTimeout(10, reactor)
+        await job_done
+        await all_done
+        kinds = [t for t, _ in one]
+        assert kinds[0] == "job" and kinds[-1] == "outcome"
+        phases = [d["phase"] for t, d in one if t == "phase"]
+        assert "phase1" in phases and "phase2" in phases
+        assert any(t == "progress" and d["phase"] == "phase2" and d["point_of_no_return"] for t, d in one)
+        assert one[-1][1]["outcome"]["kind"] == "succeeded"
+        assert everything[0][0] == "snapshot"
+        assert everything[-1][0] == "outcome" and everything[-1][1]["job"] == job["id"]
+        # A finished job's stream gives its snapshot and ends.
+        late: list[tuple[str, dict]] = []
+        await client.stream(f"/v1/jobs/{job['id']}/events", lambda t, d: late.append((t, d)) and False)
+        assert [t for t, _ in late] == ["job"] and late[0][1]["snapshot"]["state"] == "finished"
+        devices = (await client.request("GET", "/v1/devices"))["devices"]
+        b = next(d for d in devices if d["name"] == "b")
+        assert (b["last_outcome"], b["firmware_version"]) == ("succeeded", "2.0.0")
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bearer_token_is_required_when_configured(tmp_path, reactor):
+    service = make_service(tmp_path, reactor, FakeJobFactory(), token="s3cret")
+    await started(service)
+    try:
+        error = await refused(client_for(service, reactor).request("GET", "/v1/devices"))
+        assert (error.status, error.code) == (401, "unauthorized")
+        error = await refused(client_for(service, reactor, token="wrong").request("GET", "/v1/devices"))
+        assert error.status == 401
+        devices = await client_for(service, reactor, token="s3cret").request("GET", "/v1/devices")
+        assert len(devices["devices"]) == 3
+    finally:
+        await service.stopService()

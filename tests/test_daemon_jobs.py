@@ -1,0 +1,289 @@
+"""JobQueue: per-device exclusion, max_parallel with queue positions, cancel, resume, shutdown,
+journal-before-action, and event fan-out; driven by a Clock and fake engine jobs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from netota_daemon.daemon.config import DaemonConfig, DeviceConfig
+from netota_daemon.daemon.firmware_store import FirmwareStore
+from netota_daemon.daemon.jobs import (
+    BadOptions,
+    DeviceBusy,
+    FirmwareInvalid,
+    FirmwareNotAllowed,
+    FirmwareNotFound,
+    JobNotActive,
+    JobQueue,
+    NotResumable,
+    ShuttingDown,
+    UnknownDevice,
+    UnknownJob,
+)
+from netota_daemon.daemon.journal import JobJournal, JobState
+from netota_daemon.daemon.registry import DeviceRegistry
+from netota_daemon.engine.outcome import OutcomeKind, Phase
+from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+from tests.daemon_fakes import FakeJobFactory
+
+DEVICES = ("a", "b", "c", "d")
+
+
+class World:
+    def __init__(self, tmp_path: Path, max_parallel: int = 2) -> None:
+        self.clock = Clock()
+        self.clock.advance(100)
+        self.firmware_dir = tmp_path / "fw"
+        self.firmware_dir.mkdir()
+        (self.firmware_dir / "v2.bin").write_bytes(os.urandom(4096))
+        devices = {n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in DEVICES}
+        self.config = DaemonConfig(source="test", state_dir=tmp_path / "state", firmware_dir=self.firmware_dir,
+                                   max_parallel=max_parallel, devices=devices, shutdown_grace=5.0)
+        self.journal = JobJournal(self.config.state_dir, self.clock)
+        self.registry = DeviceRegistry(devices.values())
+        self.factory = FakeJobFactory(stop_delay=1.0)
+        self.queue = JobQueue(self.clock, self.config, self.journal, self.registry,
+                              FirmwareStore(self.firmware_dir), job_factory=self.factory)
+        self.events: list[dict] = []
+        self.queue.subscribe(self.events.append)
+
+    def start(self, device: str, firmware: str = "v2.bin", **kw) -> dict:
+        return self.queue.start(device, firmware, **kw)
+
+
+@pytest.fixture
+def world(tmp_path):
+    return World(tmp_path)
+
+
+def test_start_writes_the_journal_before_running_and_passes_the_device(world):
+    seen = []
+    world.factory.on_run = lambda job: seen.append(world.journal.get(job.job_id).state)
+    job = world.start("a", options={"receive": 2})
+    assert job["state"] == "running" and job["device"] == "a" and job["firmware"] == "v2.bin"
+    fake = world.factory.jobs[job["id"]]
+    assert seen == [JobState.RUNNING]  # durable before the engine ran
+    assert fake.target.name == "a" and fake.image.size == 4096
+    assert fake.timeouts.receive == 2 and fake.timeouts.deadline == UpgradeTimeouts().deadline
+    assert fake.log_context == {"job": job["id"], "device": "a"}
+    assert world.registry.get("a").state == "running"
+
+
+def test_a_second_job_for_a_busy_device_is_refused_and_the_first_is_untouched(world):
+    first = world.start("a")
+    with pytest.raises(DeviceBusy) as info:
+        world.start("a")
+    assert info.value.status == 409 and first["id"] in info.value.message
+    assert world.factory.jobs[first["id"]].running and world.factory.jobs[first["id"]].cancelled is None
+    assert len(world.journal.jobs()) == 1
+
+
+def test_max_parallel_queues_with_positions_and_starts_in_order(world):
+    ids = [world.start(d)["id"] for d in DEVICES]
+    states = [world.queue.get(i) for i in ids]
+    assert [s["state"] for s in states] == ["running", "running", "queued", "queued"]
+    assert [s["position"] for s in states] == [None, None, 1, 2]
+    assert world.registry.get("d").queue_position == 2
+    assert [j.job_id for j in world.factory.order] == ids[:2]
+
+    world.factory.jobs[ids[1]].finish()
+    assert world.queue.get(ids[2])["state"] == "running"
+    assert world.queue.get(ids[3])["position"] == 1
+    assert world.registry.get("d").queue_position == 1
+    position_events = [e for e in world.events if e["type"] == "state" and e["job"] == ids[3]]
+    assert [e["position"] for e in position_events] == [2, 1]
+    # A device with a queued job is busy too.
+    with pytest.raises(DeviceBusy):
+        world.start("d")
+
+
+def test_engine_events_are_fanned_out_with_job_and_device_and_journaled(world):
+    job_id = world.start("a")["id"]
+    other = []
+    unsubscribe = world.queue.subscribe(other.append)
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE1)
+    fake.progress(50.0)
+    fake.enter(Phase.PHASE2)
+    fake.progress(10.0, point_of_no_return=True)
+    unsubscribe()
+    fake.finish(OutcomeKind.SUCCEEDED, "flashed", firmware_version_after="2.0.0")
+    types = [(e["type"], e.get("phase")) for e in other]
+    assert types == [("phase", "phase1"), ("progress", "phase1"), ("phase", "phase2"), ("progress", "phase2")]
+    assert all(e["job"] == job_id and e["device"] == "a" for e in world.events)
+    outcome = world.events[-1]
+    assert outcome["type"] == "outcome" and outcome["outcome"]["kind"] == "succeeded"
+    record = world.journal.get(job_id)
+    assert record.state is JobState.FINISHED and record.point_of_no_return and record.phase is Phase.PHASE2
+    notes = [h["note"] for h in world.journal.history(job_id)]
+    assert notes == ["created", "running", "phase phase1", "phase phase2", "point of no return", "finished: succeeded"]
+    status = world.registry.get("a")
+    assert (status.state, status.last_outcome, status.firmware_version, status.last_job) == (
+        "idle", "succeeded", "2.0.0", job_id)
+
+
+def test_progress_is_visible_on_the_job_and_device(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE1)
+    fake.progress(40.0)
+    assert world.queue.get(job_id)["progress"]["percent"] == 40.0
+    assert world.registry.get("a").percent == 40.0
+
+
+def test_cancel_running_job_journals_cancelling_before_stopping_the_engine(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE1)
+    at_cancel = []
+    world.factory.on_cancel = lambda job: at_cancel.append(world.journal.get(job.job_id).state)
+    answer = world.queue.cancel(job_id, "operator said so")
+    assert answer["state"] == "cancelling"
+    assert at_cancel == [JobState.CANCELLING]
+    assert fake.cancelled == "operator said so"
+    world.clock.advance(1.0)  # the engine's STOP and close
+    record = world.journal.get(job_id)
+    assert record.state is JobState.FINISHED and record.outcome.kind is OutcomeKind.ABORTED
+    assert record.resumable
+    # A cancel after the job finished is refused.
+    with pytest.raises(JobNotActive) as info:
+        world.queue.cancel(job_id)
+    assert info.value.status == 409 and "aborted" in info.value.message
+
+
+def test_cancel_queued_job_ends_it_without_touching_the_device(world):
+    world.start("a")
+    world.start("b")
+    queued = world.start("c")["id"]
+    answer = world.queue.cancel(queued)
+    assert answer["state"] == "finished" and answer["outcome"]["kind"] == "aborted"
+    assert queued not in world.factory.jobs  # no engine job was ever made
+    assert "not touched" in answer["outcome"]["advice"]
+    world.start("c")  # the device is free again
+
+
+def test_unknown_things(world):
+    with pytest.raises(UnknownDevice) as info:
+        world.start("zz")
+    assert info.value.status == 404
+    for call in (world.queue.get, world.queue.cancel, world.queue.resume):
+        with pytest.raises(UnknownJob):
+            call("nope")
+
+
+@pytest.mark.parametrize("name", ["../v2.bin", "/etc/passwd", "sub/../../x", "~root/x"])
+def test_firmware_names_leaving_firmware_dir_are_refused(world, name):
+    with pytest.raises(FirmwareNotAllowed) as info:
+        world.start("a", name)
+    assert info.value.status == 403
+    assert world.journal.jobs() == []
+
+
+def test_a_symlink_out_of_firmware_dir_is_refused_and_one_inside_is_fine(world, tmp_path):
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"x" * 100)
+    (world.firmware_dir / "escape.bin").symlink_to(outside)
+    (world.firmware_dir / "alias.bin").symlink_to(world.firmware_dir / "v2.bin")
+    with pytest.raises(FirmwareNotAllowed, match="symlink"):
+        world.start("a", "escape.bin")
+    assert world.start("a", "alias.bin")["state"] == "running"
+
+
+def test_missing_and_unusable_firmware(world):
+    with pytest.raises(FirmwareNotFound):
+        world.start("a", "nope.bin")
+    (world.firmware_dir / "empty.bin").write_bytes(b"")
+    with pytest.raises(FirmwareInvalid, match="empty"):
+        world.start("a", "empty.bin")
+    (world.firmware_dir / "dir").mkdir()
+    with pytest.raises(FirmwareInvalid):
+        world.start("a", "dir")
+
+
+@pytest.mark.parametrize("options", [{"nope": 1}, {"receive": "5"}, {"receive": -1}, [1], {"echo_final_notice": 1}])
+def test_bad_options_are_refused(world, options):
+    with pytest.raises(BadOptions):
+        world.start("a", options=options)
+
+
+def test_resume_makes_a_new_job_for_the_same_device_and_firmware(world):
+    first = world.start("a", options={"receive": 3})["id"]
+    fake = world.factory.jobs[first]
+    fake.enter(Phase.PHASE2)
+    fake.finish(OutcomeKind.FAILED, "dropped")
+    resumed = world.queue.resume(first)
+    assert resumed["id"] != first and resumed["resumed_from"] == first
+    assert resumed["device"] == "a" and resumed["firmware"] == "v2.bin" and resumed["options"] == {"receive": 3}
+    assert world.journal.get(first).resumed_by == resumed["id"]
+    with pytest.raises(NotResumable):
+        world.queue.resume(first)  # once only
+    with pytest.raises(NotResumable):
+        world.queue.resume(resumed["id"])  # still running
+    world.factory.jobs[resumed["id"]].finish()
+    with pytest.raises(NotResumable, match="succeeded"):
+        world.queue.resume(resumed["id"])
+
+
+def test_shutdown_records_interrupted_before_cancelling_and_keeps_it(world):
+    running = world.start("a")["id"]
+    world.start("b")
+    queued = world.start("c")["id"]
+    fake = world.factory.jobs[running]
+    fake.enter(Phase.PHASE2)
+    fake.progress(20, point_of_no_return=True)
+    at_cancel = {}
+    world.factory.on_cancel = lambda job: at_cancel.setdefault(job.job_id, world.journal.get(job.job_id).state)
+    done = world.queue.shutdown()
+    assert at_cancel[running] is JobState.INTERRUPTED
+    assert world.journal.get(queued).state is JobState.INTERRUPTED
+    assert not done.called
+    with pytest.raises(ShuttingDown):
+        world.start("d")
+    world.clock.advance(1.0)
+    assert done.called
+    record = world.journal.get(running)
+    assert record.state is JobState.INTERRUPTED and record.outcome.kind is OutcomeKind.ABORTED
+    assert record.point_of_no_return and record.resumable and "loader" in record.advice
+    assert world.journal.get(queued).resumable
+    assert [e["state"] for e in world.events if e["type"] == "outcome"].count("interrupted") == 3
+
+
+def test_shutdown_gives_up_waiting_after_the_grace(world):
+    world.factory.stop_delay = 100.0
+    world.start("a")
+    done = world.queue.shutdown()
+    world.clock.advance(5.0)
+    assert done.called  # the journal already says interrupted
+    assert world.journal.jobs()[0].state is JobState.INTERRUPTED
+
+
+def test_wait_fires_with_the_final_record(world):
+    job_id = world.start("a")["id"]
+    results = []
+    world.queue.wait(job_id).addCallback(results.append)
+    world.factory.jobs[job_id].finish()
+    assert results[0].state is JobState.FINISHED
+
+
+def test_progress_events_are_published_at_most_ten_a_second_but_never_the_important_ones(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE1)
+    for percent in (10.0, 20.0, 30.0):  # same instant: only the first of the phase goes out
+        fake.progress(percent)
+    world.clock.advance(0.15)
+    fake.progress(40.0)
+    fake.progress(100.0)  # the end of a phase always goes out
+    fake.enter(Phase.PHASE2)
+    fake.progress(5.0)  # the first of a new phase
+    fake.progress(6.0, point_of_no_return=True)  # passing the point of no return
+    fake.progress(7.0)
+    published = [(e["phase"], e["percent"]) for e in world.events if e["type"] == "progress"]
+    assert published == [("phase1", 10.0), ("phase1", 40.0), ("phase1", 100.0), ("phase2", 5.0), ("phase2", 6.0)]
+    # The job and its device always show the latest.
+    assert world.queue.get(job_id)["progress"]["percent"] == 7.0
+    assert world.registry.get("a").percent == 7.0

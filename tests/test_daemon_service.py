@@ -1,0 +1,177 @@
+"""NetotaService in-process: journal recovery before listening, READY/STOPPING notifications,
+shutdown interrupting jobs; the twistd plugin and its options."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python import usage
+
+from netota_daemon.cli.client import ControlClient
+from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState
+from netota_daemon.engine.outcome import Phase
+from netota_daemon.tap import Options, json_log_observer
+from tests.conftest import ROOT, subprocess_env
+from tests.daemon_fakes import AutoJobFactory, make_service, short_socket_dir
+
+
+@pytest.fixture
+def notify():
+    path = os.path.join(short_socket_dir(), "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    yield path, sock
+    sock.close()
+
+
+def received(sock) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096))
+        except BlockingIOError:
+            return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_recovery_ready_and_stopping(tmp_path, reactor, notify):
+    notify_path, notify_sock = notify
+    # A previous daemon died with a job running in phase 2.
+    journal = JobJournal(tmp_path / "state")
+    journal.create(JobRecord(id="old", device="a", firmware="v2.bin", created=1.0))
+    journal.update("old", "running", state=JobState.RUNNING, started=2.0, phase=Phase.PHASE2, point_of_no_return=True)
+    journal.close()
+
+    service = make_service(tmp_path, reactor, AutoJobFactory(hold_in=Phase.PHASE1),
+                           environ={"NOTIFY_SOCKET": notify_path})
+    service.privilegedStartService()
+    assert received(notify_sock) == []  # listening, but the reactor has not started the service yet
+    service.startService()
+    assert received(notify_sock)[0].startswith(b"READY=1")
+    client = ControlClient(reactor, f"unix:{service.socket_path}")
+    old = (await client.request("GET", "/v1/jobs/old"))["job"]
+    assert old["state"] == "interrupted" and old["phase"] == "phase2" and old["resumable"]
+    assert "loader" in old["advice"]
+    devices = (await client.request("GET", "/v1/devices"))["devices"]
+    assert devices[0]["last_outcome"] == "interrupted" and devices[0]["last_job"] == "old"
+
+    resumed = (await client.request("POST", "/v1/jobs/old/resume", {}))["job"]
+    await service.stopService()
+    messages = received(notify_sock)
+    assert messages and messages[0].startswith(b"STOPPING=1")
+    after = JobJournal(tmp_path / "state").get(resumed["id"])
+    assert after.state is JobState.INTERRUPTED and after.outcome.kind.value == "aborted"
+    assert not os.path.exists(service.socket_path)
+
+
+def test_options_report_config_errors_with_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[daemon]\ncontrol = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nmax_parallel = "two"\n')
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--config", str(path)])
+    assert str(path) in str(info.value) and "daemon.max_parallel" in str(info.value)
+    with pytest.raises(usage.UsageError, match="log-format"):
+        Options().parseOptions(["--config", str(ROOT / "etc" / "netota.toml"), "--log-format", "xml"])
+
+
+def test_json_log_format_installs_twistds_logger():
+    parent: dict = {"logger": None}
+    options = Options()
+    options.parent = parent
+    options.parseOptions(["--config", str(ROOT / "etc" / "netota.toml"), "--log-format", "json"])
+    assert parent["logger"] == "netota_daemon.tap.json_log_observer"
+    from twisted.python.reflect import namedAny
+
+    assert namedAny(parent["logger"]) is json_log_observer
+    assert options.config.max_parallel == 4
+
+
+def test_twistd_lists_the_netota_plugin():
+    result = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+    )
+    assert result.returncode == 0
+    assert "netota" in result.stdout
+    plugin_dir = ROOT / "twisted"
+    assert not (plugin_dir / "__init__.py").exists() and not (plugin_dir / "plugins" / "__init__.py").exists()
+
+
+def test_twistd_stops_at_a_bad_config_with_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[daemon]\ncontrol = "tcp:8700"\nstate_dir = "s"\nfirmware_dir = "f"\n')
+    result = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "netota", "--config", str(path)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+    )
+    assert result.returncode != 0
+    assert "daemon.control" in result.stdout + result.stderr
+    assert "control_token" in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")
+@pytest_twisted.ensureDeferred
+async def test_socket_activation_with_a_systemd_endpoint(tmp_path, reactor):
+    """As with etc/systemd/netota.socket: systemd owns the socket, the daemon adopts it on the first
+    connection (``control = "systemd:domain=UNIX:index=0"``)."""
+    socket_path = os.path.join(short_socket_dir(), "activated.sock")
+    config = tmp_path / "netota.toml"
+    config.write_text(f'[daemon]\ncontrol = "systemd:domain=UNIX:index=0"\nstate_dir = "{tmp_path}/state"\n'
+                      f'firmware_dir = "{tmp_path}"\n[devices.x]\nhost = "127.0.0.1"\n')
+    env = subprocess_env()
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "-l", socket_path, "--fdname=control", "-E", f"PYTHONPATH={env['PYTHONPATH']}",
+         sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "netota",
+         "--config", str(config)],
+        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = reactor.seconds() + 20
+        while not os.path.exists(socket_path):  # bounded: the activator binds at once
+            assert reactor.seconds() < deadline and activator.poll() is None, "the activator never listened"
+            await deferLater(reactor, 0.02, lambda: None)
+        d = getProcessOutputAndValue(sys.executable, ["-m", "netota_daemon", "devices", "--json", "--control",
+                                                      f"unix:{socket_path}"], env=env, path=str(ROOT))
+        d.addTimeout(30, reactor)
+        out, err, code = await d
+        assert code == 0, err
+        assert [d["name"] for d in json.loads(out)] == ["x"]
+    finally:
+        activator.terminate()
+        activator.wait(15)
+
+
+def test_packaging_installs_the_twistd_plugin(tmp_path):
+    """``pip install`` must ship twisted/plugins/netota_plugin.py (and no twisted/__init__.py), or
+    ``twistd netota`` does not exist on an installed system. Built from a copy of the tree."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("netota_daemon", "twisted"):
+        shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, tree / name)
+        else:
+            (tree / name).write_text("")
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, setuptools; sys.argv = ['setup.py', '-q', 'build_py', '--build-lib', 'out']; "
+                               "setuptools.setup()"],
+        cwd=str(tree), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = tree / "out"
+    assert (out / "twisted" / "plugins" / "netota_plugin.py").exists()
+    assert not (out / "twisted" / "__init__.py").exists() and not (out / "twisted" / "plugins" / "__init__.py").exists()
+    assert (out / "netota_daemon" / "daemon" / "service.py").exists()
+    assert (out / "netota_daemon" / "tap.py").exists()

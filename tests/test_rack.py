@@ -1,0 +1,155 @@
+"""The rack: N simulated devices, every one at 192.168.1.1 in its own network namespace, upgraded
+at once by one ``twistd netota`` through one interface per device.
+
+Every 192.168.1.x address here lives only inside the network namespaces that
+:class:`netota_daemon.sim.rack.SimulatedRack` creates and deletes (``ip netns``), even when a test
+fails. Skipped, with the reason, where namespaces can't be made (not root, no iproute2).
+N is 4 by default; ``NETOTA_RACK_SIZE`` asks for more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from netota_daemon.sim.image import make_image
+from netota_daemon.sim.rack import SimulatedRack, namespaces_available
+
+RACK_SIZE = int(os.environ.get("NETOTA_RACK_SIZE", "4"))
+TIME_SCALE = 0.05
+# The daemon's waits, in real seconds, fitted to devices that run 20 times faster than real ones.
+DAEMON_TIMEOUTS = {
+    "deadline": 120.0,
+    "connect": 2.0,
+    "ctp_reply": 3.0,
+    "http": 3.0,
+    "ota_accept": 5.0,
+    "receive": 0.5,
+    "max_receive_timeouts": 10,
+    "reboot": 30.0,
+    "verify": 30.0,
+    "poll_interval": 0.2,
+    "keepalive_interval": 2.0,
+}
+
+unavailable = namespaces_available()
+pytestmark = pytest.mark.skipif(unavailable is not None, reason=f"rack test needs network namespaces: {unavailable}")
+
+
+@pytest.fixture
+def firmware(tmp_path):
+    firmware_dir = tmp_path / "firmware"
+    firmware_dir.mkdir()
+    path = make_image(firmware_dir / "ac79-2.0.0.ufw", "2.0.0", 300_000)
+    return path
+
+
+@pytest.fixture
+def rack(tmp_path):
+    with SimulatedRack(tmp_path / "rack", size=RACK_SIZE, time_scale=TIME_SCALE) as rack:
+        yield rack
+        if sys.exc_info()[0] is None:
+            pass
+
+
+def _start(rack: SimulatedRack, firmware, sim_args=None) -> None:
+    rack.start_devices(sim_args)
+    rack.start_daemon(rack.write_config(firmware.parent, DAEMON_TIMEOUTS))
+
+
+def _jobs_by_device(rack: SimulatedRack) -> dict[str, dict]:
+    result = rack.client("jobs", "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    jobs = data["jobs"] if isinstance(data, dict) else data
+    newest: dict[str, dict] = {}
+    for job in jobs:  # newest first
+        newest.setdefault(job["device"], job)
+    return newest
+
+
+def _diagnostics(rack: SimulatedRack) -> str:
+    parts = [(rack.workdir / "daemon.log").read_text(errors="replace")[-4000:]]
+    for device in rack.devices:
+        log = device.state_dir / "sim.log"
+        if log.exists():
+            parts.append(f"--- {device.name}\n" + log.read_text(errors="replace")[-1500:])
+    return "\n".join(parts)
+
+
+def test_rack_upgrades_every_device_at_once(rack, firmware):
+    _start(rack, firmware)
+    image = firmware.read_bytes()
+
+    result = rack.client("upgrade", "--all", firmware.name, "--wait", timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr + _diagnostics(rack)
+    for device in rack.devices:
+        assert device.name in result.stdout  # the summary table names every device
+
+    jobs = _jobs_by_device(rack)
+    for device in rack.devices:
+        job = jobs[device.name]
+        assert job["outcome"]["kind"] == "succeeded", (device.name, job, _diagnostics(rack))
+        assert job["outcome"]["firmware_version_after"] == "2.0.0"
+        # The bytes each device received, byte for byte, in both phases.
+        assert (device.state_dir / "phase1-received.bin").read_bytes() == image, device.name
+        assert (device.state_dir / "phase2-received.bin").read_bytes() == image, device.name
+        events = device.events()
+        reboots = [e for e in events if e["event"] == "reboot"]
+        assert len(reboots) >= 2, (device.name, reboots)
+        # The reboot took the device's link down and up again.
+        commands = [e.get("direction") for e in events if e["event"] == "reboot_command"]
+        assert "down" in commands and "up" in commands, (device.name, commands)
+
+    # Every device was served over its own interface: its simulator saw connections only from the
+    # source address of the matching rack interface.
+    for device in rack.devices:
+        peers = {e.get("peer") for e in device.events() if e.get("peer")}
+        assert peers and all(str(p).startswith(device.source_address) for p in peers), (device.name, peers)
+
+    devices = rack.client("devices", "--json", timeout=60)
+    assert devices.returncode == 0, devices.stderr
+    listed = json.loads(devices.stdout)
+    listed = listed["devices"] if isinstance(listed, dict) else listed
+    assert {d["name"]: d["last_outcome"] for d in listed} == {d.name: "succeeded" for d in rack.devices}
+
+
+FAULTS = [
+    # (simulator options, expected outcome kind, expected failure class or None)
+    (["--drop-after-reads", "3", "--fault-phase", "1"], "failed", "connection"),
+    (["--drop-after-reads", "3", "--fault-phase", "2"], "succeeded", None),
+    (["--stall-after-reads", "2:40", "--fault-phase", "1"], "succeeded", None),
+    (["--corrupt-reply-check", "--fault-phase", "2"], "succeeded", None),
+]
+
+
+def test_rack_faults_stay_with_their_device(rack, firmware):
+    sim_args = [FAULTS[i % len(FAULTS)][0] if i < len(FAULTS) else [] for i in range(RACK_SIZE)]
+    _start(rack, firmware, sim_args)
+    image_sha = hashlib.sha256(firmware.read_bytes()).hexdigest()
+
+    result = rack.client("upgrade", "--all", firmware.name, "--wait", timeout=240)
+    assert result.returncode != 0, "a failed device must make the batch exit non-zero"
+
+    jobs = _jobs_by_device(rack)
+    for device in rack.devices:
+        job = jobs[device.name]
+        if device.index < len(FAULTS):
+            _, kind, failure = FAULTS[device.index]
+        else:
+            kind, failure = "succeeded", None
+        outcome = job["outcome"]
+        assert outcome["kind"] == kind, (device.name, device.sim_args, job, _diagnostics(rack))
+        assert outcome["failure"] == failure, (device.name, outcome)
+        sessions = [e for e in device.events() if e["event"] == "session_end"]
+        if kind == "succeeded":
+            assert outcome["firmware_version_after"] == "2.0.0"
+            assert sessions[-1]["sha256"] == image_sha and sessions[-1]["phase"] == 2
+        else:
+            assert "reset the device" in outcome["advice"]
+            assert all(s["phase"] == 1 for s in sessions)
