@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.application.internet import backoffPolicy
@@ -33,17 +34,50 @@ class EndpointError(Exception):
     """A connection can't even be attempted: unknown interface, missing privilege. Not retried."""
 
 
-def check_interface(interface: str) -> None:
-    """Raise :class:`EndpointError` unless ``interface`` exists and this process may bind to it."""
+def check_interface(interface: str, sysfs: Path = Path("/sys/class/net")) -> None:
+    """Raise :class:`EndpointError` unless ``interface`` exists, is up with a link, and this process
+    may bind to it: a job for a device whose interface is down fails at once, with that reason."""
     try:
         socket.if_nametoindex(interface)
     except OSError:
         raise EndpointError(f"network interface {interface!r} does not exist") from None
+    problem = interface_state_problem(interface, *_read_interface_state(sysfs / interface))
+    if problem:
+        raise EndpointError(problem)
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         bind_to_device(probe, interface)
     finally:
         probe.close()
+
+
+#: ``IFF_UP`` in /sys/class/net/IF/flags: the interface is administratively up.
+IFF_UP = 0x1
+
+
+def _read_interface_state(directory: Path) -> tuple[int | None, str | None]:
+    """The interface's flags and operstate from sysfs; None for what can't be read."""
+    try:
+        flags: int | None = int((directory / "flags").read_text().strip(), 16)
+    except (OSError, ValueError):
+        flags = None
+    try:
+        operstate: str | None = (directory / "operstate").read_text().strip()
+    except OSError:
+        operstate = None
+    return flags, operstate
+
+
+def interface_state_problem(interface: str, flags: int | None, operstate: str | None) -> str | None:
+    """Why connections over ``interface`` can't work now, or None. Unknown state is no problem
+    (some interfaces, like ``lo``, report operstate "unknown")."""
+    if flags is not None and not flags & IFF_UP:
+        return f"network interface {interface!r} is down (bring it up: ip link set {interface} up)"
+    if operstate in ("down", "lowerlayerdown", "notpresent"):
+        return f"network interface {interface!r} has no link (operstate {operstate}): is it connected to the device's WiFi?"
+    if operstate == "dormant":
+        return f"network interface {interface!r} is not associated with the device's WiFi (operstate dormant)"
+    return None
 
 
 def bind_to_device(sock: socket.socket, interface: str) -> None:
