@@ -24,6 +24,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m netota_daemon.demo
 
+# Needs root (network namespaces): N simulated devices at 192.168.1.1 flashed at once.
+rack-demo: $(STAMP)
+	$(BIN)/python -m netota_daemon.rack_demo $(RACK_DEMO_ARGS)
+
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.serve
 
