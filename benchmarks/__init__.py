@@ -4,5 +4,5 @@
   the image window after window as fast as the socket allows and verifies every byte;
 - :mod:`benchmarks.serve`: the app side, the daemon's own serving path
   (:class:`~netota_daemon.protocols.ota_stream.OtaStreamProtocol` over one shared
-  :func:`~netota_daemon.firmware.open_image` mapping), instrumented, and the report.
+  :func:`~netota_daemon.firmware.open_image` buffer), instrumented, and the report.
 """

@@ -4,7 +4,7 @@ Each scenario (an image size, a number N of concurrent streams) runs in a fresh 
 that CPU time and resident memory belong to that scenario alone. The app process:
 
 - opens the image once with :func:`~netota_daemon.firmware.open_image` and touches every page, so
-  that the shared mapping is in the baseline memory figure, not in any job's;
+  that the shared image buffer is in the baseline memory figure, not in any job's;
 - starts :mod:`benchmarks.peer` (a separate process) and runs one unmeasured warm-up session;
 - connects N streams to the peer, each an
   :class:`~netota_daemon.protocols.ota_stream.OtaStreamProtocol`, unchanged, as a job runs it; each
@@ -287,7 +287,7 @@ def run_scenario(
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     image = open_image(image_path)
-    image.sha256()  # touch every page: the shared mapping belongs to the baseline, not to a job
+    image.sha256()  # touch every page: the shared image buffer belongs to the baseline, not to a job
     total_sessions = streams * sessions_per_stream
     times = RequestTimes(total_sessions * -(-image.size // WINDOW))
     dump = tempfile.NamedTemporaryFile(prefix="netota-peer-", suffix=".json", delete=False)
