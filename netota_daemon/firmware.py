@@ -11,6 +11,7 @@ crash the daemon (a truncated mapping raises SIGBUS).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -33,10 +34,14 @@ class FirmwareImage:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if not self.path.is_file():
+            # O_NONBLOCK: opening a FIFO must not hang; the fstat below then refuses it.
+            with os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError
+                if not stat.S_ISREG(st.st_mode):
                     raise FirmwareError(f"firmware {self.path} is not a regular file")
+                size = st.st_size
                 if size == 0:
                     raise FirmwareError(f"firmware {self.path} is empty")
                 if size > MAX_IMAGE_SIZE:

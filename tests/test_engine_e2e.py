@@ -31,7 +31,7 @@ from netota_daemon.sim.config import SimConfig
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
 
-TIME_SCALE = 0.01  # device seconds -> real seconds
+TIME_SCALE = 0.02  # device seconds -> real seconds: the 5 s reply wait is 100 ms, enough on 2 loaded cores
 IMAGE_SIZE = 200_000
 
 #: Engine waits for a device running at TIME_SCALE: small, but above the device's scaled gaps.
@@ -41,7 +41,7 @@ FAST = UpgradeTimeouts(
     ctp_reply=2.0,
     http=2.0,
     ota_accept=1.0,
-    receive=0.1,
+    receive=0.2,
     max_receive_timeouts=10,
     reboot=1.5,
     verify=1.5,
@@ -148,6 +148,9 @@ async def test_device_already_in_loader_goes_straight_to_phase2(reactor, tmp_pat
     run = await Run(reactor, tmp_path, mode="loader").start()
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
+    # the loader's fixed document says 1.0.1 whatever is installed: not reported as the version before
+    assert (outcome.firmware_version_before, outcome.firmware_version_after) == (None, "2.0.0")
+    assert "same version" not in outcome.message
     assert [s["phase"] for s in run.sessions()] == [2]
     assert run.received(2) == run.image_bytes
     assert Phase.PHASE1 not in [e.phase for e in run.events if isinstance(e, PhaseChanged)]
@@ -177,18 +180,18 @@ async def test_drop_mid_phase2_is_retried_from_the_start(reactor, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_short_stall_is_survived(reactor, tmp_path):
-    # 30 device seconds = 0.3 s: fewer than 10 receive timeouts of 0.1 s
+    # 30 device seconds = 0.6 s: well under the 11 receive timeouts of 0.2 s that end a session
     run = await Run(reactor, tmp_path, stall_after_reads="3:30", fault_phase=1).start()
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
     assert any(e["event"] == "fault_stall" for e in run.device.events)
-    # the CTP session was kept alive while phase 1 streamed (keep-alive every 0.2 s, stall 0.3 s)
+    # the CTP session was kept alive while phase 1 streamed (keep-alive every 0.2 s, stall 0.6 s)
     assert any(e["event"] == "ctp_frame" and e["topic"] == "CTP_KEEP_ALIVE" for e in run.device.events)
 
 
 @pytest_twisted.ensureDeferred
 async def test_long_stall_times_out_with_stop(reactor, tmp_path):
-    # 300 device seconds = 3 s: more than 10 receive timeouts of 0.1 s in a row
+    # 300 device seconds = 6 s: more than 10 receive timeouts of 0.2 s in a row
     run = await Run(reactor, tmp_path, stall_after_reads="3:300", fault_phase=1).start()
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.FAILED, outcome
@@ -257,7 +260,10 @@ async def test_same_is_already_current(reactor, tmp_path):
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.ALREADY_CURRENT, outcome
     assert outcome.ok
-    assert run.device.mode == "down" or [s["outcome"] for s in run.sessions()] == ["same"]
+    assert outcome.phase is Phase.DONE and outcome.advice == "Nothing to do."
+    # (run.run() stops the device, so its mode is "down" by now: the events tell what it did)
+    assert [(s["phase"], s["outcome"]) for s in run.sessions()] == [(1, "same")]
+    assert not any(e["event"] == "reboot" for e in run.device.events)  # it stayed in its main firmware
 
 
 @pytest_twisted.ensureDeferred
@@ -367,7 +373,7 @@ async def test_abort_at_each_phase(reactor, tmp_path, where, predicate, advice):
 @pytest_twisted.ensureDeferred
 async def test_overall_deadline(reactor, tmp_path):
     # the device stays down after phase 1 and the reboot wait is longer than the whole job
-    run = await Run(reactor, tmp_path, FAST.replaced(deadline=1.0, reboot=30.0), no_reboot=True).start()
+    run = await Run(reactor, tmp_path, FAST.replaced(deadline=2.0, reboot=30.0), no_reboot=True).start()
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.FAILED, outcome
     assert outcome.failure is FailureClass.TIMEOUT
@@ -421,17 +427,60 @@ async def test_final_notice_echo_option(reactor, tmp_path):
     assert [s["outcome"] for s in run.sessions()] == ["ok", "ok"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_loader_that_finished_while_disconnected_is_verified(reactor, tmp_path):
-    # The phase-2 session drops; before the next attempt the device is back in its main firmware
-    # (as when the loader's OK is lost with the connection): the job goes on to read the version.
-    run = await Run(reactor, tmp_path, mode="loader", drop_after_reads=3, fault_phase=2).start()
-    finished = run.device.wait_for_event(lambda e: e["event"] == "fault_drop", timeout=10)
-    # (SimulatedDevice has no public "reboot now": the test uses its internal reboot)
-    finished.addCallback(lambda _: run.device._reboot("main", 0.0, 0.0, "test: the loader finished"))
+async def _loader_left_after_a_drop(reactor: Any, tmp_path: Path, drop_after_reads: int) -> tuple[Any, dict]:
+    """The phase-2 session drops after ``drop_after_reads`` replies; before the next attempt the
+    device runs its main firmware again. Returns the outcome and the one phase-2 session.
+    (SimulatedDevice has no public "reboot now": the test uses its internal reboot.)"""
+    run = await Run(reactor, tmp_path, mode="loader", drop_after_reads=drop_after_reads, fault_phase=2).start()
+    rebooted = run.device.wait_for_event(lambda e: e["event"] == "fault_drop", timeout=10)
+    rebooted.addCallback(lambda _: run.device._reboot("main", 0.0, 0.0, "test: the device left its loader"))
     outcome = await run.run()
-    await finished
-    assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
-    assert outcome.firmware_version_after == "1.0.0"
+    await rebooted
     (session,) = run.sessions()  # one phase-2 session, which never ended OK on the wire
     assert session["phase"] == 2 and session["outcome"] != "ok"
+    return outcome, session
+
+
+@pytest_twisted.ensureDeferred
+async def test_loader_that_finished_while_disconnected_is_verified(reactor, tmp_path):
+    # The session dropped after the all_size notice (the loader was rewriting flash): the device
+    # back in its main firmware finished phase 2 (its OK was lost): the job reads the version.
+    outcome, session = await _loader_left_after_a_drop(reactor, tmp_path, drop_after_reads=3)
+    assert session["all_size_sent"]
+    assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
+    assert outcome.firmware_version_after == "1.0.0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_loader_that_fell_back_to_the_old_firmware_is_not_a_success(reactor, tmp_path):
+    # The session dropped before the all_size notice (flash untouched): the device back in its
+    # main firmware runs its old firmware. Nothing was upgraded: the job must not claim success.
+    outcome, session = await _loader_left_after_a_drop(reactor, tmp_path, drop_after_reads=1)
+    assert not session["all_size_sent"]
+    assert outcome.kind is OutcomeKind.FAILED, outcome
+    assert outcome.failure is FailureClass.DEVICE_ERROR
+    assert outcome.phase is Phase.PHASE2
+    assert not outcome.point_of_no_return
+    assert "main firmware again (version 1.0.0)" in outcome.message and "upgraded nothing" in outcome.message
+    assert outcome.advice == ADVICE_RESET
+
+
+@pytest_twisted.ensureDeferred
+async def test_abort_after_phase1_ok_while_closing_ctp_gets_the_reboot_advice(reactor, tmp_path):
+    # Phase 1 ended OK; the job is still closing its CTP session (on a real device that can take
+    # seconds: the device drops its WiFi stations after OK) when it is cancelled. The device is
+    # rebooting into its loader, so "the old firmware is intact, reset the device" would mislead.
+    run = await Run(reactor, tmp_path).start()
+    job = run.job
+    close_ctp = job._close_ctp
+
+    async def close_and_cancel(ctp):
+        if job.phase is Phase.PHASE1 and job._stream_results and job._stream_results[-1]["end"] == "ok":
+            job.cancel("test abort")
+        return await close_ctp(ctp)
+
+    job._close_ctp = close_and_cancel
+    outcome = await run.run()
+    assert outcome.kind is OutcomeKind.ABORTED, outcome
+    assert outcome.phase is Phase.PHASE1
+    assert "rejoin its WiFi" in outcome.advice and outcome.advice != ADVICE_RESET

@@ -71,3 +71,10 @@ def test_a_file_truncated_in_place_does_not_change_an_open_image(tmp_path):
         f.write(b"B" * 10)
     assert bytes(image.read(4990, 10)) == b"A" * 10  # the job keeps serving one consistent image
     assert image.range_sum(0, 5000) == ord("A") * 5000
+
+
+def test_a_fifo_is_refused_without_hanging(tmp_path):
+    path = tmp_path / "fw.ufw"
+    os.mkfifo(path)
+    with pytest.raises(FirmwareError, match="not a regular file"):
+        open_image(path)

@@ -26,7 +26,7 @@ from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
 from tests.conftest import PYTHON, subprocess_env
 
-TIME_SCALE = 0.01
+TIME_SCALE = 0.02  # the device waits 100 ms for each reply: enough for a subprocess on 2 loaded cores
 FAST_FLAGS = ["--reboot-timeout", "5", "--verify-timeout", "5", "--receive-timeout", "0.2", "--timeout", "30"]
 
 
@@ -186,7 +186,9 @@ async def test_unknown_interface_fails_before_any_packet(reactor, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["flash", "fw.ufw"], ["flash", "fw.ufw", "--host", "h", "--ctp-port", "0"],
-                                  ["flash", "fw.ufw", "--host", "h", "--timeout", "-1"]])
+                                  ["flash", "fw.ufw", "--host", "h", "--timeout", "-1"],
+                                  ["flash", "fw.ufw", "--host", "h", "--timeout", "nan"],
+                                  ["flash", "fw.ufw", "--host", "h", "--receive-timeout", "inf"]])
 def test_usage_errors_exit_64(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
@@ -231,3 +233,59 @@ def test_help_documents_the_exit_codes(capsys):
     for line in ("0   succeeded", "1   failed", "2   unverified", "3   already current", "4   aborted",
                  "5   not applicable", "64  bad arguments"):
         assert line in text
+
+
+def test_flash_command_opens_the_firmware_once(tmp_path, monkeypatch):
+    """The command checks the arguments before the reactor starts and runs the job with what that
+    check opened: the image is read once, and the job flashes exactly what was checked."""
+    from twisted.internet import task
+
+    import netota_daemon.cli.flash as flash_module
+
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 1000)
+    opened: list[Any] = []
+    real_open = flash_module.open_image
+    monkeypatch.setattr(flash_module, "open_image", lambda path: opened.append(path) or real_open(path))
+    seen: dict[str, Any] = {}
+
+    async def fake_flash(reactor: Any, args: Any, on_job: Any = None, prepared: Any = None, **_: Any) -> int:
+        seen["prepared"] = prepared
+        return 0
+
+    def fake_react(main: Any) -> None:
+        failures: list[Any] = []
+        main(object()).addErrback(failures.append)
+        raise failures[0].value  # main ends with SystemExit(code)
+
+    monkeypatch.setattr(flash_module, "flash", fake_flash)
+    monkeypatch.setattr(flash_module, "_start_logging", lambda args: None)
+    monkeypatch.setattr(task, "react", fake_react)
+    args = build_parser().parse_args(["flash", str(image), "--host", "127.0.0.1"])
+    with pytest.raises(SystemExit) as exit_info:
+        flash_module.run_flash_command(args)
+    assert exit_info.value.code == 0
+    assert opened == [str(image)]
+    target, prepared_image, _ = seen["prepared"]
+    assert target.host == "127.0.0.1" and prepared_image.path == Path(image)
+
+
+@pytest.mark.parametrize(
+    "device_config,extra,code,kind,advice",
+    [
+        ({"reject_image": True}, [], 1, "failed [device_error]", "reset the device"),
+        ({"phase2_reboot_seconds": 100_000}, ["--verify-timeout", "0.5"], 2, "unverified", "read its firmware_version"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_failed_and_unverified_exit_codes_with_advice(reactor, tmp_path, device_config, extra, code, kind, advice):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)
+    device = await start_device(reactor, tmp_path, **device_config)
+    try:
+        d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--quiet", *extra))
+        result = await d.addTimeout(30, reactor)
+    finally:
+        await device.stop()
+    assert result == code
+    first, second = out.getvalue().splitlines()
+    assert first.startswith(f"{kind}: ")
+    assert second.startswith("advice: ") and advice in second

@@ -60,3 +60,11 @@ def test_interactive_redraws_one_line_and_tells_the_point_of_no_return():
     assert text.count("\r") >= 2
     assert "point of no return" in text and "(no return)" in text
     assert text.endswith("verify: waiting\n")
+
+
+def test_phase_line_keeps_the_message_whole():
+    out = io.StringIO()
+    renderer = ProgressRenderer(out, interactive=False)
+    renderer(PhaseChanged(Phase.DETECT, "reading the description document of fe80::1 :"))
+    renderer(PhaseChanged(Phase.REBOOT))
+    assert out.getvalue().splitlines() == ["detect: reading the description document of fe80::1 :", "reboot"]

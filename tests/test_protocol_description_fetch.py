@@ -113,3 +113,22 @@ async def test_reset_connection_fails_at_once_not_at_the_timeout(reactor, raw_se
     d.addTimeout(10, reactor)  # the test's own bound: far below the fetch's 60 s
     with pytest.raises(ResponseFailed):
         await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_body_is_refused_once_it_passes_the_bound(reactor, raw_server):
+    # a device announcing 1 GB and sending garbage: refused as it arrives, not buffered until the timeout
+    raw_server.answer = b"HTTP/1.1 200 OK\r\nContent-Length:1000000000\r\n\r\n" + b"x" * 200_000
+    d = defer.ensureDeferred(fetch_description(DeviceConnector(reactor, "127.0.0.1"), raw_server.port_number, 60.0))
+    d.addTimeout(10, reactor)  # the test's own bound: far below the fetch's 60 s
+    with pytest.raises(DescriptionFetchError, match="over 65536 bytes"):
+        await d
+    await raw_server.all_closed.addTimeout(10, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_error_status_with_a_body_leaves_nothing_open(reactor, raw_server):
+    raw_server.answer = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length:1000\r\n\r\n" + b"e" * 10
+    with pytest.raises(DescriptionFetchError, match="500"):
+        await fetch_description(DeviceConnector(reactor, "127.0.0.1"), raw_server.port_number, 5.0)
+    await raw_server.all_closed.addTimeout(10, reactor)

@@ -229,3 +229,15 @@ def test_job_check_fails_fast_on_a_real_interface_that_is_down(tmp_path):
         assert run() == "usable"
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_http_failures_get_plain_messages():
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+    from netota_daemon.protocols.endpoints import connection_error_message
+
+    cut = ResponseFailed([Failure(error.ConnectionDone())])
+    assert connection_error_message(cut) == "the HTTP answer was cut off or is not HTTP (the device closed the connection)"
+    never = ResponseNeverReceived([Failure(error.ConnectionLost())])
+    assert connection_error_message(never) == "no HTTP answer (connection lost)"

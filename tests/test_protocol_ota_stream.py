@@ -243,12 +243,14 @@ def test_cancel_sends_stop_and_closes(image):
 
 def test_close_is_forced_when_the_peer_stops_reading(image):
     s = Session(image)
+    aborts = []
+    s.transport.abortConnection = lambda: aborts.append(True)  # type: ignore[method-assign]
     s.protocol.abort()
     assert s.take() == STOP_BYTES
+    assert s.transport.disconnecting and aborts == []  # a polite close first, STOP still queued
     # the reactor never reports the close (the peer doesn't read): after the grace, abort
     s.clock.advance(5)
-    assert s.transport.disconnecting
-    # StringTransport.abortConnection marks it; the connection is then lost
+    assert aborts == [True]
     s.protocol.connectionLost(None)
     assert s.results[0].end is StreamEnd.ABORTED
 

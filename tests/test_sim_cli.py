@@ -48,7 +48,8 @@ def test_every_option_reaches_the_config(tmp_path):
 @pytest.mark.parametrize(
     "argv",
     [["--time-scale", "0"], ["--ctp-port", "70000"], ["--stall-after-reads", "5"], ["--drop-after-reads", "0"],
-     ["--mode", "boot"], ["--fault-phase", "3"]],
+     ["--mode", "boot"], ["--fault-phase", "3"], ["--time-scale", "nan"], ["--time-scale", "inf"],
+     ["--reboot-seconds", "-1"], ["--stall-after-reads", "2:nan"]],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -104,3 +105,11 @@ def test_netota_sim_subprocess_runs_until_sigterm(tmp_path):
         process.stderr.close()
     events = [json.loads(line)["event"] for line in (state / "events.jsonl").read_text().splitlines()]
     assert events[:2] == ["start", "mode"] and events[-1] == "stop" and "app_access" in events
+
+
+def test_unusable_state_dir_is_a_clear_error(tmp_path, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert main(["sim", "--state-dir", str(not_a_dir), "--ctp-port", "0", "--http-port", "0", "--ota-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"can't use the state directory {not_a_dir}" in err and "Traceback" not in err

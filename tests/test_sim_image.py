@@ -54,7 +54,9 @@ def test_a_truncated_or_foreign_file_is_not_a_test_image(tmp_path):
     assert read_trailer(tmp_path / "other.bin") is None
 
 
-@pytest.mark.parametrize("version, size", [("", 1000), ("x" * 33, 1000), ("1.0", MIN_IMAGE_SIZE - 1)])
+@pytest.mark.parametrize(
+    "version, size", [("", 1000), ("x" * 33, 1000), ("1.0", MIN_IMAGE_SIZE - 1), ("2.0-\u00e9t\u00e9", 1000), ("1\x002", 1000)]
+)
 def test_bad_requests_raise_clear_errors(version, size):
     with pytest.raises(ImageError):
         build_image(version, size)

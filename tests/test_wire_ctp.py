@@ -113,3 +113,8 @@ def test_random_bytes_give_frames_or_the_codecs_own_error(data):
 def test_round_trip_content_is_json_with_string_values(topic, param):
     (frame,) = CtpDecoder().feed(ctp.request(topic, "PUT", **param) if "op" not in param else ctp.notify(topic, param))
     assert json.loads(frame.raw_content)["param"] == {k: str(v) for k, v in param.items()}
+
+
+def test_deeply_nested_content_is_the_codecs_own_error():
+    with pytest.raises(CtpProtocolError, match="nested too deeply"):
+        CtpDecoder().feed(ctp.encode_frame("APP_ACCESS", b"[" * 60_000))

@@ -58,3 +58,18 @@ def test_random_bytes_parse_or_raise_description_error(body):
         parse_description(body)
     except DescriptionError:
         pass
+
+
+def test_deeply_nested_json_is_a_clear_error():
+    with pytest.raises(DescriptionError, match="nested too deeply"):
+        parse_description(b"[" * 100_000)
+
+
+@pytest.mark.parametrize("version", ['2.0"beta', "back\\slash", "\u00e9t\u00e9"])
+def test_main_document_carries_any_version_text(version):
+    description = parse_description(main_firmware_document(version, uuid='u"1'))
+    assert description.firmware_version == version and description.raw["uuid"] == 'u"1'
+
+
+def test_main_document_bytes_for_an_ordinary_version_are_unchanged():
+    assert b' "firmware_version": "1.0.1","match_app_type": "DVRunning 2","uuid": "xxxxxx"}' in main_firmware_document("1.0.1")

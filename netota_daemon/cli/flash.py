@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import uuid
@@ -63,7 +64,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
@@ -195,7 +196,8 @@ def result_json(outcome: Outcome, code: int) -> str:
     return json.dumps({**outcome.to_json(), "exit_code": code}, sort_keys=True)
 
 
-def print_outcome(outcome: Outcome, code: int, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+def print_outcome(outcome: Outcome, code: int, args: argparse.Namespace, out: TextIO) -> None:
+    """The result on ``out``: one JSON object with ``--json``, else the outcome line and the advice."""
     if args.json:
         out.write(result_json(outcome, code) + "\n")
         out.flush()
@@ -216,18 +218,22 @@ async def flash(
     out: TextIO | None = None,
     err: TextIO | None = None,
     on_job: Any = None,
+    prepared: tuple[DeviceTarget, FirmwareImage, UpgradeTimeouts] | None = None,
 ) -> int:
     """Run one flash job on ``reactor`` and print its result; returns the exit code.
-    ``on_job(job)`` is called once the job exists (the command uses it to hook signals)."""
+    ``on_job(job)`` is called once the job exists (the command uses it to hook signals);
+    ``prepared`` is :func:`prepare`'s result when the caller already checked the arguments."""
     from netota_daemon.engine.job import UpgradeJob  # imports the protocols; keep --help fast
 
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        target, image, timeouts = prepare(args)
-    except UsageError as e:
-        err.write(f"netota flash: error: {e}\n")
-        return EXIT_USAGE
+    if prepared is None:
+        try:
+            prepared = prepare(args)
+        except UsageError as e:
+            err.write(f"netota flash: error: {e}\n")
+            return EXIT_USAGE
+    target, image, timeouts = prepared
     job = UpgradeJob(reactor, target, image, timeouts, job_id=f"flash-{uuid.uuid4().hex[:8]}")
     if not args.quiet:
         job.events.subscribe(ProgressRenderer(err))
@@ -235,7 +241,7 @@ async def flash(
         on_job(job)
     outcome = await job.run()
     code = exit_code(outcome.kind, strict=args.strict)
-    print_outcome(outcome, code, args, out, err)
+    print_outcome(outcome, code, args, out)
     return code
 
 
@@ -261,7 +267,7 @@ def run_flash_command(args: argparse.Namespace) -> int:
     from twisted.internet import task
 
     try:
-        prepare(args)  # fail on bad arguments before the reactor starts
+        prepared = prepare(args)  # fail on bad arguments before the reactor starts
         _start_logging(args)
     except UsageError as e:
         sys.stderr.write(f"netota flash: error: {e}\n")
@@ -280,7 +286,7 @@ def run_flash_command(args: argparse.Namespace) -> int:
         reactor.callWhenRunning(install)
 
     async def main(reactor: Any) -> None:
-        code = await flash(reactor, args, on_job=lambda job: hook_signals(reactor, job))
+        code = await flash(reactor, args, on_job=lambda job: hook_signals(reactor, job), prepared=prepared)
         raise SystemExit(code)
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))

@@ -95,8 +95,8 @@ class ProgressRenderer:
     def handle(self, event: JobEvent) -> None:
         if isinstance(event, PhaseChanged):
             self._end_line()
-            text = f"{PHASE_LABELS.get(event.phase, event.phase.value)}: {event.message}".rstrip(": ")
-            self._write_line(text)
+            label = PHASE_LABELS.get(event.phase, event.phase.value)
+            self._write_line(f"{label}: {event.message}" if event.message else label)
         elif isinstance(event, Progress):
             self._progress(event)
         elif isinstance(event, Finished):

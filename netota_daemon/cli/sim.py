@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -81,8 +82,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    if not 0 <= value < math.inf:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number, not negative")
     return value
 
 
@@ -231,12 +232,16 @@ def run_sim(args: argparse.Namespace) -> int:
     except SimConfigError as e:
         print(f"netota sim: {e}", file=sys.stderr)
         return 2
+    try:
+        device = SimulatedDevice(reactor, config)  # creates the state directory
+    except OSError as e:
+        print(f"netota sim: can't use the state directory {state_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
     level = LogLevel.debug if args.verbose else LogLevel.warn
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)])],
         redirectStandardIO=False,
     )
-    device = SimulatedDevice(reactor, config)
     exit_code = [0]
 
     def started(_: Any) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Awaitable, Callable, TypeVar
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -30,6 +30,7 @@ from netota_daemon.engine.events import EventPublisher, Finished, PhaseChanged, 
 from netota_daemon.engine.outcome import (
     ADVICE_DOUBLE_BACKUP,
     ADVICE_NOTHING_SENT,
+    ADVICE_RESET,
     ADVICE_UNVERIFIED,
     FailureClass,
     Outcome,
@@ -48,7 +49,13 @@ from netota_daemon.protocols.ctp_client import (
     CtpReplyTimeout,
 )
 from netota_daemon.protocols.description_fetch import DescriptionFetchError, fetch_description
-from netota_daemon.protocols.endpoints import DeviceConnector, EndpointError, RetriesExhausted, retry_until_deadline
+from netota_daemon.protocols.endpoints import (
+    DeviceConnector,
+    EndpointError,
+    RetriesExhausted,
+    connection_error_message,
+    retry_until_deadline,
+)
 from netota_daemon.protocols.ota_stream import (
     OtaStreamFactory,
     OtaStreamProtocol,
@@ -126,6 +133,8 @@ class UpgradeJob:
         self._version_before: str | None = None
         self._last_problem = ""
         self._phase2_attempts = 0
+        self._old_firmware_answers = False  # phase 2 found the main firmware before any all_size
+        self._phase1_completed = False  # phase 1 ended OK (the job may still be closing its CTP session)
         self._stream_results: list[dict[str, Any]] = []
 
     # -- public API ----------------------------------------------------------------------------
@@ -209,7 +218,8 @@ class UpgradeJob:
         except EndpointError as e:
             raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
         description = await self._fetch_description_retrying(self.timeouts.connect_window, "reading the device description")
-        self._version_before = description.firmware_version
+        # The loader's fixed document always says 1.0.1: it tells nothing of the installed firmware.
+        self._version_before = None if description.in_loader else description.firmware_version
         if not description.single_backup:
             return self._outcome(
                 OutcomeKind.NOT_APPLICABLE,
@@ -252,6 +262,7 @@ class UpgradeJob:
                 )
             ctp.start_keepalive(self.timeouts.keepalive_interval)
             result = await self._stream(Phase.PHASE1)
+            self._phase1_completed = result.end is StreamEnd.OK  # the device now reboots into its loader
         finally:
             await self._close_ctp(ctp)
         if result.end is StreamEnd.OK or result.end is StreamEnd.SAME:
@@ -322,8 +333,18 @@ class UpgradeJob:
             await self._close_ctp(ctp)  # the loader answers one frame per connection, then ignores it
         description = await self._fetch_description_retrying(self.timeouts.connect_window, "reading the loader's description")
         if description.single_backup and description.ota_step == "0":
-            # The loader was running, and now the main firmware answers: the loader finished (its OK
-            # was lost with the connection) and rebooted. VERIFY reads the version back.
+            if not self.point_of_no_return:
+                # No phase-2 stream got as far as the all_size notice, so the loader never began to
+                # rewrite flash: the device fell back to its old firmware, nothing was upgraded.
+                self._old_firmware_answers = True
+                raise UpgradeFailed(
+                    FailureClass.DEVICE_ERROR,
+                    "the device left its update loader before phase 2 began rewriting flash: it runs its main "
+                    f"firmware again (version {description.firmware_version or 'unknown'}); no phase-2 session of "
+                    "this job reached the all_size notice, so this job upgraded nothing",
+                )
+            # The loader was rewriting flash, and now the main firmware answers: the loader finished
+            # (its OK was lost with the connection) and rebooted. VERIFY reads the version back.
             log.warn("the device left its update loader between two phase-2 attempts", **self.log_context)
             return StreamResult(StreamEnd.OK, "the device left its update loader: phase 2 completed")
         if not description.in_loader:
@@ -347,20 +368,25 @@ class UpgradeJob:
         return description.firmware_version or "unknown"
 
     # -- steps ---------------------------------------------------------------------------------
-    async def _open_ctp(self) -> CtpClientProtocol:
-        endpoint = self.connector.endpoint(self.target.ctp_port, self.timeouts.connect)
-        factory = CtpClientFactory(self.clock, self.log_context)
+    async def _connect(self, port: int, factory: Any, what: str) -> Any:
+        """Connect ``factory`` to the device's ``port``, retried within the connection window;
+        a window with no connection is a CONNECTION failure."""
+        endpoint = self.connector.endpoint(port, self.timeouts.connect)
         try:
-            ctp: CtpClientProtocol = await retry_until_deadline(
+            return await retry_until_deadline(
                 self.clock,
                 lambda: endpoint.connect(factory),
                 self.timeouts.connect_window,
                 self.timeouts.connect,
-                f"connecting to CTP port {self.target.ctp_port}",
+                f"connecting to {what} port {port}",
                 log_context=self.log_context,
             )
         except RetriesExhausted as e:
             raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
+
+    async def _open_ctp(self) -> CtpClientProtocol:
+        factory = CtpClientFactory(self.clock, self.log_context)
+        ctp: CtpClientProtocol = await self._connect(self.target.ctp_port, factory, "CTP")
         self._ctp_sessions.add(ctp)
         return ctp
 
@@ -399,18 +425,7 @@ class UpgradeJob:
             on_all_size=lambda size: self._on_all_size(phase, size),
             log_context=self.log_context,
         )
-        endpoint = self.connector.endpoint(self.target.ota_port, self.timeouts.connect)
-        try:
-            stream: OtaStreamProtocol = await retry_until_deadline(
-                self.clock,
-                lambda: endpoint.connect(factory),
-                self.timeouts.connect_window,
-                self.timeouts.connect,
-                f"connecting to OTA port {self.target.ota_port}",
-                log_context=self.log_context,
-            )
-        except RetriesExhausted as e:
-            raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
+        stream: OtaStreamProtocol = await self._connect(self.target.ota_port, factory, "OTA")
         self._streams.add(stream)
         result = await stream.done
         self._streams.discard(stream)
@@ -612,6 +627,10 @@ class UpgradeJob:
         """The recovery advice for a job that ends now without success."""
         if self.phase is Phase.DETECT:  # only the description document was read
             return ADVICE_NOTHING_SENT
+        if self._old_firmware_answers:  # the device is back in its old firmware, not in its loader
+            return ADVICE_RESET
+        if self.phase is Phase.PHASE1 and self._phase1_completed:  # ended while closing phase 1's CTP
+            return recovery_advice(self.point_of_no_return, Phase.REBOOT)
         return recovery_advice(self.point_of_no_return, self.phase)
 
     def _outcome(
@@ -653,14 +672,10 @@ def _stream_failure_class(end: StreamEnd) -> FailureClass:
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    from twisted.internet import error
-
     return isinstance(exc, (defer.TimeoutError, error.TimeoutError, _NotYet))
 
 
 def _last_error_text(e: RetriesExhausted) -> str:
-    from netota_daemon.protocols.endpoints import connection_error_message
-
     return f"last: {connection_error_message(e.last_error)}"
 
 

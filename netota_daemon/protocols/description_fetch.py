@@ -95,17 +95,34 @@ async def _fetch(connector: DeviceConnector, port: int, timeout: float) -> Devic
     url = description_url(connector.host, port)
     try:
         response = await client.get(url, headers={"Connection": "close"})
-        body = await treq.content(response)
+        if response.code != 200:
+            raise DescriptionFetchError(f"GET {url} answered HTTP {response.code}")
+        body = await _bounded_body(response)
     finally:
         await _close_connections(connector.reactor, endpoints.protocols)
-    if response.code != 200:
-        raise DescriptionFetchError(f"GET {url} answered HTTP {response.code}")
-    if len(body) > MAX_DOCUMENT_SIZE:
-        raise DescriptionFetchError(f"the description document is {len(body)} bytes; refusing it")
     try:
         return parse_description(body)
     except DescriptionError as e:
         raise DescriptionFetchError(str(e)) from None
+
+
+async def _bounded_body(response: Any) -> bytes:
+    """The response body, refused as soon as it grows past :data:`MAX_DOCUMENT_SIZE` (a device
+    sending garbage without end must not fill the daemon's memory for the whole fetch timeout)."""
+    chunks: list[bytes] = []
+    received = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received > MAX_DOCUMENT_SIZE:
+            raise DescriptionFetchError(
+                f"the description document is over {MAX_DOCUMENT_SIZE} bytes; refusing it"
+            )
+        chunks.append(data)
+
+    await treq.collect(response, collect)
+    return b"".join(chunks)
 
 
 async def _close_connections(reactor: Any, protocols: list[Any]) -> None:

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 log = Logger()
 
@@ -206,7 +207,13 @@ def connection_error_message(exc: BaseException) -> str:
         inner = "; ".join(
             connection_error_message(r.value) if hasattr(r, "value") else str(r) for r in reasons
         )
+        if isinstance(exc, ResponseNeverReceived):
+            return f"no HTTP answer ({inner})"
+        if isinstance(exc, ResponseFailed):
+            return f"the HTTP answer was cut off or is not HTTP ({inner})"
         return f"{type(exc).__name__}: {inner}"
+    if isinstance(exc, error.ConnectionDone):
+        return "the device closed the connection"
     if isinstance(exc, error.ConnectionLost):
         return "connection lost"
     text = str(exc).strip()

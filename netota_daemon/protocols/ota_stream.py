@@ -4,9 +4,10 @@ The device sends only 20-byte ``net_ota`` headers. This protocol:
 
 - answers each valid READ exactly once with the echoed header (``read_size`` = bytes sent,
   ``all_size`` 0, checksum over header and payload) and the bytes, in one ``write``. The bytes come
-  from the shared, memory-mapped :class:`~netota_daemon.firmware.FirmwareImage`: no file read per
-  request and no copy of the image; the one copy per reply is the concatenation of header and window
-  (at most 42 KiB) that Twisted's transports need, as they accept ``bytes`` only;
+  from the shared, in-memory :class:`~netota_daemon.firmware.FirmwareImage` (read once when the job
+  opened it): no file read per request and no copy of the image; the one copy per reply is the
+  concatenation of header and window (at most 42 KiB) that Twisted's transports need, as they accept
+  ``bytes`` only;
 - skips headers whose checksum is wrong;
 - ends the session with a protocol error (STOP, then close) on a READ of 0 bytes, of more than
   42 KiB, or starting at or past the end of the image; a READ running past the end is clamped;
@@ -17,7 +18,8 @@ The device sends only 20-byte ``net_ota`` headers. This protocol:
 - maps OK / ERR / SAME / a dropped connection to a :class:`StreamResult`.
 
 Whenever the app ends the session (abort, cancellation, its own error) it sends STOP first.
-``done`` fires once the connection is closed, so nothing of the session is left when it fires.
+``done`` fires once the connection is closed, so nothing of the session is left when it fires;
+a cancelled ``done`` fails at once with CancelledError, and ``closed`` fires when the connection is gone.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from netota_daemon.wire.ota import (
     OtaHeaderReader,
     Status,
     notice_echo,
+    clamp_read,
     reply_header,
 )
 
@@ -220,14 +223,16 @@ class OtaStreamProtocol(Protocol):
                 f"the device asked for {request.read_size} bytes, more than the {MAX_READ_SIZE}-byte limit",
             )
             return
-        if request.seek_addr >= size:
+        try:
+            sent = clamp_read(request, size)
+        except ValueError:
             self.abort(
                 StreamEnd.PROTOCOL_ERROR,
                 f"the device asked for offset {request.seek_addr}, past the end of the {size}-byte image",
             )
             return
-        payload = self.image.read(request.seek_addr, request.read_size)  # a view of the mapping
-        header = reply_header(request, len(payload), self.image.range_sum(request.seek_addr, len(payload)))
+        payload = self.image.read(request.seek_addr, sent)  # a view of the image's buffer, no copy
+        header = reply_header(request, sent, self.image.range_sum(request.seek_addr, sent))
         self.transport.write(header + payload)  # one write; bytes + memoryview -> bytes
         self.requests += 1
         self.bytes_served += len(payload)

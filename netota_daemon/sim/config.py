@@ -6,6 +6,7 @@ each by ``time_scale`` before it waits, so tests can run a whole upgrade in a fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ class StallFault:
             fault = cls(int(reads), float(seconds))
         except ValueError:
             raise SimConfigError(f"--stall-after-reads wants N:SECONDS (e.g. 3:70), got {text!r}") from None
-        if fault.after_reads < 1 or fault.seconds < 0:
-            raise SimConfigError(f"--stall-after-reads wants N >= 1 and SECONDS >= 0, got {text!r}")
+        if fault.after_reads < 1 or not 0 <= fault.seconds < math.inf:
+            raise SimConfigError(f"--stall-after-reads wants N >= 1 and finite SECONDS >= 0, got {text!r}")
         return fault
 
 
@@ -84,7 +85,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SimConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not self.time_scale > 0:
+        if not 0 < self.time_scale < math.inf:
             raise SimConfigError(f"time_scale must be > 0, got {self.time_scale}")
         if self.same_status not in ("same", "err"):
             raise SimConfigError(f"same_status must be 'same' or 'err', got {self.same_status!r}")

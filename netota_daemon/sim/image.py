@@ -58,7 +58,10 @@ def image_length_from_head(head: bytes) -> int | None:
 
 def build_image(version: str, size: int) -> bytes:
     """The bytes of a test image of exactly ``size`` bytes carrying ``version``."""
-    encoded = version.encode("ascii", "replace")
+    try:
+        encoded = version.encode("ascii")
+    except UnicodeEncodeError:
+        encoded = b""  # refused below, with the same message
     if not encoded or len(encoded) > VERSION_BYTES or b"\x00" in encoded:
         raise ImageError(f"the version must be 1..{VERSION_BYTES} ASCII characters, got {version!r}")
     if size < MIN_IMAGE_SIZE:

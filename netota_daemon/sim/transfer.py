@@ -218,10 +218,6 @@ class DeviceReader:
             self.received.extend(bytes(end - len(self.received)))
         self.received[seek:end] = payload
 
-    def invalidate_cache(self) -> None:
-        """An echo of a notice empties the window cache (research §4.2)."""
-        self._cache_start, self._cache = 0, b""
-
     def assembled(self) -> bytes:
         """What arrived, placed by offset, ``image_length`` long (zeros where nothing arrived)."""
         length = self.image_length if self.image_length is not None else len(self.received)

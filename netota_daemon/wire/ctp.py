@@ -157,6 +157,8 @@ def decode_content(topic: str, body: bytes) -> dict[str, Any] | None:
         content = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CtpProtocolError(f"CTP {topic} content is not valid JSON: {e}") from None
+    except RecursionError:  # "[[[[..." within the length bound: too deep for the JSON parser
+        raise CtpProtocolError(f"CTP {topic} content is JSON nested too deeply to decode") from None
     if not isinstance(content, dict):
         raise CtpProtocolError(f"CTP {topic} content is JSON but not an object: {body[:60]!r}")
     return content

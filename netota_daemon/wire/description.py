@@ -58,6 +58,8 @@ def parse_description(body: bytes) -> DeviceDescription:
         raw = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise DescriptionError(f"the description document is not valid JSON: {e}") from None
+    except RecursionError:  # "[[[[...": too deep for the JSON parser
+        raise DescriptionError("the description document is JSON nested too deeply to decode") from None
     if not isinstance(raw, dict):
         raise DescriptionError("the description document is JSON but not an object")
     return DeviceDescription(
@@ -69,13 +71,16 @@ def parse_description(body: bytes) -> DeviceDescription:
 
 
 def main_firmware_document(firmware_version: str, single_backup: bool = True, uuid: str = "xxxxxx") -> bytes:
-    """A main-firmware document shaped like the SDK's ``dev_desc.h`` output (spaces after colons)."""
+    """A main-firmware document shaped like the SDK's ``dev_desc.h`` output (spaces after colons).
+
+    ``firmware_version`` and ``uuid`` are JSON-encoded, so any text gives a valid document."""
     ota_type = "1" if single_backup else "0"
+    version, uuid = json.dumps(firmware_version), json.dumps(uuid)
     return (
         '{"app_list": {"match_android_ver": ["1.0","2.0"],"match_ios_ver": ["1.0","2.0"]},'
         ' "forward_support": ["0"],"behind_support": ["0"],"forward_record_support": ["0"],'
         ' "behind_record_support": ["0"],"rtsp_forward_support": ["0"],"rtsp_behind_support": ["0"],'
         ' "device_type": "1","net_type": "1","rts_type": "0","product_type": "AC79x_wifi_camera",'
         f' "support_projection":"0","ota_type": "{ota_type}","ota_step": "0",'
-        f' "firmware_version": "{firmware_version}","match_app_type": "DVRunning 2","uuid": "{uuid}"}}'
+        f' "firmware_version": {version},"match_app_type": "DVRunning 2","uuid": {uuid}}}'
     ).encode("utf-8")

@@ -109,12 +109,6 @@ class OtaHeader:
         check = (self.computed_sum() + payload_sum) & 0xFFFFFFFF
         return _LAYOUT.pack(check, self.seek_addr, self.read_size, self.all_size, self.status, self.percent, self.resv)
 
-    def encode_raw(self) -> bytes:
-        """The 20 bytes with ``sum_check`` exactly as stored (for tests and fault injection)."""
-        return _LAYOUT.pack(
-            self.sum_check or 0, self.seek_addr, self.read_size, self.all_size, self.status, self.percent, self.resv
-        )
-
 
 STOP_HEADER = OtaHeader(status=Status.STOP)
 #: The exact bytes of STOP: status 8, every other field 0, valid sum.
