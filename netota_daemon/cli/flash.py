@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 import uuid
@@ -25,6 +24,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from netota_daemon.cli import arguments
 from netota_daemon.cli.progress import ProgressRenderer
 from netota_daemon.engine.outcome import (
     EXIT_ALREADY_CURRENT_STRICT,
@@ -59,34 +59,9 @@ The progress bar goes to stderr (phase, percent, bytes, rate, ETA); --quiet turn
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
+_positive_float = arguments.seconds(positive=True)
+_port = arguments.tcp_port()
+_count = arguments.whole_number(0)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

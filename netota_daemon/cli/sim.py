@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from netota_daemon.cli import arguments
 from netota_daemon.sim.config import SimConfig, SimConfigError, StallFault
 
 EVENTS_HELP = """\
@@ -57,41 +57,10 @@ events (every one has "event", "time" (Unix seconds) and "mode" (main|loader|dow
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < math.inf:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number, not negative")
-    return value
-
-
-def _scale(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("the time scale must be greater than 0")
-    return value
+_positive_int = arguments.whole_number(1)
+_port = arguments.tcp_port(allow_zero=True)
+_seconds = arguments.seconds(positive=False)
+_scale = arguments.seconds(positive=True)
 
 
 def _stall(text: str) -> StallFault:
