@@ -49,11 +49,12 @@ class Options(usage.Options):
 
 
 def makeService(options: Any) -> IService:
-    from netota_daemon.daemon.service import NetotaService
+    """The daemon for twistd, from the config :class:`Options` loaded and checked; a journal or
+    control endpoint that can't be used stops start-up with one line."""
+    # Imported here, so that parsing the options (and `twistd netota --help`) does not load the daemon.
+    from netota_daemon.daemon.service import ControlEndpointError, NetotaService
 
     config = options.config if hasattr(options, "config") else load_config(options["config"])
-    from netota_daemon.daemon.service import ControlEndpointError
-
     try:
         return NetotaService(config)
     except (JournalError, ControlEndpointError) as e:

@@ -126,6 +126,32 @@ class AutoJobFactory(FakeJobFactory):
         job.reactor.callLater(self.step, next_step, 0)
 
 
+def streams_opened(service: Any, count: int, reactor: Any, timeout: float = 20) -> Any:
+    """A Deferred that fires once ``count`` event streams are open on ``service``'s control API (a
+    client is following), failing after ``timeout`` seconds: an event to wait for, not a poll."""
+    from twisted.internet.defer import Deferred
+
+    control = service.control
+    opened: Deferred = Deferred()
+    original = control._open_stream
+
+    def fire_if_enough() -> None:
+        if len(control.streams) >= count and not opened.called:
+            control._open_stream = original
+            opened.callback(None)
+
+    def open_stream(*args: Any, **kwargs: Any) -> Any:
+        stream = original(*args, **kwargs)
+        # From the reactor, once the request that opened the stream has been answered.
+        reactor.callLater(0, fire_if_enough)
+        return stream
+
+    control._open_stream = open_stream
+    fire_if_enough()
+    opened.addTimeout(timeout, reactor)
+    return opened
+
+
 def short_socket_dir() -> str:
     """A fresh directory under /tmp whose paths fit a UNIX socket address (~100 bytes); removed when
     the test run ends."""

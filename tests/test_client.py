@@ -9,14 +9,14 @@ import pytest
 import pytest_twisted
 from hypothesis import given, strategies as st
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 
 from netota_daemon.cli.client import EventStreamParser, control_endpoint, event_from_json
 from netota_daemon.engine.events import PhaseChanged, Progress
 from netota_daemon.engine.outcome import OutcomeKind, Phase
 from tests.conftest import PYTHON, ROOT, subprocess_env
-from tests.daemon_fakes import AutoJobFactory, make_service
+from tests.daemon_fakes import AutoJobFactory, make_service, streams_opened
 
 EVENTS = [("job", {"a": 1}), ("progress", {"percent": 12.5, "text": "x: y\nz"}), ("outcome", {"kind": "ok"})]
 
@@ -106,11 +106,9 @@ async def test_watch_all_follows_every_job_and_reports_the_daemon_going_away(tmp
     try:
         from twisted.internet.defer import Deferred
 
+        connected = streams_opened(service, 1, reactor)
         watching = Deferred.fromCoroutine(netota(service, "watch", "--json"))
-        deadline = reactor.seconds() + 20
-        while not service.control.streams:  # bounded wait for the watcher to connect
-            assert reactor.seconds() < deadline and not watching.called, "the watcher never connected"
-            await deferLater(reactor, 0.02, lambda: None)
+        await connected
         job = service.queue.start("b", "v2.bin")
         finished = service.queue.wait(job["id"])
         finished.addTimeout(10, reactor)
@@ -162,12 +160,10 @@ async def test_ctrl_c_while_waiting_leaves_the_job_running_and_exits_130(tmp_pat
                 self.ended.callback(reason.value.exitCode)
 
         client = Client()
+        following = streams_opened(service, 1, reactor)
         reactor.spawnProcess(client, PYTHON, [PYTHON, "-m", "netota_daemon", "upgrade", "a", "v2.bin", "--wait"],
                              env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"), path=str(ROOT))
-        deadline = reactor.seconds() + 20
-        while not service.control.streams:  # bounded: until the client follows its job's events
-            assert reactor.seconds() < deadline, client.err
-            await deferLater(reactor, 0.02, lambda: None)
+        await following  # the client follows its job's events
         client.transport.signalProcess(signal.SIGINT)
         client.ended.addTimeout(15, reactor)
         assert await client.ended == 130
@@ -225,3 +221,140 @@ async def test_a_batch_exits_non_zero_when_any_device_fails_or_is_refused(tmp_pa
         assert summary["jobs"][0]["outcome"]["kind"] == "succeeded"
     finally:
         await service.stopService()
+
+
+def screen_after(output: str) -> list[str]:
+    """What a terminal shows after ``output``: the few sequences DeviceBoard writes (cursor up to
+    column 0, erase line, erase below, newline) applied to a list of lines."""
+    import re
+
+    lines: list[str] = [""]
+    row = col = 0
+    for token in re.findall(r"\x1b\[(\d*)([FKJ])|(\n)|([^\x1b\n]+)", output):
+        count, command, newline, text = token
+        if command == "F":
+            row, col = max(0, row - int(count or 1)), 0
+        elif command == "K":
+            lines[row] = ""
+        elif command == "J":
+            lines[row] = lines[row][:col]
+            del lines[row + 1:]
+        elif newline:
+            row, col = row + 1, 0
+            if row == len(lines):
+                lines.append("")
+        else:
+            lines[row] = lines[row][:col] + text + lines[row][col + len(text):]
+            col += len(text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def test_device_board_on_a_terminal_keeps_one_line_per_device_in_place():
+    import io
+
+    from netota_daemon.cli.client import DeviceBoard
+
+    now = [0.0]
+    out = io.StringIO()
+    board = DeviceBoard(out, interactive=True, clock=lambda: now[0], size=(200, 40))
+    board.set("a", "idle")
+    board.set("b", "idle")
+    board.handle("a", PhaseChanged(Phase.PHASE1, "streaming"))
+    for percent in (10.0, 20.0, 60.0):
+        now[0] += 1.0
+        board.handle("a", Progress(Phase.PHASE1, int(percent * 10), 1000, percent, int(percent), 500.0))
+    board.handle("b", PhaseChanged(Phase.PHASE2, "loader"))
+    board.message("a note above the bars")
+    now[0] += 1.0
+    board.handle("b", Progress(Phase.PHASE2, 500, 1000, 50.0, 50, 500.0, True))
+    board.end("a", "job j1 finished: succeeded")
+    screen = screen_after(out.getvalue())
+    assert screen[0] == "a note above the bars"
+    assert len(screen) == 3 and screen[1].startswith("a  job j1 finished: succeeded")
+    assert screen[2].startswith("b  phase 2/2 [") and "50.0%" in screen[2] and "(no return)" in screen[2]
+
+
+def test_device_board_cuts_lines_to_the_terminal_width_and_logs_elsewhere():
+    import io
+
+    from netota_daemon.cli.client import DeviceBoard
+
+    out = io.StringIO()
+    board = DeviceBoard(out, interactive=True, size=(20, 40))
+    board.set("a", "x" * 100)
+    board.set("a", "short")
+    assert screen_after(out.getvalue()) == ["a  short"]
+    assert max(len(line) for line in screen_after(out.getvalue().replace("\x1b[2K", ""))) < 20
+
+    # More devices than the screen has lines: the block never grows past the top of the screen.
+    out = io.StringIO()
+    board = DeviceBoard(out, interactive=True, size=(80, 5))
+    for name in "abcdefg":
+        board.set(name, "idle")
+    board.set("b", "running")
+    assert screen_after(out.getvalue()) == ["a  idle", "b  running", "c  idle", "... and 4 more devices (netota devices)"]
+
+    log = io.StringIO()
+    board = DeviceBoard(log, interactive=False)
+    board.handle("a", PhaseChanged(Phase.PHASE1, "streaming"), label="a j1")
+    board.handle("a", Progress(Phase.PHASE1, 500, 1000, 50.0, 50, 500.0))
+    board.end("a", "job j1 finished: succeeded")
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "a j1: phase 1/2: streaming" and lines[1].startswith("a j1: phase 1/2 [")
+    assert lines[-1] == "a: job j1 finished: succeeded" and "\x1b" not in log.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_daemon_goes_away_exits_69_with_what_it_knows(tmp_path, reactor):
+    """Both jobs held in phase 1, the daemon stops: each job's end is known (interrupted) or lost,
+    never an unhandled error; exit 69, the summary lists both devices."""
+    from twisted.internet.defer import Deferred
+
+    service = make_service(tmp_path, reactor, AutoJobFactory(hold_in=Phase.PHASE1))
+    service.privilegedStartService()
+    service.startService()
+    stopped = False
+    try:
+        following = streams_opened(service, 2, reactor)
+        batch = Deferred.fromCoroutine(netota(service, "upgrade", "a", "b", "a", "v2.bin", "--wait"))
+        await following  # the client follows both jobs
+        assert len(service.queue.jobs()) == 2  # "a" named twice: one job
+        await service.stopService()
+        stopped = True
+        code, out, err = await batch
+        assert code == 69, err
+        assert "Traceback" not in err and "interrupted; any job" not in err
+        rows = [line.split()[0] for line in out.splitlines()[1:]]
+        assert rows == ["a", "b"]
+    finally:
+        if not stopped:
+            await service.stopService()
+
+
+@pytest.mark.parametrize("body, code", [(b'{"devices": "not a list"}', 70), (b'[1, 2]', 69),
+                                         (b'{"error": "not an object"}', 69)])
+@pytest_twisted.ensureDeferred
+async def test_an_answer_the_client_does_not_understand_is_not_reported_as_ctrl_c(reactor, body, code):
+    """Something that is not a netota daemon answers: a clear error and exit code, never the
+    "interrupted" message and 130 of a Ctrl-C."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class Answer(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setResponseCode(500 if b"error" in body else 200)
+            return body
+
+    port = reactor.listenTCP(0, Site(Answer()), interface="127.0.0.1")
+    try:
+        d = getProcessOutputAndValue(
+            PYTHON, ["-m", "netota_daemon", "devices", "--control", f"http://127.0.0.1:{port.getHost().port}"],
+            env=subprocess_env(), path=str(ROOT))
+        d.addTimeout(30, reactor)
+        out, err, exit_code = await d
+    finally:
+        await port.stopListening()
+    assert exit_code == code, err
+    assert b"interrupted" not in err and err.startswith(b"netota: ")

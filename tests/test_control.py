@@ -103,6 +103,7 @@ async def test_queued_jobs_show_their_position(held, reactor):
         (b'{"device": "a", "firmware": "escape.bin"}', 403, "firmware_outside"),
         (b'{"device": "a", "firmware": "missing.bin"}', 404, "firmware_not_found"),
         (b'{"device": "a", "firmware": "v2.bin", "options": {"nope": 1}}', 400, "bad_options"),
+        (b'{"device": "a", "firmware": "v2.bin", "options": {"deadline": NaN}}', 400, "bad_options"),
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -133,6 +134,7 @@ async def test_unknown_paths_methods_and_jobs(held, reactor):
     assert (await refused(client.request("GET", "/v1/jobs/nope/events"))).status == 404
     assert (await refused(client.request("DELETE", "/v1/devices"))).status == 405
     assert (await refused(client.request("GET", "/v1/jobs?limit=x"))).code == "bad_query"
+    assert (await refused(client.request("GET", "/v1/jobs?limit=99999999999999999999"))).code == "bad_query"
     assert (await refused(client.request("GET", "/v1/jobs?device=zz"))).code == "unknown_device"
     assert (await refused(client.request("POST", "/v1/jobs/x/cancel", {"why": 1}))).code == "unknown_field"
 
@@ -207,3 +209,85 @@ async def test_bearer_token_is_required_when_configured(tmp_path, reactor):
         assert len(devices["devices"]) == 3
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_after_the_daemon_stopped_is_503_not_an_internal_error(tmp_path, reactor):
+    """A connection accepted before the listener closed can still deliver a request after the
+    journal is closed: it gets 503 shutting_down (the client says the daemon went away)."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    service = make_service(tmp_path, reactor, FakeJobFactory())
+    await started(service)
+    job = service.queue.start("a", "v2.bin")
+    await service.stopService()
+    request = DummyRequest([b"v1", b"jobs", job["id"].encode()])
+    body = service.control.render(request)
+    assert request.responseCode == 503
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+
+
+class _SlowReaderRequest:
+    """Just enough of a twisted.web request for an EventStream: what it writes, kept in order."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.producer = None
+        self.finished = False
+        self._finish: Deferred = Deferred()
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        pass
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred:
+        return self._finish
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def events(self) -> list[tuple[str, dict]]:
+        from netota_daemon.cli.client import EventStreamParser
+
+        return EventStreamParser().feed(b"".join(self.written))
+
+
+def test_a_stream_whose_reader_stalls_holds_only_the_latest_progress_of_each_job():
+    from twisted.internet.task import Clock
+
+    from netota_daemon.control.resource import EventStream
+
+    subscribers = []
+    request = _SlowReaderRequest()
+    stream = EventStream(request, accept=lambda e: True, last=lambda e: e["type"] == "outcome", clock=Clock())
+    stream.open(lambda deliver: (subscribers.append(deliver), lambda: subscribers.remove(deliver))[1])
+    deliver = subscribers[0]
+    assert request.producer is stream
+
+    def progress(job: str, percent: float) -> dict:
+        return {"type": "progress", "job": job, "device": job, "phase": "phase1", "percent": percent}
+
+    deliver(progress("j1", 1.0))
+    stream.pauseProducing()  # the client stopped reading: the transport's buffer is full
+    for percent in range(2, 1000):
+        deliver(progress("j1", percent / 10))
+        deliver(progress("j2", percent / 10))
+    deliver({"type": "phase", "job": "j2", "device": "j2", "phase": "phase2"})  # j2's held progress is stale now
+    assert len(request.events()) == 2  # j1 1 %, then the phase change: nothing piled up
+    stream.resumeProducing()
+    deliver({"type": "outcome", "job": "j1", "device": "j1"})
+    got = [(t, d["job"], d.get("percent")) for t, d in request.events()]
+    assert got == [("progress", "j1", 1.0), ("phase", "j2", None), ("progress", "j1", 99.9), ("outcome", "j1", None)]
+    assert request.finished and request.producer is None and subscribers == []

@@ -25,7 +25,7 @@ pytest.importorskip("netota_daemon.sim.device")
 pytest.importorskip("netota_daemon.engine.job")
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
-TIME_SCALE = "0.01"
+TIME_SCALE = "0.02"  # device seconds -> real seconds: the device's 5 s reply wait is 100 ms, enough on 2 loaded cores
 # The simulated loader resets itself after 60 s (scaled) without read progress; a test that holds a
 # phase-2 stream stalled while it acts uses a larger scale so that reset stays seconds away.
 PHASE2_HOLD_SCALE, PHASE2_HOLD_STALL = "0.3", "4:55"

@@ -26,7 +26,7 @@ from netota_daemon.daemon.jobs import (
 )
 from netota_daemon.daemon.journal import JobJournal, JobState
 from netota_daemon.daemon.registry import DeviceRegistry
-from netota_daemon.engine.outcome import OutcomeKind, Phase
+from netota_daemon.engine.outcome import ADVICE_LOADER, OutcomeKind, Phase
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from tests.daemon_fakes import FakeJobFactory
 
@@ -204,10 +204,21 @@ def test_missing_and_unusable_firmware(world):
         world.start("a", "dir")
 
 
-@pytest.mark.parametrize("options", [{"nope": 1}, {"receive": "5"}, {"receive": -1}, [1], {"echo_final_notice": 1}])
+@pytest.mark.parametrize("options", [{"nope": 1}, {"receive": "5"}, {"receive": -1}, [1], {"echo_final_notice": 1},
+                                     {"receive": 0}, {"deadline": float("nan")}, {"deadline": float("inf")},
+                                     {"max_receive_timeouts": -1}])
 def test_bad_options_are_refused(world, options):
+    # NaN and inf pass a plain "< 0" check; a NaN timer would break the reactor's timer ordering.
     with pytest.raises(BadOptions):
         world.start("a", options=options)
+    assert world.journal.jobs() == [] and world.factory.order == []
+
+
+def test_good_options_are_checked_as_in_the_config_file(world):
+    job = world.start("a", options={"deadline": 60, "keepalive_interval": 0, "max_receive_timeouts": 0})
+    timeouts = world.factory.jobs[job["id"]].timeouts
+    assert (timeouts.deadline, timeouts.keepalive_interval, timeouts.max_receive_timeouts) == (60.0, 0.0, 0)
+    assert isinstance(timeouts.deadline, float)
 
 
 def test_resume_makes_a_new_job_for_the_same_device_and_firmware(world):
@@ -243,6 +254,7 @@ def test_shutdown_records_interrupted_before_cancelling_and_keeps_it(world):
     assert not done.called
     with pytest.raises(ShuttingDown):
         world.start("d")
+    assert world.queue.cancel(running)["state"] == "interrupted"  # a cancel now changes nothing
     world.clock.advance(1.0)
     assert done.called
     record = world.journal.get(running)
@@ -287,3 +299,78 @@ def test_progress_events_are_published_at_most_ten_a_second_but_never_the_import
     # The job and its device always show the latest.
     assert world.queue.get(job_id)["progress"]["percent"] == 7.0
     assert world.registry.get("a").percent == 7.0
+
+
+def test_an_engine_that_fails_gets_the_recovery_advice_of_its_phase(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE2)
+    fake.progress(30.0, point_of_no_return=True)
+    fake._done.errback(RuntimeError("boom"))
+    record = world.journal.get(job_id)
+    assert record.state is JobState.FINISHED and record.outcome.kind is OutcomeKind.FAILED
+    assert "boom" in record.outcome.message and record.outcome.point_of_no_return
+    assert record.advice == ADVICE_LOADER  # not empty: the device waits in its loader
+    world.start("a")  # the device is free again
+
+
+def test_an_engine_that_raises_at_once_ends_its_job_and_frees_the_device(world):
+    def explode(job):
+        raise RuntimeError("no run for you")
+
+    world.factory.on_run = explode
+    job = world.start("a")
+    record = world.journal.get(job["id"])
+    assert record.state is JobState.FINISHED and record.outcome.kind is OutcomeKind.FAILED
+    assert "no run for you" in record.outcome.message
+    world.factory.on_run = None
+    assert world.start("a")["state"] == "running"
+
+
+def test_a_job_that_succeeds_while_the_daemon_stops_is_finished_not_interrupted(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.VERIFY)
+    world.factory.stop_delay = 100.0  # the STOP has not taken effect yet when the job ends on its own
+    done = world.queue.shutdown()
+    fake.finish(OutcomeKind.SUCCEEDED, "upgraded", firmware_version_after="2.0.0")
+    assert done.called
+    record = world.journal.get(job_id)
+    assert record.state is JobState.FINISHED and record.outcome.kind is OutcomeKind.SUCCEEDED
+    assert not record.resumable and record.advice == ""
+
+
+def test_active_jobs_are_the_queued_and_running_ones_oldest_first(world):
+    done = world.start("a")["id"]
+    world.factory.jobs[done].finish()
+    ids = [world.start(d)["id"] for d in ("b", "c", "d")]
+    assert [(j["id"], j["state"], j["position"]) for j in world.queue.active_jobs()] == [
+        (ids[0], "running", None), (ids[1], "running", None), (ids[2], "queued", 1)]
+
+
+def test_a_journal_that_fails_never_leaves_a_device_busy_or_a_job_unstarted_acted_on(world):
+    from netota_daemon.daemon.journal import JournalError
+
+    save = world.journal.save
+
+    def failing_save(record, note):
+        if note in ("running", "finished: succeeded"):
+            raise JournalError(f"disk full ({note})")
+        return save(record, note)
+
+    world.journal.save = failing_save
+    refused = world.start("a")  # accepted (created), but can't be recorded as running: not acted on
+    assert world.factory.order == []
+    assert world.queue.get(refused["id"])["outcome"]["kind"] == "failed"
+    assert world.registry.get("a").state == "idle"
+
+    world.journal.save = save
+    job_id = world.start("a")["id"]
+    world.journal.save = failing_save
+    ended = []
+    world.queue.wait(job_id).addCallback(ended.append)
+    world.factory.jobs[job_id].finish()  # its end can't be recorded
+    assert ended and ended[0].outcome.kind is OutcomeKind.SUCCEEDED
+    assert world.registry.get("a").state == "idle" and not world.queue.is_active(job_id)
+    world.journal.save = save
+    assert world.start("a")["state"] == "running"  # the device is free

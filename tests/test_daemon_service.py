@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from netota_daemon.cli.client import ControlClient
 from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState
-from netota_daemon.engine.outcome import Phase
+from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase
 from netota_daemon.tap import Options, json_log_observer
 from tests.conftest import ROOT, subprocess_env
 from tests.daemon_fakes import AutoJobFactory, make_service, short_socket_dir
@@ -48,6 +48,9 @@ async def test_recovery_ready_and_stopping(tmp_path, reactor, notify):
     notify_path, notify_sock = notify
     # A previous daemon died with a job running in phase 2.
     journal = JobJournal(tmp_path / "state")
+    journal.create(JobRecord(id="older", device="a", firmware="v1.bin", created=0.5, state=JobState.FINISHED,
+                             outcome=Outcome(kind=OutcomeKind.SUCCEEDED, message="ok", phase=Phase.DONE,
+                                             firmware_version_after="1.5.0")))
     journal.create(JobRecord(id="old", device="a", firmware="v2.bin", created=1.0))
     journal.update("old", "running", state=JobState.RUNNING, started=2.0, phase=Phase.PHASE2, point_of_no_return=True)
     journal.close()
@@ -63,7 +66,9 @@ async def test_recovery_ready_and_stopping(tmp_path, reactor, notify):
     assert old["state"] == "interrupted" and old["phase"] == "phase2" and old["resumable"]
     assert "loader" in old["advice"]
     devices = (await client.request("GET", "/v1/devices"))["devices"]
+    # The last job is the interrupted one; the firmware version is the newest any job read.
     assert devices[0]["last_outcome"] == "interrupted" and devices[0]["last_job"] == "old"
+    assert devices[0]["firmware_version"] == "1.5.0"
 
     resumed = (await client.request("POST", "/v1/jobs/old/resume", {}))["job"]
     await service.stopService()
@@ -175,3 +180,16 @@ def test_packaging_installs_the_twistd_plugin(tmp_path):
     assert not (out / "twisted" / "__init__.py").exists() and not (out / "twisted" / "plugins" / "__init__.py").exists()
     assert (out / "netota_daemon" / "daemon" / "service.py").exists()
     assert (out / "netota_daemon" / "tap.py").exists()
+
+
+def test_a_control_endpoint_that_cannot_listen_stops_start_up_with_one_clear_line(tmp_path, reactor):
+    from tests.daemon_fakes import FakeJobFactory
+
+    path = os.path.join(short_socket_dir(), "missing", "control.sock")
+    service = make_service(tmp_path, reactor, FakeJobFactory(), control=f"unix:{path}")
+    with pytest.raises(SystemExit) as info:
+        service.privilegedStartService()
+    message = str(info.value.code)
+    assert message.startswith("netota: can't listen on the control endpoint") and "daemon.control" in message
+    assert path in message and "No such file or directory" in message
+    service.journal.close()

@@ -14,7 +14,7 @@ from netota_daemon.daemon.journal import (
     JobRecord,
     JobState,
 )
-from netota_daemon.engine.outcome import ADVICE_LOADER, ADVICE_RESET, Outcome, OutcomeKind, Phase
+from netota_daemon.engine.outcome import ADVICE_LOADER, ADVICE_RESET, ADVICE_UNVERIFIED, Outcome, OutcomeKind, Phase
 
 
 def make(tmp_path, **changes) -> tuple[JobJournal, JobRecord]:
@@ -95,3 +95,13 @@ def test_jobs_newest_first_and_by_device(tmp_path):
     assert [r.id for r in journal.jobs()] == ["j3", "j2", "j1"]
     assert [r.id for r in journal.jobs(device="dev")] == ["j3", "j1"]
     assert [r.id for r in journal.jobs(limit=1)] == ["j3"]
+
+
+def test_a_job_lost_after_phase_2_is_not_told_its_device_waits_in_the_loader(tmp_path):
+    """Phase 2 completed (verify): the device reboots into its new firmware; the loader advice
+    (do not power off, rejoin WIFI_OTA_...) would be wrong."""
+    journal, _ = make(tmp_path)
+    journal.update("j1", "running", state=JobState.RUNNING, started=1.0, phase=Phase.VERIFY, point_of_no_return=True)
+    (recovered,) = journal.recover()
+    assert recovered.advice.startswith(ADVICE_UNVERIFIED) and ADVICE_LOADER not in recovered.advice
+    assert recovered.resumable

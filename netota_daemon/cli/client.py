@@ -1,10 +1,11 @@
 """``netota devices|upgrade|jobs|show|watch|cancel|resume``: the daemon's command-line client.
 
 It talks HTTP+JSON to the control API (``--control`` or ``$NETOTA_CONTROL``; a UNIX socket by
-default) and follows a job's server-sent events to draw a progress bar per phase. Exit codes:
-the outcome's (see ``netota flash``) for a waited job; 64 for a request the daemon refused as bad
-(400/403/404); 75 when the device is busy or the job can't be cancelled or resumed (409); 69 when
-the daemon can't be reached or goes away before the job ends.
+default) and follows a job's server-sent events to draw a progress bar per phase (one per
+device, :class:`DeviceBoard`, when it follows several). Exit codes: the outcome's (see
+``netota flash``) for a waited job; 64 for a request the daemon refused as bad (400/403/404); 75
+when the device is busy or the job can't be cancelled or resumed (409); 69 when the daemon can't be
+reached or goes away before the job ends; 70 for an internal error of the client.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import time
 from typing import Any, Callable, TextIO
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
@@ -23,7 +26,13 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from netota_daemon.cli.progress import ProgressRenderer, format_bytes
+from netota_daemon.cli.progress import (
+    PHASE_LABELS,
+    REDRAW_INTERVAL,
+    ProgressRenderer,
+    format_bytes,
+    progress_line,
+)
 from netota_daemon.daemon.config import split_endpoint
 from netota_daemon.engine.events import Finished, JobEvent, PhaseChanged, Progress
 from netota_daemon.engine.outcome import (
@@ -37,6 +46,7 @@ from netota_daemon.engine.outcome import (
 
 DEFAULT_CONTROL = "unix:/run/netota/control.sock"
 EXIT_BUSY = 75  # EX_TEMPFAIL: the device is busy, or the job is in a state that refuses the request
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal error of the client
 EXIT_INTERRUPTED = 130  # the client was interrupted (Ctrl-C); the daemon's job is not affected
 REQUEST_TIMEOUT = 30.0
 
@@ -138,8 +148,11 @@ class ControlClient:
         except ValueError:
             raise DaemonUnavailable(f"the daemon at {self.control} answered {response.code} without JSON") from None
         if response.code >= 400:
-            error = answer.get("error", {}) if isinstance(answer, dict) else {}
-            raise ApiRefused(response.code, error.get("code", "error"), error.get("message", repr(answer)))
+            error = answer.get("error") if isinstance(answer, dict) else None
+            error = error if isinstance(error, dict) else {}
+            raise ApiRefused(response.code, str(error.get("code", "error")), str(error.get("message", repr(answer))))
+        if not isinstance(answer, dict):
+            raise DaemonUnavailable(f"the daemon at {self.control} answered {response.code} with JSON that is not an object")
         return answer
 
     async def stream(self, path: str, on_event: Callable[[str, dict[str, Any]], bool]) -> None:
@@ -248,7 +261,7 @@ def event_from_json(data: dict[str, Any]) -> JobEvent | None:
 
 
 class _PrefixedLines:
-    """A text stream that starts every line with a prefix (one device's lines in ``watch``)."""
+    """A text stream that starts every line with a prefix (one device's lines on a log)."""
 
     def __init__(self, out: TextIO, prefix: str) -> None:
         self.out = out
@@ -268,6 +281,96 @@ class _PrefixedLines:
 
     def isatty(self) -> bool:
         return False
+
+
+#: ANSI sequences the board uses on a terminal: to the start of the line N lines up, erase the
+#: line, erase to the end of the screen.
+_UP = "\x1b[{}F"
+_ERASE_LINE = "\x1b[2K"
+_ERASE_BELOW = "\x1b[J"
+
+
+class DeviceBoard:
+    """One progress bar per device, for following several jobs at once (``watch`` without a job,
+    ``upgrade --wait`` with several devices).
+
+    On a terminal it keeps a block of lines, one per device, and redraws it in place (at most every
+    REDRAW_INTERVAL, at once for a phase change or an end); other text is printed above the block.
+    Elsewhere (a log, a pipe) each device's lines are written as they come, prefixed with a label,
+    a line per phase and per 10 % step, as ``netota flash`` does on a log.
+    """
+
+    def __init__(self, out: TextIO, interactive: bool | None = None, clock: Callable[[], float] = time.monotonic,
+                 size: tuple[int, int] | None = None) -> None:
+        self.out = out
+        self.interactive = out.isatty() if interactive is None else interactive
+        self.clock = clock
+        self.size = size  # (columns, lines); the terminal's own when None
+        self._lines: dict[str, str] = {}  # device -> its current line (interactive)
+        self._drawn = 0  # lines of the block now on the screen
+        self._last_draw = float("-inf")
+        self._logs: dict[str, ProgressRenderer] = {}  # device -> its prefixed log (not interactive)
+
+    def set(self, device: str, text: str) -> None:
+        """Show ``text`` as ``device``'s line (a state, an outcome), at once."""
+        if self.interactive:
+            self._lines[device] = f"{device}  {text}"
+            self._draw()
+        else:
+            self.out.write(f"{device}: {text}\n")
+            self.out.flush()
+
+    def handle(self, device: str, event: JobEvent, label: str | None = None) -> None:
+        """A phase change or progress of ``device``'s job (``label`` prefixes its lines on a log)."""
+        if not self.interactive:
+            log = self._logs.get(device)
+            if log is None:
+                log = self._logs[device] = ProgressRenderer(_PrefixedLines(self.out, f"{label or device}: "),
+                                                            interactive=False)
+            log.handle(event)
+            return
+        if isinstance(event, PhaseChanged):
+            text = f"{PHASE_LABELS.get(event.phase, event.phase.value)}: {event.message}".rstrip(": ")
+            self._lines[device] = f"{device}  {text}"
+            self._draw()
+        elif isinstance(event, Progress):
+            self._lines[device] = f"{device}  {progress_line(event)}"
+            now = self.clock()
+            if now - self._last_draw >= REDRAW_INTERVAL or event.percent >= 100.0 or event.point_of_no_return:
+                self._draw()
+
+    def end(self, device: str, text: str) -> None:
+        """``device``'s job ended: its line (or its log) says how; a next job starts a new log."""
+        self._logs.pop(device, None)
+        self.set(device, text)
+
+    def message(self, text: str) -> None:
+        """A line of text that is not any device's: above the block on a terminal."""
+        if self.interactive and self._drawn:
+            self.out.write(_UP.format(self._drawn) + _ERASE_BELOW)
+            self._drawn = 0
+            self.out.write(text + "\n")
+            self._draw()
+        else:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def _draw(self) -> None:
+        self._last_draw = self.clock()
+        width, height = self.size or shutil.get_terminal_size()
+        lines = list(self._lines.values())
+        room = max(2, height - 1)  # the cursor can't go back up past the top of the screen
+        if len(lines) > room:
+            lines = lines[: room - 1] + [f"... and {len(lines) - room + 1} more devices (netota devices)"]
+        parts = [_UP.format(self._drawn)] if self._drawn else []
+        for line in lines:
+            # Cut to the terminal's width: a wrapped line would throw the cursor arithmetic off.
+            parts.append(_ERASE_LINE + line[: max(1, width - 1)] + "\n")
+        if len(lines) < self._drawn:
+            parts.append(_ERASE_BELOW)
+        self.out.write("".join(parts))
+        self.out.flush()
+        self._drawn = len(lines)
 
 
 def _print_json(data: Any) -> None:
@@ -316,6 +419,22 @@ def _job_exit_code(job: dict[str, Any], strict: bool = False) -> int:
 # ---------------------------------------------------------------- commands
 
 
+async def _final_job(client: ControlClient, job_id: str, seen: dict[str, Any]) -> dict[str, Any]:
+    """The ended job as the daemon has it; ``seen`` (its snapshot updated by its outcome event) when
+    the daemon went away (or stopped, 503) right after that event. :class:`DaemonUnavailable` when
+    the end was not seen."""
+    try:
+        return (await client.request("GET", f"/v1/jobs/{job_id}"))["job"]
+    except (DaemonUnavailable, ApiRefused) as e:
+        if isinstance(e, ApiRefused) and e.status < 500:
+            raise
+        if seen.get("id") != job_id or seen.get("state") in (None, "queued", "running", "cancelling"):
+            raise DaemonUnavailable(
+                f"the netota daemon at {client.control} went away before job {job_id} ended ({e})"
+            ) from None
+        return seen
+
+
 async def _follow_job(client: ControlClient, job_id: str, args: argparse.Namespace) -> int:
     """Follow one job to its end, drawing its progress on stderr; the exit code of its outcome."""
     bars = ProgressRenderer(sys.stderr) if not args.json else None
@@ -355,7 +474,7 @@ async def _follow_job(client: ControlClient, job_id: str, args: argparse.Namespa
             sys.stderr.write("\n")  # end a progress line the stream left open
     if final.get("state") in ("queued", "running", "cancelling"):
         raise DaemonUnavailable(f"the netota daemon at {client.control} went away before job {job_id} ended")
-    job = (await client.request("GET", f"/v1/jobs/{job_id}"))["job"]
+    job = await _final_job(client, job_id, final)
     if args.json:
         _print_json(job)
     else:
@@ -402,7 +521,7 @@ async def cmd_upgrade(client: ControlClient, args: argparse.Namespace) -> int:
     else:
         if len(args.targets) < 2:
             raise ValueError("give DEVICE [DEVICE ...] FIRMWARE, or --all FIRMWARE")
-        devices = args.targets[:-1]
+        devices = list(dict.fromkeys(args.targets[:-1]))  # a device named twice gets one job
     firmware = args.targets[-1]
     options = _parse_options(args.option)
     if len(devices) > 1 or args.all:
@@ -422,38 +541,56 @@ async def cmd_upgrade(client: ControlClient, args: argparse.Namespace) -> int:
     return await _follow_job(client, job["id"], args)
 
 
-async def _follow_quietly(client: ControlClient, job_id: str, renderer: ProgressRenderer | None) -> dict[str, Any]:
-    """Follow one job of a batch to its end (progress lines prefixed with its device); its final state."""
+def _short_outcome(job: dict[str, Any]) -> str:
+    """A job's end in a few words, for a device's line: ``job 3f2a... succeeded: upgraded ...``."""
+    outcome = job.get("outcome") or {}
+    text = f"job {job['id']} {job['state']}"
+    if outcome:
+        text += f": {outcome.get('kind', '-')} {outcome.get('message', '')}".rstrip()
+    return text
+
+
+async def _follow_quietly(client: ControlClient, job: dict[str, Any], board: DeviceBoard | None) -> dict[str, Any]:
+    """Follow one job of a batch to its end (its progress on ``board``); its final state. Raises
+    :class:`DaemonUnavailable` when the daemon goes away before the job's end is known."""
+    job_id, device = job["id"], job["device"]
     ended: dict[str, Any] = {}
 
     def on_event(event_type: str, data: dict[str, Any]) -> bool:
         if event_type == "job":
-            return data["snapshot"]["state"] not in ("queued", "running", "cancelling")
-        if event_type in ("phase", "progress") and renderer is not None:
+            snapshot = data["snapshot"]
+            if board is not None and snapshot.get("state") == "queued":
+                board.set(device, f"queued at position {snapshot.get('position')}")
+            return snapshot["state"] not in ("queued", "running", "cancelling")
+        if event_type == "state" and board is not None and data.get("state") == "queued":
+            board.set(device, f"queued at position {data.get('position')}")
+        if event_type in ("phase", "progress") and board is not None:
             event = event_from_json(data)
             if event is not None:
-                renderer.handle(event)
+                board.handle(device, event)
         if event_type == "outcome":
             ended.update(data)
             return True
         return event_type == "shutdown"
 
     await client.stream(f"/v1/jobs/{job_id}/events", on_event)
-    job = (await client.request("GET", f"/v1/jobs/{job_id}"))["job"]
-    if job["state"] in ("queued", "running", "cancelling"):
+    seen = {**job, "state": ended["state"], "outcome": ended.get("outcome"), "advice": ended.get("advice")} if ended else {}
+    final = await _final_job(client, job_id, seen)
+    if final["state"] in ("queued", "running", "cancelling"):
         raise DaemonUnavailable(f"the netota daemon at {client.control} went away before job {job_id} ended")
-    return job
+    if board is not None:
+        board.end(device, _short_outcome(final))
+    return final
 
 
 async def _upgrade_many(client: ControlClient, args: argparse.Namespace, devices: list[str], firmware: str,
                         options: dict[str, Any]) -> int:
     """One job per device; with --wait, follow them all and print a summary. The exit code is 0 when
     every device succeeded (or was already current), else that of the first device, in the order
-    given, that did not."""
-    from twisted.internet.defer import gatherResults
-
+    given, that did not (69 for one whose end was not seen because the daemon went away)."""
     jobs: dict[str, dict[str, Any]] = {}
     refused: dict[str, ApiRefused] = {}
+    lost: dict[str, DaemonUnavailable] = {}
     for device in devices:
         body: dict[str, Any] = {"device": device, "firmware": firmware}
         if options:
@@ -464,13 +601,21 @@ async def _upgrade_many(client: ControlClient, args: argparse.Namespace, devices
             refused[device] = e
             sys.stderr.write(f"netota: {device}: refused ({e.status} {e.code}): {e.message}\n")
     if args.wait and jobs:
-        renderers = {d: None if args.json else ProgressRenderer(_PrefixedLines(sys.stderr, f"{d}: "), interactive=False)
-                     for d in jobs}
-        finals = await gatherResults(
-            [Deferred.fromCoroutine(_follow_quietly(client, job["id"], renderers[d])) for d, job in jobs.items()],
-            consumeErrors=True,
-        )
-        jobs = dict(zip(jobs, finals))
+        board = None if args.json else DeviceBoard(sys.stderr)
+
+        async def follow(device: str) -> None:
+            try:
+                jobs[device] = await _follow_quietly(client, jobs[device], board)
+            except DaemonUnavailable as e:
+                lost[device] = e
+            except ApiRefused as e:  # e.g. 503 from a daemon that stopped between two requests
+                lost[device] = DaemonUnavailable(f"refused ({e.status} {e.code}): {e.message}")
+
+        # Each follower catches its own loss, so one broken stream never hides the others' ends
+        # (anything else is a bug, reported as one).
+        await gatherResults([Deferred.fromCoroutine(follow(d)) for d in list(jobs)], consumeErrors=True)
+        for device, error in lost.items():
+            sys.stderr.write(f"netota: {device}: {error}\n")
     codes: dict[str, int] = {}
     rows = []
     for device in devices:
@@ -480,14 +625,19 @@ async def _upgrade_many(client: ControlClient, args: argparse.Namespace, devices
             rows.append([device, "-", "refused", error.code, error.message])
             continue
         job = jobs[device]
+        if device in lost:
+            codes[device] = EXIT_UNAVAILABLE
+            rows.append([device, job["id"], "unknown", "-", "the daemon went away before the job ended"])
+            continue
         if args.wait:
             codes[device] = _job_exit_code(job, strict=args.strict)
         outcome = job.get("outcome") or {}
         rows.append([device, job["id"], job["state"], outcome.get("kind", "-"),
                      outcome.get("message") or (f"position {job['position']}" if job.get("position") else "")])
     if args.json:
-        _print_json({"jobs": [jobs[d] for d in devices if d in jobs],
-                     "refused": {d: {"status": e.status, "code": e.code, "message": e.message} for d, e in refused.items()}})
+        _print_json({"jobs": [jobs[d] for d in devices if d in jobs and d not in lost],
+                     "refused": {d: {"status": e.status, "code": e.code, "message": e.message} for d, e in refused.items()},
+                     "lost": {d: {"job": jobs[d]["id"], "message": str(e)} for d, e in lost.items()}})
     else:
         print(_table(rows, ["DEVICE", "JOB", "STATE", "OUTCOME", "MESSAGE"]))
     return next((codes[d] for d in devices if codes.get(d, 0) != 0), 0)
@@ -531,12 +681,7 @@ async def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
     if args.job:
         args.events_json = args.json  # with --json: each event as a JSON line, then the final job
         return await _follow_job(client, args.job, args)
-    bars: dict[str, ProgressRenderer] = {}
-
-    def bar(device: str, job: str) -> ProgressRenderer:
-        if device not in bars:
-            bars[device] = ProgressRenderer(_PrefixedLines(sys.stdout, f"{device} {job}: "), interactive=False)
-        return bars[device]
+    board = DeviceBoard(sys.stdout)
 
     def on_event(event_type: str, data: dict[str, Any]) -> bool:
         if args.json:
@@ -544,19 +689,23 @@ async def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
             return event_type == "shutdown"
         device = data.get("device", "")
         if event_type == "snapshot":
+            if board.interactive:  # a line per device from the start: the rack at a glance
+                for d in data.get("devices", []):
+                    board.set(d["name"], f"{d['state']}  last: {_dash(d.get('last_outcome'))}  "
+                                         f"firmware {_dash(d.get('firmware_version'))}")
             for job in data.get("jobs", []):
-                print(_outcome_line(job), flush=True)
+                board.set(job["device"], f"job {job['id']} {job['state']}"
+                                         + (f" #{job['position']}" if job.get("position") else ""))
         elif event_type in ("phase", "progress"):
             event = event_from_json(data)
             if event is not None:
-                bar(device, data["job"]).handle(event)
+                board.handle(device, event, label=f"{device} {data['job']}")
         elif event_type == "state":
-            print(f"{device} {data['job']} {data['state']}" + (f" #{data['position']}" if data.get("position") else ""), flush=True)
+            board.set(device, f"job {data['job']} {data['state']}" + (f" #{data['position']}" if data.get("position") else ""))
         elif event_type == "outcome":
-            bars.pop(device, None)
-            outcome = data.get("outcome") or {}
-            print(f"{device} {data['job']} {data['state']}: {outcome.get('kind', '-')} {outcome.get('message', '')}".rstrip(), flush=True)
+            board.end(device, _short_outcome({"id": data["job"], **data}))
         elif event_type == "shutdown":
+            board.message(data.get("message") or "the daemon is shutting down")
             return True
         return False
 
@@ -616,6 +765,11 @@ def _run(command: Callable[[ControlClient, argparse.Namespace], Any]) -> Callabl
             except ValueError as e:
                 sys.stderr.write(f"netota: {e}\n")
                 codes.append(EXIT_USAGE)
+            except Exception:  # a bug, or an answer this client does not understand: never "interrupted"
+                import traceback
+
+                sys.stderr.write(f"netota: internal error:\n{traceback.format_exc()}")
+                codes.append(EXIT_SOFTWARE)
 
         try:
             task.react(lambda reactor: ensureDeferred(main(reactor)))
@@ -640,8 +794,8 @@ http://HOST:PORT). A bearer token comes from --token or $NETOTA_TOKEN.
 Exit codes: 0 succeeded (or already current), 1 failed, 2 unverified, 3 already current with
 --strict, 4 aborted, 5 not applicable (double backup), 64 bad request (400/403/404), 69 the daemon
 can't be reached or went away before the job ended (or the job was interrupted by its shutdown),
-75 busy / not cancellable / not resumable (409), 130 the client was interrupted (Ctrl-C; a job
-keeps running in the daemon).
+70 an internal error of the client, 75 busy / not cancellable / not resumable (409), 130 the
+client was interrupted (Ctrl-C; a job keeps running in the daemon).
 """
 
 
@@ -671,7 +825,8 @@ def add_parser(subparsers: Any) -> None:
                    help="the device name(s), then the firmware file name")
     p.add_argument("--all", action="store_true", help="one job for every configured device (then give only FIRMWARE)")
     p.add_argument("--wait", action="store_true",
-                   help="follow the job(s) to the end: a progress bar per phase, and a summary for several devices")
+                   help="follow the job(s) to the end: a progress bar per phase (one per device for several), "
+                        "and a summary table for several devices")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="override one engine timeout for this job (e.g. deadline=600); repeatable")
@@ -683,7 +838,8 @@ def add_parser(subparsers: Any) -> None:
     p = sub("show", "Show one job, with its history.", cmd_show)
     p.add_argument("job")
 
-    p = sub("watch", "Follow one job to its end, or every job's events (without JOB) until interrupted.", cmd_watch)
+    p = sub("watch", "Follow one job to its end, or (without JOB) every job, one progress bar per device, until "
+                     "interrupted.", cmd_watch)
     p.add_argument("job", nargs="?")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already ran this firmware")
 

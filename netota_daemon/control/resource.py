@@ -10,11 +10,12 @@ import hmac
 import json
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from netota_daemon import __version__
 from netota_daemon.daemon.jobs import JobError, JobQueue, QueueEvent
@@ -27,6 +28,7 @@ START_FIELDS = {"device", "firmware", "options"}
 CANCEL_FIELDS = {"reason"}
 MAX_BODY = 64 * 1024
 KEEPALIVE_SECONDS = 15.0
+MAX_LIMIT = 1_000_000  # jobs in one listing (SQLite's LIMIT takes a 64-bit integer)
 
 
 class ApiError(Exception):
@@ -42,9 +44,15 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, sort_keys=True) + "\n").encode("utf-8")
 
 
+@implementer(IPushProducer)
 class EventStream:
     """One open server-sent event stream; ``accept`` decides which queue events it carries and
-    ``last`` whether an event ends the stream."""
+    ``last`` whether an event ends the stream.
+
+    It is the response's push producer: while the client does not read (a ``netota watch`` left in
+    the background), only the latest progress event of each job is held, so a stalled reader costs
+    a bounded amount of memory; phase, state and outcome events are always written.
+    """
 
     def __init__(
         self,
@@ -57,6 +65,8 @@ class EventStream:
         self._accept = accept
         self._last = last
         self._closed = False
+        self._paused = False
+        self._held: dict[str, QueueEvent] = {}  # job -> its latest progress while paused
         self._unsubscribe: Callable[[], None] | None = None
         self._keepalive = LoopingCall(self._ping)
         self._keepalive.clock = clock
@@ -66,6 +76,7 @@ class EventStream:
         self.request.setResponseCode(200)
         self.request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         self.request.setHeader(b"cache-control", b"no-cache")
+        self.request.registerProducer(self, True)
         self._unsubscribe = subscribe(self.deliver)
         self.request.notifyFinish().addBoth(lambda _: self._cleanup())
         self._keepalive.start(KEEPALIVE_SECONDS, now=False)
@@ -79,12 +90,30 @@ class EventStream:
     def deliver(self, event: QueueEvent) -> None:
         if self._closed or not self._accept(event):
             return
+        if self._paused and event["type"] == "progress":
+            self._held[event["job"]] = event
+            return
+        self._held.pop(event.get("job", ""), None)  # a phase, state or outcome makes it stale
         self.send(event["type"], event)
         if self._last(event):
             self.close()
 
+    # IPushProducer: the transport's buffer is full / drained / the connection is gone.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        held, self._held = self._held, {}
+        for event in held.values():
+            self.send(event["type"], event)
+
+    def stopProducing(self) -> None:
+        self._cleanup()
+
     def _ping(self) -> None:
-        if not self._closed:
+        if not self._closed and not self._paused:
             self.request.write(b": keep-alive\n\n")
 
     def close(self) -> None:
@@ -92,12 +121,14 @@ class EventStream:
         if self._closed:
             return
         self._cleanup()
+        self.request.unregisterProducer()
         self.request.finish()
 
     def _cleanup(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._held.clear()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._keepalive.running:
@@ -120,11 +151,16 @@ class ControlResource(Resource):
         self.clock = clock
         self.token = token
         self.streams: set[EventStream] = set()
+        # Set once the daemon has stopped (journal closed): a request on a connection accepted
+        # before the listener closed gets 503, not an internal error.
+        self.stopped = False
 
     # ----- plumbing
 
     def render(self, request: Request) -> bytes | int:
         try:
+            if self.stopped:
+                raise ApiError(503, "shutting_down", "the daemon has stopped")
             self._authorize(request)
             return self._route(request)
         except ApiError as e:
@@ -254,8 +290,8 @@ class ControlResource(Resource):
                     args["limit"] = int(value)
                 except ValueError:
                     raise ApiError(400, "bad_query", f"limit must be an integer, not {value!r}") from None
-                if args["limit"] < 1:
-                    raise ApiError(400, "bad_query", "limit must be at least 1")
+                if not 1 <= args["limit"] <= MAX_LIMIT:
+                    raise ApiError(400, "bad_query", f"limit must be between 1 and {MAX_LIMIT}")
             else:
                 raise ApiError(400, "bad_query", f"unknown query parameter {name!r} (allowed: device, limit)")
         return args
@@ -291,8 +327,7 @@ class ControlResource(Resource):
 
     def _all_events(self, request: Request) -> int:
         stream = self._open_stream(request, accept=lambda e: True, last=lambda e: False)
-        active = [j for j in self.queue.jobs() if j["state"] in ("queued", "running", "cancelling")]
-        stream.send("snapshot", {"type": "snapshot", "jobs": active, "devices": self.registry.to_json()})
+        stream.send("snapshot", {"type": "snapshot", "jobs": self.queue.active_jobs(), "devices": self.registry.to_json()})
         return NOT_DONE_YET
 
     def close_streams(self, reason: str) -> None:

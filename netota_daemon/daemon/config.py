@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -114,6 +115,29 @@ def check_value(source: str, key: str, value: Any, spec: tuple[tuple[type, ...],
     return value
 
 
+#: Timeouts that may be 0 (0 turns the keep-alive off); every other duration must be positive.
+_MAY_BE_ZERO = {"keepalive_interval"}
+
+
+def check_timeout(source: str, key: str, name: str, value: Any) -> Any:
+    """``value`` as the timeout ``name`` (full key ``key`` in messages) takes it, or ConfigError: the
+    right type, finite (TOML and JSON both allow nan and inf, which would break the reactor's timers),
+    a count not negative, a duration positive. Durations come back as floats."""
+    spec = TIMEOUT_KEYS[name]
+    value = check_value(source, key, value, spec)
+    if spec is _BOOL:
+        return value
+    if not math.isfinite(value):
+        raise ConfigError(source, key, f"must be a finite number, not {value!r}")
+    if spec is _INT:
+        if value < 0:
+            raise ConfigError(source, key, f"must not be negative, not {value!r}")
+        return value
+    if value < 0 or (value == 0 and name not in _MAY_BE_ZERO):
+        raise ConfigError(source, key, f"must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
 def parse_timeouts(
     source: str, prefix: str, table: Any, base: UpgradeTimeouts
 ) -> UpgradeTimeouts:
@@ -125,12 +149,7 @@ def parse_timeouts(
         full = f"{prefix}.{key}"
         if key not in TIMEOUT_KEYS:
             raise ConfigError(source, full, f"unknown key (known: {', '.join(sorted(TIMEOUT_KEYS))})")
-        value = check_value(source, full, value, TIMEOUT_KEYS[key])
-        if TIMEOUT_KEYS[key] is not _BOOL and value < 0:
-            raise ConfigError(source, full, f"must not be negative, not {value!r}")
-        if key not in ("max_receive_timeouts",) and TIMEOUT_KEYS[key] is _NUMBER:
-            value = float(value)
-        changes[key] = value
+        changes[key] = check_timeout(source, full, key, value)
     return base.replaced(**changes)
 
 
@@ -138,6 +157,21 @@ def _port(source: str, key: str, value: int) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(source, key, f"must be a TCP port between 1 and 65535, not {value}")
     return value
+
+
+def _interface_name(source: str, key: str, name: str) -> None:
+    """A Linux interface name: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace. Whether
+    it exists is checked when a job starts (it may come up later)."""
+    if len(name.encode()) > 15 or any(c in name for c in "/: \t\n") or name in (".", ".."):
+        raise ConfigError(source, key, f"{name!r} is not a network interface name (at most 15 characters, "
+                                       "no '/', ':' or spaces)")
+
+
+def _ipv4_address(source: str, key: str, address: str) -> None:
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ConfigError(source, key, f"{address!r} is not an IPv4 address") from None
 
 
 def _parse_device(source: str, name: str, table: Any, timeouts: UpgradeTimeouts) -> DeviceConfig:
@@ -158,6 +192,12 @@ def _parse_device(source: str, name: str, table: Any, timeouts: UpgradeTimeouts)
         value = check_value(source, full, value, _DEVICE_KEYS[key])
         if key.endswith("_port"):
             _port(source, full, value)
+        elif not value.strip():
+            raise ConfigError(source, full, "must not be empty (leave it out instead)")
+        elif key == "interface":
+            _interface_name(source, full, value)
+        elif key == "source_address":
+            _ipv4_address(source, full, value)
         values[key] = value
     if "host" not in values:
         raise ConfigError(source, f"{prefix}.host", "missing (the device's address, e.g. \"192.168.1.1\")")
@@ -275,8 +315,8 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         raise ConfigError(source, "daemon.control_token", "must not be empty (leave it out instead)")
     control = check_control_endpoint(source, values["control"], token)
     grace = float(values.get("shutdown_grace", 15.0))
-    if grace < 0:
-        raise ConfigError(source, "daemon.shutdown_grace", "must not be negative")
+    if not math.isfinite(grace) or grace < 0:
+        raise ConfigError(source, "daemon.shutdown_grace", f"must be a finite number of seconds, at least 0, not {grace!r}")
 
     timeouts = UpgradeTimeouts()
     if "timeouts" in data:

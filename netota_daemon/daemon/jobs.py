@@ -12,13 +12,13 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, DaemonConfig, check_value
+from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, DaemonConfig, check_timeout
 from netota_daemon.daemon.firmware_store import FirmwareRefused, FirmwareStore
-from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState, interrupted_advice
+from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState, JournalError, interrupted_advice
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.engine.events import EventPublisher, Finished, JobEvent, PhaseChanged, Progress
 from netota_daemon.engine.outcome import (
@@ -26,6 +26,7 @@ from netota_daemon.engine.outcome import (
     Outcome,
     OutcomeKind,
     Phase,
+    recovery_advice,
 )
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
@@ -194,6 +195,10 @@ class JobQueue:
         data["history"] = self._journal.history(job_id)
         return data
 
+    def active_jobs(self) -> list[dict[str, Any]]:
+        """The queued, running and cancelling jobs, oldest first (without reading the history)."""
+        return [self.job_json(active.record) for active in self._active.values()]
+
     def is_active(self, job_id: str) -> bool:
         return job_id in self._active
 
@@ -240,6 +245,7 @@ class JobQueue:
     # ----- commands
 
     def _check_options(self, options: Any) -> dict[str, Any]:
+        """The engine timeouts a client overrides for one job, checked as the config file's are."""
         if options is None:
             return {}
         if not isinstance(options, dict):
@@ -249,12 +255,9 @@ class JobQueue:
             if key not in TIMEOUT_KEYS:
                 raise BadOptions(f"unknown option {key!r} (known: {', '.join(sorted(TIMEOUT_KEYS))})")
             try:
-                value = check_value("options", key, value, TIMEOUT_KEYS[key])
+                checked[key] = check_timeout("options", key, key, value)
             except ConfigError as e:
                 raise BadOptions(f"option {key}: {e.problem}") from None
-            if not isinstance(value, bool) and value < 0:
-                raise BadOptions(f"option {key}: must not be negative")
-            checked[key] = value
         return checked
 
     def start(
@@ -311,7 +314,8 @@ class JobQueue:
             why = (
                 f"it was already resumed by job {record.resumed_by}"
                 if record.resumed_by
-                else f"it {record.outcome.kind.value if record.outcome else record.state.value}"
+                else f"it ended {record.outcome.kind.value if record.outcome else record.state.value} (only an "
+                "interrupted, failed or aborted job can be resumed)"
             )
             raise NotResumable(f"job {job_id} can't be resumed: {why}")
         started = self.start(record.device, record.firmware, record.options, resumed_from=job_id)
@@ -340,8 +344,8 @@ class JobQueue:
             self._finish(active, outcome)
             self._publish_positions()
             return self.job_json(active.record)
-        if record.state is JobState.CANCELLING:
-            return self.job_json(record)
+        if record.state in (JobState.CANCELLING, JobState.INTERRUPTED):
+            return self.job_json(record)  # already being stopped (INTERRUPTED: by the daemon's shutdown)
         active.record = self._journal.save(replace(record, state=JobState.CANCELLING), f"cancel: {reason}")
         log.info("job {job} on {device}: cancelling ({reason})", job=job_id, device=record.device, reason=reason)
         self._publish_state(active.record)
@@ -376,7 +380,14 @@ class JobQueue:
 
     def _run(self, active: ActiveJob) -> None:
         record = replace(active.record, state=JobState.RUNNING, started=self._reactor.seconds())
-        active.record = self._journal.save(record, "running")
+        try:
+            active.record = self._journal.save(record, "running")
+        except JournalError as e:
+            # Not journaled, so not acted on: the job ends without touching the device.
+            log.failure("job {job} on {device}: can't record it as running", job=record.id, device=record.device)
+            self._finish(active, Outcome(kind=OutcomeKind.FAILED, message=f"not started: {e}", phase=Phase.DETECT,
+                                         advice="The job never started, so the device was not touched."))
+            return
         self._registry.running(record.device, record.id)
         context = {"job": record.id, "device": record.device}
         try:
@@ -388,14 +399,14 @@ class JobQueue:
             self._finish(
                 active,
                 Outcome(kind=OutcomeKind.FAILED, message=f"internal error: {e}", phase=Phase.DETECT,
-                        failure=FailureClass.CONNECTION, advice="The device was not touched."),
+                        failure=FailureClass.PROTOCOL_ERROR, advice="The device was not touched."),
             )
             return
         active.engine = engine
         active.unsubscribe = engine.events.subscribe(lambda event: self._on_engine_event(active, event))
         log.info("job {job} on {device}: running", job=record.id, device=record.device)
         self._publish_state(active.record)
-        d = engine.run()
+        d = maybeDeferred(engine.run)  # an engine that raises at once still ends the job (and frees the device)
         d.addErrback(self._engine_failed, active)
         d.addCallback(lambda outcome: self._finish(active, outcome))
         d.addErrback(lambda f: log.failure("job {job}: finishing failed", f, job=record.id))
@@ -403,11 +414,15 @@ class JobQueue:
     def _engine_failed(self, failure: Failure, active: ActiveJob) -> Outcome:
         log.failure("job {job} on {device}: the engine failed", failure, job=active.record.id, device=active.record.device)
         engine = active.engine
+        phase = engine.phase if engine else Phase.DETECT
+        point_of_no_return = bool(engine and engine.point_of_no_return)
         return Outcome(
             kind=OutcomeKind.FAILED,
             message=f"internal error: {failure.getErrorMessage()}",
-            phase=engine.phase if engine else Phase.DETECT,
-            point_of_no_return=bool(engine and engine.point_of_no_return),
+            phase=phase,
+            failure=FailureClass.PROTOCOL_ERROR,
+            point_of_no_return=point_of_no_return,
+            advice=recovery_advice(point_of_no_return, phase),
         )
 
     def _on_engine_event(self, active: ActiveJob, event: JobEvent) -> None:
@@ -460,8 +475,9 @@ class JobQueue:
         if active.unsubscribe is not None:
             active.unsubscribe()
         now = self._reactor.seconds()
-        if record.state is JobState.INTERRUPTED:
-            # The daemon's shutdown stopped it: it stays interrupted (and resumable).
+        if record.state is JobState.INTERRUPTED and outcome.kind is OutcomeKind.ABORTED:
+            # The daemon's shutdown stopped it: it stays interrupted (and resumable). A job that
+            # reached its own end before the STOP took effect is finished with that outcome.
             final = replace(
                 record,
                 outcome=outcome,
@@ -485,7 +501,13 @@ class JobQueue:
                 advice=outcome.advice,
             )
             note = f"finished: {outcome.kind.value}"
-        active.record = self._journal.save(final, note)
+        try:
+            active.record = self._journal.save(final, note)
+        except JournalError:
+            # The journal keeps the job as active (a restart marks it interrupted); in memory it
+            # ends, so its device is free and its waiters hear of it.
+            log.failure("job {job} on {device}: can't record its end", job=record.id, device=record.device)
+            active.record = final
         del self._active[record.id]
         if self._by_device.get(record.device) == record.id:
             del self._by_device[record.device]

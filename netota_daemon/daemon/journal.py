@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase, recovery_advice
+from netota_daemon.engine.outcome import ADVICE_UNVERIFIED, Outcome, OutcomeKind, Phase, recovery_advice
 
 log = Logger()
 
@@ -42,6 +42,12 @@ def interrupted_advice(phase: Phase, point_of_no_return: bool, started: bool) ->
     """What to do about a job the daemon lost while it was queued or running."""
     if not started:
         return ADVICE_NEVER_STARTED
+    if phase in (Phase.VERIFY, Phase.DONE):
+        # Phase 2 completed: the device was flashed and reboots into its new firmware, not its loader.
+        return ADVICE_UNVERIFIED + (
+            " Resuming the job (netota resume JOB) checks it: a device running the new firmware answers that it"
+            " is already current."
+        )
     return recovery_advice(point_of_no_return, phase) + " Resume the job to continue (netota resume JOB)."
 
 
@@ -268,13 +274,17 @@ class JobJournal:
         )
         return [dict(r) for r in rows]
 
-    def last_finished(self, device: str) -> JobRecord | None:
-        """The device's most recent job that has an outcome."""
-        row = self._db.execute(
-            "SELECT * FROM jobs WHERE device = ? AND outcome IS NOT NULL ORDER BY seq DESC LIMIT 1",
-            (device,),
-        ).fetchone()
-        return _from_row(row) if row else None
+    def last_firmware_version(self, device: str) -> str | None:
+        """The newest firmware version any of the device's jobs read from it (after, else before)."""
+        rows = self._db.execute(
+            "SELECT outcome FROM jobs WHERE device = ? AND outcome IS NOT NULL ORDER BY seq DESC", (device,)
+        )
+        for (outcome,) in rows:
+            data = json.loads(outcome)
+            version = data.get("firmware_version_after") or data.get("firmware_version_before")
+            if version:
+                return str(version)
+        return None
 
     def recover(self) -> list[JobRecord]:
         """Mark every job left queued or running by a previous daemon as interrupted, with the phase

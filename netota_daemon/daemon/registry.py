@@ -101,11 +101,10 @@ class DeviceRegistry:
         else:
             status.last_outcome = "interrupted"
 
-    def remember(self, name: str, job_id: str, outcome: Outcome | None, interrupted: bool) -> None:
-        """Load the last known result from the journal at start-up."""
+    def remember(self, name: str, job_id: str, outcome: Outcome | None, firmware_version: str | None) -> None:
+        """Load the device's last job (``outcome`` None: it was interrupted) and its last known
+        firmware version from the journal at start-up."""
         if name in self._devices:
-            self.idle(name, job_id, None if interrupted else outcome)
-            if interrupted and outcome is not None:
-                version = outcome.firmware_version_after or outcome.firmware_version_before
-                if version:
-                    self._devices[name].firmware_version = version
+            self.idle(name, job_id, outcome)
+            if firmware_version:
+                self._devices[name].firmware_version = firmware_version

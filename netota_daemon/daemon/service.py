@@ -40,8 +40,10 @@ class ControlListener(Service):
 
     name = "control"
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, on_listening: Callable[[IListeningPort], None]) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, on_listening: Callable[[IListeningPort], None],
+                 description: str = "") -> None:
         self.endpoint = endpoint
+        self.description = description
         self.factory = factory
         self.on_listening = on_listening
         self.port: IListeningPort | None = None
@@ -58,7 +60,10 @@ class ControlListener(Service):
         self._listening = self.endpoint.listen(self.factory)
         self._listening.addCallbacks(self._got_port, failures.append)
         if failures:
-            failures[0].raiseException()
+            # Start-up stops with one line naming the endpoint (twistd prints a SystemExit's message),
+            # not a traceback from inside the reactor.
+            raise SystemExit(f"netota: can't listen on the control endpoint ({self.description}): "
+                             f"{failures[0].getErrorMessage()}")
 
     def _got_port(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -111,7 +116,7 @@ class NetotaService(MultiService):
             ) from None
         except ValueError as e:
             raise ControlEndpointError(f"{config.source}: daemon.control: {config.control!r} can't be used: {e}") from None
-        self.listener = ControlListener(endpoint, site, self._listening)
+        self.listener = ControlListener(endpoint, site, self._listening, f"{config.source}: daemon.control: {config.control}")
         self.listener.setServiceParent(self)
         interval = watchdog_interval(environ)
         if interval is not None:
@@ -122,9 +127,10 @@ class NetotaService(MultiService):
             log.warn("job {job} on {device} interrupted in phase {phase}: {advice}", job=record.id,
                      device=record.device, phase=record.phase.value, advice=record.advice)
         for name in self.registry.names():
-            last = self.journal.last_finished(name) or next(iter(self.journal.jobs(device=name, limit=1)), None)
+            last = next(iter(self.journal.jobs(device=name, limit=1)), None)
             if last is not None:
-                self.registry.remember(name, last.id, last.outcome, last.state is JobState.INTERRUPTED)
+                self.registry.remember(name, last.id, None if last.state is JobState.INTERRUPTED else last.outcome,
+                                       self.journal.last_firmware_version(name))
 
     def privilegedStartService(self) -> None:
         self._recover()
@@ -146,6 +152,7 @@ class NetotaService(MultiService):
         d.addBoth(lambda _: MultiService.stopService(self))
 
         def closed(result: Any) -> Any:
+            self.control.stopped = True  # before the journal closes under a still-open connection
             self.journal.close()
             self.notifier.close()
             log.info("netota stopped")
