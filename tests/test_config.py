@@ -184,3 +184,23 @@ def test_a_token_allows_a_network_endpoint(tmp_path):
 def test_split_endpoint_honours_escapes():
     assert split_endpoint("unix:/a\\:b:mode=600:lockfile=1") == ("unix", ["/a:b"], {"mode": "600", "lockfile": "1"})
     assert split_endpoint("TCP:8700:interface=\\:\\:1") == ("tcp", ["8700"], {"interface": "::1"})
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        # the line that sets the bad value
+        (MINIMAL + "max_parallel = 0\n", 6),
+        (MINIMAL + '\n[devices.a]\nhost = "h"\nctp_port = "3333"\n', 9),
+        (MINIMAL + '\n[devices."a b"]\nhost = "h"\n  ota_port = 0 # comment\n', 9),
+        (MINIMAL + "\n[timeouts]\nreceive = 5\nrecieve = 5\n", 9),
+        (MINIMAL + '\n[devices.a]\nhost = "h"\n\n[devices.a.timeouts]\nreboot = "long"\n', 11),
+        (MINIMAL + "\n[devices.a]\ntimeouts.reboot = -1\nhost = 'h'\n", 8),
+        # a missing key: the header of its table
+        ('# netota\n\n[daemon]\nstate_dir = "s"\nfirmware_dir = "f"\n', 3),
+        (MINIMAL + "\n[devices.a]\nctp_port = 1\n", 7),
+    ],
+)
+def test_mistakes_name_the_line(tmp_path, text, line):
+    error = error_for(tmp_path, text)
+    assert str(error).startswith(f"{tmp_path / 'netota.toml'}:{line}: {error.key}: "), str(error)

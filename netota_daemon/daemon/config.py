@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,4 +362,43 @@ def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
         raise ConfigError(source, None, f"not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(source, None, f"not valid UTF-8 TOML: {e}") from None
-    return parse_config(data, source, base_dir=Path(source).resolve().parent)
+    try:
+        return parse_config(data, source, base_dir=Path(source).resolve().parent)
+    except ConfigError as e:
+        line = locate_key(Path(path).read_text(encoding="utf-8"), e.key) if e.key else None
+        if line is None:
+            raise
+        raise ConfigError(f"{source}:{line}", e.key, e.problem) from None
+
+
+_TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_LINE = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+
+def _dotted(path: str) -> str:
+    """``devices."shelf 1" . host`` -> ``devices.shelf 1.host``."""
+    parts = re.findall(r"\"([^\"]*)\"|'([^']*)'|([^.\s]+)", path)
+    return ".".join(next(p for p in groups if p) if any(groups) else "" for groups in parts)
+
+
+def locate_key(text: str, key: str) -> int | None:
+    """The 1-based line of ``key`` (dotted, as in ConfigError) in TOML ``text``: the line that sets it,
+    else the header of the nearest table above it that the file has (for a missing key), else None."""
+    table = ""
+    keys: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _TABLE_HEADER.match(line)
+        if header:
+            table = _dotted(header.group(1))
+            keys.setdefault(table, number)
+            continue
+        assignment = _KEY_LINE.match(line)
+        if assignment:
+            full = f"{table}.{_dotted(assignment.group(1))}" if table else _dotted(assignment.group(1))
+            keys.setdefault(full, number)
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = keys.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return None
