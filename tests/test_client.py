@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 
-from netota_daemon.cli.client import EventStreamParser, control_endpoint, event_from_json
+from netota_daemon.cli.control_client import EventStreamParser, control_endpoint, event_from_json
 from netota_daemon.engine.events import PhaseChanged, Progress
 from netota_daemon.engine.outcome import OutcomeKind, Phase
 from tests.conftest import PYTHON, ROOT, subprocess_env
@@ -252,7 +252,7 @@ def screen_after(output: str) -> list[str]:
 def test_device_board_on_a_terminal_keeps_one_line_per_device_in_place():
     import io
 
-    from netota_daemon.cli.client import DeviceBoard
+    from netota_daemon.cli.progress import DeviceBoard
 
     now = [0.0]
     out = io.StringIO()
@@ -277,7 +277,7 @@ def test_device_board_on_a_terminal_keeps_one_line_per_device_in_place():
 def test_device_board_cuts_lines_to_the_terminal_width_and_logs_elsewhere():
     import io
 
-    from netota_daemon.cli.client import DeviceBoard
+    from netota_daemon.cli.progress import DeviceBoard
 
     out = io.StringIO()
     board = DeviceBoard(out, interactive=True, size=(20, 40))

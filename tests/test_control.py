@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from netota_daemon.cli.client import ApiRefused, ControlClient
+from netota_daemon.cli.control_client import ApiRefused, ControlClient
 from netota_daemon.engine.outcome import Phase
 from tests.daemon_fakes import AutoJobFactory, FakeJobFactory, make_service
 
@@ -259,7 +259,7 @@ class _SlowReaderRequest:
         self.finished = True
 
     def events(self) -> list[tuple[str, dict]]:
-        from netota_daemon.cli.client import EventStreamParser
+        from netota_daemon.cli.control_client import EventStreamParser
 
         return EventStreamParser().feed(b"".join(self.written))
 

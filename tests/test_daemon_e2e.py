@@ -225,7 +225,7 @@ ctp_port = 9
 
     async def api(self, method: str, path: str, body: dict | None = None) -> dict:
         """A request straight to the daemon's HTTP API (quicker than a client process)."""
-        from netota_daemon.cli.client import ControlClient
+        from netota_daemon.cli.control_client import ControlClient
 
         return await ControlClient(self.reactor, f"unix:{self.control_path}").request(method, path, body)
 
@@ -300,7 +300,7 @@ async def test_bad_inputs_through_the_client_and_the_api(rig, reactor):
         assert code == expected, (args, code, out, err)
         assert code_name in err, (args, err)
     # Bad JSON and unknown fields straight at the HTTP API.
-    from netota_daemon.cli.client import ControlClient
+    from netota_daemon.cli.control_client import ControlClient
     import treq
 
     client = ControlClient(reactor, f"unix:{rig.control_path}")

@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 
-from netota_daemon.cli.client import ControlClient
+from netota_daemon.cli.control_client import ControlClient
 from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState
 from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase
 from netota_daemon.tap import Options, json_log_observer

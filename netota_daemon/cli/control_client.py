@@ -1,0 +1,234 @@
+"""The daemon's control API as seen from a client: HTTP+JSON requests and server-sent event streams.
+
+:class:`ControlClient` talks to the control socket (``unix:PATH``, ``tcp:PORT`` or ``http://HOST:PORT``,
+see :func:`control_endpoint`); :class:`EventStreamParser` decodes its ``text/event-stream`` bodies and
+:func:`event_from_json` turns a ``phase`` or ``progress`` event back into the engine's event. Errors
+come as :class:`DaemonUnavailable` (not reached, or gone) or :class:`ApiRefused` (an error answer,
+with the exit code a command gives for it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.python.failure import Failure
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from netota_daemon.daemon.config import split_endpoint
+from netota_daemon.engine.events import JobEvent, PhaseChanged, Progress
+from netota_daemon.engine.outcome import EXIT_UNAVAILABLE, EXIT_USAGE, Phase
+
+EXIT_BUSY = 75  # EX_TEMPFAIL: the device is busy, or the job is in a state that refuses the request
+REQUEST_TIMEOUT = 30.0
+
+
+class DaemonUnavailable(Exception):
+    """The daemon could not be reached, or went away mid-request or mid-stream."""
+
+
+class ApiRefused(Exception):
+    """The daemon answered with an error body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == 409:
+            return EXIT_BUSY
+        if self.status >= 500:
+            return EXIT_UNAVAILABLE
+        return EXIT_USAGE
+
+
+@implementer(IAgentEndpointFactory)
+class _FixedEndpointFactory:
+    """Every request goes to the daemon's endpoint, whatever the URL's host says."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return self.endpoint
+
+
+def control_endpoint(reactor: Any, control: str) -> Any:
+    """A client endpoint for a control address: ``unix:PATH[:...]`` (the daemon's own endpoint
+    string works), ``tcp:PORT[:interface=HOST]``, ``tcp:host=HOST:port=PORT`` or ``http://HOST:PORT``."""
+    if control.startswith(("http://", "https://")):
+        from hyperlink import URL
+
+        url = URL.from_text(control)
+        return TCP4ClientEndpoint(reactor, url.host or "127.0.0.1", url.port or 80, timeout=10)
+    kind, args, kwargs = split_endpoint(control)
+    if kind == "unix":
+        path = kwargs.get("address") or (args[0] if args else "")
+        if not path:
+            raise ValueError(f"control address {control!r} names no socket path")
+        return UNIXClientEndpoint(reactor, path, timeout=10)
+    if kind == "tcp":
+        port = kwargs.get("port") or (args[0] if args else "")
+        host = kwargs.get("host") or kwargs.get("interface") or (args[1] if len(args) > 1 else "127.0.0.1")
+        try:
+            return TCP4ClientEndpoint(reactor, host, int(port), timeout=10)
+        except ValueError:
+            raise ValueError(f"control address {control!r} has no valid port") from None
+    raise ValueError(f"control address {control!r}: use unix:PATH, tcp:PORT[:interface=HOST] or http://HOST:PORT")
+
+
+class ControlClient:
+    """HTTP+JSON requests to the daemon, and its event streams."""
+
+    def __init__(self, reactor: Any, control: str, token: str | None = None) -> None:
+        import treq.client
+
+        self.reactor = reactor
+        self.control = control
+        agent = Agent.usingEndpointFactory(reactor, _FixedEndpointFactory(control_endpoint(reactor, control)))
+        self._http = treq.client.HTTPClient(agent)
+        self._headers = {b"Accept": [b"application/json"]}
+        if token:
+            self._headers[b"Authorization"] = [f"Bearer {token}".encode()]
+
+    def _unavailable(self, error: BaseException) -> DaemonUnavailable:
+        return DaemonUnavailable(f"can't reach the netota daemon at {self.control}: {error}")
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The decoded JSON answer; :class:`ApiRefused` for an error answer."""
+        import treq
+
+        headers = dict(self._headers)
+        data = None
+        if body is not None:
+            headers[b"Content-Type"] = [b"application/json"]
+            data = json.dumps(body).encode()
+        try:
+            response = await self._http.request(
+                method, f"http://netota{path}", headers=headers, data=data, timeout=REQUEST_TIMEOUT
+            )
+            raw = await treq.content(response)
+        except (ConnectError, OSError) as e:
+            raise self._unavailable(e) from None
+        except Exception as e:  # ResponseFailed, a timeout: the daemon did not answer
+            raise DaemonUnavailable(f"the netota daemon at {self.control} did not answer: {e!r}") from None
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise DaemonUnavailable(f"the daemon at {self.control} answered {response.code} without JSON") from None
+        if response.code >= 400:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            error = error if isinstance(error, dict) else {}
+            raise ApiRefused(response.code, str(error.get("code", "error")), str(error.get("message", repr(answer))))
+        if not isinstance(answer, dict):
+            raise DaemonUnavailable(f"the daemon at {self.control} answered {response.code} with JSON that is not an object")
+        return answer
+
+    async def stream(self, path: str, on_event: Callable[[str, dict[str, Any]], bool]) -> None:
+        """Follow the server-sent events at ``path``: ``on_event(type, data)`` is called for each;
+        it returns True to stop. Returns when stopped or when the daemon ends the stream; raises
+        :class:`DaemonUnavailable` when the connection breaks."""
+        import treq
+
+        headers = dict(self._headers)
+        headers[b"Accept"] = [b"text/event-stream"]
+        try:
+            response = await self._http.request("GET", f"http://netota{path}", headers=headers, unbuffered=True)
+        except (ConnectError, OSError) as e:
+            raise self._unavailable(e) from None
+        except Exception as e:
+            raise DaemonUnavailable(f"the netota daemon at {self.control} did not answer: {e!r}") from None
+        if response.code >= 400:
+            raw = await treq.content(response)
+            try:
+                error = json.loads(raw).get("error", {})
+            except (ValueError, AttributeError):
+                error = {}
+            raise ApiRefused(response.code, error.get("code", "error"), error.get("message", raw.decode("utf-8", "replace")))
+        parser = EventStreamParser()
+        done: Deferred = Deferred()
+        stopped = []
+
+        def chunk(data: bytes) -> None:
+            if stopped:
+                return
+            for event_type, payload in parser.feed(data):
+                if on_event(event_type, payload):
+                    stopped.append(True)
+                    if not done.called:
+                        done.callback([None])
+                    return
+
+        collecting = treq.collect(response, chunk)
+
+        def ended(result: Any) -> None:
+            # Wrapped: a Failure passed to callback() would turn into an errback.
+            if not done.called:
+                done.callback([result])
+
+        collecting.addBoth(ended)
+        (result,) = await done
+        if stopped:
+            return
+        if isinstance(result, Failure):
+            raise DaemonUnavailable(
+                f"the netota daemon at {self.control} went away (the event stream broke: {result.getErrorMessage()})"
+            )
+
+
+class EventStreamParser:
+    """Incremental ``text/event-stream`` parser: bytes in, (event type, JSON data) out."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+        # On the whole buffer, so a CRLF split across two chunks is seen too.
+        self._buffer = (self._buffer + data).replace(b"\r\n", b"\n")
+        events = []
+        while b"\n\n" in self._buffer:
+            block, self._buffer = self._buffer.split(b"\n\n", 1)
+            event_type, lines = "message", []
+            for line in block.decode("utf-8", "replace").split("\n"):
+                if line.startswith(":"):
+                    continue
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if field == "event":
+                    event_type = value
+                elif field == "data":
+                    lines.append(value)
+            if lines:
+                try:
+                    events.append((event_type, json.loads("\n".join(lines))))
+                except ValueError:
+                    continue
+        return events
+
+
+def event_from_json(data: dict[str, Any]) -> JobEvent | None:
+    """The engine event a control-API ``phase`` or ``progress`` event carries (None for others)."""
+    try:
+        if data.get("type") == "phase":
+            return PhaseChanged(Phase(data["phase"]), data.get("message", ""))
+        if data.get("type") == "progress":
+            return Progress(
+                phase=Phase(data["phase"]),
+                bytes_served=int(data.get("bytes_served") or 0),
+                total_bytes=int(data.get("total_bytes") or 0),
+                percent=float(data.get("percent") or 0.0),
+                device_percent=int(data.get("device_percent") or 0),
+                rate=float(data.get("rate") or 0.0),
+                point_of_no_return=bool(data.get("point_of_no_return")),
+            )
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None
