@@ -8,18 +8,18 @@ import os
 import signal
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from netota_daemon.daemon.journal import JobJournal, JobState
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.daemon_fakes import short_socket_dir
+from tests.waiting import Changes
 
 pytest.importorskip("netota_daemon.sim.device")
 pytest.importorskip("netota_daemon.engine.job")
@@ -37,18 +37,21 @@ EXIT_BUSY, EXIT_USAGE, EXIT_UNAVAILABLE = 75, 64, 69
 class NotifyReceiver(DatagramProtocol):
     """The test's stand-in for systemd's notify socket."""
 
-    def __init__(self, received: list[bytes]) -> None:
+    def __init__(self, received: list[bytes], changes: Changes) -> None:
         self.received = received
+        self.changes = changes
 
     def datagramReceived(self, data: bytes, address: Any) -> None:
         self.received.append(data)
+        self.changes.poke()
 
 
 class Process(ProcessProtocol):
     """A child process whose output is kept and whose end is a Deferred."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, changes: Changes) -> None:
         self.name = name
+        self.changes = changes
         self.output = bytearray()
         self.ended: Deferred = Deferred()
         self.exit_code: int | None = None
@@ -56,6 +59,7 @@ class Process(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
+        self.changes.poke()
 
     errReceived = outReceived
 
@@ -63,6 +67,7 @@ class Process(ProcessProtocol):
         self.exit_code = reason.value.exitCode
         self.signal = reason.value.signal
         self.ended.callback(None)
+        self.changes.poke()
 
     @property
     def running(self) -> bool:
@@ -80,18 +85,6 @@ class Process(ProcessProtocol):
             await d
 
 
-async def until(reactor: Any, predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll ``predicate`` until it is true, at most ``timeout`` seconds (bounded, not a sleep)."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 class Rig:
     """One simulated device and one daemon in a temporary directory."""
 
@@ -106,8 +99,13 @@ class Rig:
         self.control_path = os.path.join(sockets, "control.sock")
         self.notify_path = os.path.join(sockets, "notify")
         self.notifications: list[bytes] = []
+        # Everything a test waits for (a datagram, a process's output or end, a line in the
+        # simulator's events.jsonl) pokes this; waits re-check on each poke, with a bound.
+        self.changes = Changes(reactor)
+        self.sim_dir.mkdir()
+        self.changes.watch_directory(self.sim_dir)
         # Read as systemd does, as the datagrams arrive (a queue nobody drains drops them).
-        self.notify = reactor.listenUNIXDatagram(self.notify_path, NotifyReceiver(self.notifications))
+        self.notify = reactor.listenUNIXDatagram(self.notify_path, NotifyReceiver(self.notifications, self.changes))
         self.sim: Process | None = None
         self.daemon: Process | None = None
         self.config_path = tmp / "netota.toml"
@@ -116,7 +114,7 @@ class Rig:
 
     async def start_sim(self, *faults: str, time_scale: str = TIME_SCALE) -> None:
         await self._make_image()
-        self.sim = Process("sim")
+        self.sim = Process("sim", self.changes)
         self.reactor.spawnProcess(
             self.sim, PYTHON,
             [PYTHON, "-m", "netota_daemon", "sim", "--listen", "127.0.0.1", "--ctp-port", "0", "--http-port", "0",
@@ -124,7 +122,7 @@ class Rig:
             env=subprocess_env(), path=str(ROOT),
         )
         ports_file = self.sim_dir / "ports.json"
-        await until(self.reactor, lambda: ports_file.exists() and ports_file.read_text().strip().endswith("}") or not self.sim.running,
+        await self.changes.until(lambda: ports_file.exists() and ports_file.read_text().strip().endswith("}") or not self.sim.running,
                     "the simulator's ports.json")
         assert self.sim.running, self.sim.output.decode()
         self.ports = json.loads(ports_file.read_text())
@@ -166,14 +164,14 @@ ctp_port = 9
     async def start_daemon(self, *options: str) -> None:
         self.write_config()
         self.notifications.clear()  # forget what an earlier daemon said
-        self.daemon = Process("daemon")
+        self.daemon = Process("daemon", self.changes)
         self.reactor.spawnProcess(
             self.daemon, PYTHON,
             [PYTHON, "-c", TWISTD, "-n", "--pidfile=", "netota", "--config", str(self.config_path), *options],
             # As systemd with WatchdogSec=1: the daemon pings every 0.5 s.
             env=subprocess_env(NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="1000000"), path=str(self.tmp),
         )
-        await until(self.reactor, lambda: self.notified(b"READY=1") or not self.daemon.running, "READY=1 from the daemon")
+        await self.changes.until(lambda: self.notified(b"READY=1") or not self.daemon.running, "READY=1 from the daemon")
         assert self.daemon.running, self.daemon.output.decode()
 
     def notified(self, prefix: bytes) -> bool:
@@ -189,6 +187,7 @@ ctp_port = 9
                     process.kill(signal.SIGKILL)
                     await process.wait(self.reactor, 5)
         await maybeDeferred(self.notify.stopListening)
+        self.changes.close()
 
     # ----- the client and the simulator's record
 
@@ -320,7 +319,7 @@ async def cancel_mid_phase(rig: Rig, reactor: Any, phase: int) -> None:
         await rig.start_sim("--stall-after-reads", PHASE2_HOLD_STALL, "--fault-phase", "2", time_scale=PHASE2_HOLD_SCALE)
     await rig.start_daemon()
     waiting = await rig.start_upgrade_waiting()
-    await until(reactor, lambda: rig.sim_saw("fault_stall", phase=phase), f"the stall in phase {phase}")
+    await rig.changes.until(lambda: rig.sim_saw("fault_stall", phase=phase), f"the stall in phase {phase}")
     job = await rig.only_job()
     assert job["state"] == "running" and job["phase"] == f"phase{phase}"
 
@@ -335,7 +334,7 @@ async def cancel_mid_phase(rig: Rig, reactor: Any, phase: int) -> None:
     assert code == 4, (out, err)  # aborted
     final = json.loads(out)
     assert final["outcome"]["kind"] == "aborted" and final["resumable"]
-    await until(reactor, lambda: rig.sim_saw("stop_received"), "STOP at the simulator")
+    await rig.changes.until(lambda: rig.sim_saw("stop_received"), "STOP at the simulator")
     # A cancel after the job finished is refused.
     code, out, err = await rig.netota("cancel", job["id"])
     assert code == EXIT_BUSY and "not_active" in err
@@ -360,7 +359,7 @@ async def test_kill_9_mid_job_then_restart_interrupted_and_resume_completes(rig,
     await rig.start_sim("--stall-after-reads", PHASE2_HOLD_STALL, "--fault-phase", "2", time_scale=PHASE2_HOLD_SCALE)
     await rig.start_daemon()
     waiting = await rig.start_upgrade_waiting()
-    await until(reactor, lambda: rig.sim_saw("fault_stall", phase=2), "the stall in phase 2")
+    await rig.changes.until(lambda: rig.sim_saw("fault_stall", phase=2), "the stall in phase 2")
     job_id = (await rig.only_job())["id"]
 
     rig.daemon.kill(signal.SIGKILL)
@@ -388,7 +387,7 @@ async def test_sigterm_mid_job_sends_stop_records_interrupted_and_exits_cleanly(
     await rig.start_sim("--stall-after-reads", PHASE1_HOLD_STALL, "--fault-phase", "1")
     await rig.start_daemon()
     waiting = await rig.start_upgrade_waiting()
-    await until(reactor, lambda: rig.sim_saw("fault_stall", phase=1), "the stall in phase 1")
+    await rig.changes.until(lambda: rig.sim_saw("fault_stall", phase=1), "the stall in phase 1")
     job_id = (await rig.only_job())["id"]
 
     rig.daemon.kill(signal.SIGTERM)

@@ -9,10 +9,10 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 
@@ -22,6 +22,7 @@ from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase
 from netota_daemon.tap import Options, json_log_observer
 from tests.conftest import ROOT, subprocess_env
 from tests.daemon_fakes import AutoJobFactory, make_service, short_socket_dir
+from tests.waiting import Changes
 
 
 @pytest.fixture
@@ -141,11 +142,13 @@ async def test_socket_activation_with_a_systemd_endpoint(tmp_path, reactor):
          "--config", str(config)],
         env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    changes = Changes(reactor)
+    changes.watch_directory(Path(socket_path).parent)
     try:
-        deadline = reactor.seconds() + 20
-        while not os.path.exists(socket_path):  # bounded: the activator binds at once
-            assert reactor.seconds() < deadline and activator.poll() is None, "the activator never listened"
-            await deferLater(reactor, 0.02, lambda: None)
+        # The activator binds at once: wait for the socket file to appear (inotify), bounded.
+        await changes.until(lambda: os.path.exists(socket_path) or activator.poll() is not None,
+                            "the activator's socket", timeout=20)
+        assert activator.poll() is None, "the activator exited before listening"
         d = getProcessOutputAndValue(sys.executable, ["-m", "netota_daemon", "devices", "--json", "--control",
                                                       f"unix:{socket_path}"], env=env, path=str(ROOT))
         d.addTimeout(30, reactor)
@@ -153,6 +156,7 @@ async def test_socket_activation_with_a_systemd_endpoint(tmp_path, reactor):
         assert code == 0, err
         assert [d["name"] for d in json.loads(out)] == ["x"]
     finally:
+        changes.close()
         activator.terminate()
         activator.wait(15)
 
