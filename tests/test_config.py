@@ -99,7 +99,7 @@ host = "127.0.0.2"
         ('[devices.a]\nhost = "h"\ninterface = ""\n', "devices.a.interface", "must not be empty"),
         ('[devices.a]\nhost = "h"\ninterface = "wlan-with-a-long-name"\n', "devices.a.interface", "interface name"),
         ('[devices.a]\nhost = "h"\ninterface = "wlan/1"\n', "devices.a.interface", "interface name"),
-        ('[devices.a]\nhost = "h"\nsource_address = "192.168.1.300"\n', "devices.a.source_address", "IPv4"),
+        ('[devices.a]\nhost = "h"\nsource_address = "127.0.0.300"\n', "devices.a.source_address", "IPv4"),
         ('[timeouts]\nrecieve = 5\n', "timeouts.recieve", "unknown key"),
         ('[timeouts]\nreceive = "5"\n', "timeouts.receive", "must be a number"),
         ('[timeouts]\nreceive = -1\n', "timeouts.receive", "must be a positive number of seconds"),
