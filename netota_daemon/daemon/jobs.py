@@ -163,7 +163,7 @@ class JobQueue:
         self._active: dict[str, ActiveJob] = {}
         self._waiting: deque[str] = deque()
         self._by_device: dict[str, str] = {}
-        self._subscribers: list[QueueSubscriber] = []
+        self._events: EventPublisher[QueueEvent] = EventPublisher()
         self._stopping = False
         self.max_parallel = config.max_parallel
 
@@ -215,20 +215,10 @@ class JobQueue:
 
     def subscribe(self, subscriber: QueueSubscriber) -> Callable[[], None]:
         """Call ``subscriber`` with every event of every job; returns the unsubscribe function."""
-        self._subscribers.append(subscriber)
-
-        def unsubscribe() -> None:
-            if subscriber in self._subscribers:
-                self._subscribers.remove(subscriber)
-
-        return unsubscribe
+        return self._events.subscribe(subscriber)
 
     def _publish(self, event: QueueEvent) -> None:
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(event)
-            except Exception:
-                log.failure("job event subscriber {subscriber!r} failed", subscriber=subscriber)
+        self._events.publish(event)
 
     def _publish_state(self, record: JobRecord) -> None:
         self._publish(

@@ -7,7 +7,7 @@ and its control event stream) through :class:`EventPublisher`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Generic, TypeVar, Union
 
 from twisted.logger import Logger
 
@@ -59,15 +59,18 @@ class Finished:
 
 JobEvent = Union[PhaseChanged, Progress, Finished]
 Subscriber = Callable[[JobEvent], None]
+E = TypeVar("E")
 
 
-class EventPublisher:
-    """Delivers each event to every subscriber; a failing subscriber is logged, never fatal."""
+class EventPublisher(Generic[E]):
+    """Delivers each event to every subscriber; a failing subscriber is logged, never fatal.
+
+    A job publishes :data:`JobEvent` objects; the daemon's queue reuses it for its own events."""
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[Callable[[E], None]] = []
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+    def subscribe(self, subscriber: Callable[[E], None]) -> Callable[[], None]:
         """Add ``subscriber``; returns a function that removes it."""
         self._subscribers.append(subscriber)
 
@@ -77,7 +80,7 @@ class EventPublisher:
 
         return unsubscribe
 
-    def publish(self, event: JobEvent) -> None:
+    def publish(self, event: E) -> None:
         for subscriber in list(self._subscribers):
             try:
                 subscriber(event)
