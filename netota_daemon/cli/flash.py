@@ -67,7 +67,7 @@ _count = arguments.whole_number(0)
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "flash",
-        help="upgrade one device in the foreground (no daemon)",
+        help="Upgrade one device in the foreground, without the daemon.",
         description="Upgrade one device's firmware with the single-backup network upgrade (both phases), "
         "showing progress, and exit with a code that says how it ended.",
         epilog=EPILOG,

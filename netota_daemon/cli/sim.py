@@ -73,7 +73,7 @@ def _stall(text: str) -> StallFault:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sim",
-        help="run a simulated device (main firmware and phase-2 loader)",
+        help="Run a simulated device: its main firmware and its phase-2 loader.",
         description=(
             "Play one JieLi AC79 device: the main firmware (CTP 3333, HTTP 8080, OTA 3335 after "
             "NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader. Runs in the "
