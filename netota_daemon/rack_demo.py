@@ -66,7 +66,10 @@ def run(devices: int, time_scale: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rack-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m netota_daemon.rack_demo",
+        description="make rack-demo: a whole rack flashed at once, for a person to watch. Needs root.",
+    )
     parser.add_argument("--devices", type=int, default=4, help="how many devices (default 4)")
     parser.add_argument("--time-scale", type=float, default=0.2,
                         help="the simulated devices' delays, times the real ones (default 0.2)")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -51,10 +49,9 @@ def firmware(tmp_path):
 
 @pytest.fixture
 def rack(tmp_path):
+    # The namespaces and processes are removed on exit, whether the test passed or not.
     with SimulatedRack(tmp_path / "rack", size=RACK_SIZE, time_scale=TIME_SCALE) as rack:
         yield rack
-        if sys.exc_info()[0] is None:
-            pass
 
 
 def _start(rack: SimulatedRack, firmware, sim_args=None) -> None:

@@ -449,10 +449,10 @@ The control address is --control, else $NETOTA_CONTROL, else unix:/run/netota/co
 http://HOST:PORT). A bearer token comes from --token or $NETOTA_TOKEN.
 
 Exit codes: 0 succeeded (or already current), 1 failed, 2 unverified, 3 already current with
---strict, 4 aborted, 5 not applicable (double backup), 64 bad request (400/403/404), 69 the daemon
-can't be reached or went away before the job ended (or the job was interrupted by its shutdown),
-70 an internal error of the client, 75 busy / not cancellable / not resumable (409), 130 the
-client was interrupted (Ctrl-C; a job keeps running in the daemon).
+--strict, 4 aborted, 5 not applicable (double backup), 64 bad request (400/401/403/404), 69 the
+daemon can't be reached or went away before the job ended (or the job was interrupted by its
+shutdown), 70 an internal error of the client, 75 busy / not cancellable / not resumable (409),
+130 the client was interrupted (Ctrl-C; a job keeps running in the daemon).
 """
 
 
@@ -493,18 +493,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, help="at most this many")
 
     p = sub("show", "Show one job, with its history.", cmd_show)
-    p.add_argument("job")
+    p.add_argument("job", metavar="JOB")
 
     p = sub("watch", "Follow one job to its end, or (without JOB) every job, one progress bar per device, until "
                      "interrupted.", cmd_watch)
-    p.add_argument("job", nargs="?")
+    p.add_argument("job", nargs="?", metavar="JOB")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already ran this firmware")
 
     p = sub("cancel", "Cancel a queued or running job (STOP is sent to the device).", cmd_cancel)
-    p.add_argument("job")
+    p.add_argument("job", metavar="JOB")
     p.add_argument("--reason", help="recorded with the job")
 
     p = sub("resume", "Resume an interrupted, failed or aborted job as a new job for the same device and firmware.", cmd_resume)
-    p.add_argument("job")
+    p.add_argument("job", metavar="JOB")
     p.add_argument("--wait", action="store_true", help="follow the new job to its end")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")

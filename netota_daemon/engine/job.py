@@ -594,7 +594,7 @@ class UpgradeJob:
             if self.phase is Phase.VERIFY:
                 return self._outcome(
                     OutcomeKind.UNVERIFIED,
-                    f"the device was flashed; the job's deadline passed before its new firmware answered",
+                    "the device was flashed; the job's deadline passed before its new firmware answered",
                     advice=ADVICE_UNVERIFIED,
                 )
             detail = f" (last problem: {self._last_problem})" if self._last_problem else ""
