@@ -16,8 +16,10 @@ class FakeJob:
     the moment the queue acts."""
 
     def __init__(self, reactor: Any, target: Any, image: Any, timeouts: Any, job_id: str,
-                 log_context: dict | None = None, factory: "FakeJobFactory | None" = None) -> None:
+                 log_context: dict | None = None, factory: "FakeJobFactory | None" = None,
+                 verify_only: bool = False) -> None:
         self.reactor = reactor
+        self.verify_only = verify_only
         self.target = target
         self.image = image
         self.timeouts = timeouts
@@ -79,8 +81,8 @@ class FakeJobFactory:
         self.on_cancel: Callable[[FakeJob], None] | None = None
 
     def __call__(self, reactor: Any, target: Any, image: Any, timeouts: Any, job_id: str,
-                 log_context: dict | None = None) -> FakeJob:
-        job = FakeJob(reactor, target, image, timeouts, job_id, log_context, factory=self)
+                 log_context: dict | None = None, verify_only: bool = False) -> FakeJob:
+        job = FakeJob(reactor, target, image, timeouts, job_id, log_context, factory=self, verify_only=verify_only)
         self.jobs[job_id] = job
         self.order.append(job)
         return job

@@ -229,6 +229,7 @@ def test_resume_makes_a_new_job_for_the_same_device_and_firmware(world):
     resumed = world.queue.resume(first)
     assert resumed["id"] != first and resumed["resumed_from"] == first
     assert resumed["device"] == "a" and resumed["firmware"] == "v2.bin" and resumed["options"] == {"receive": 3}
+    assert world.factory.jobs[resumed["id"]].verify_only is False  # phase 2 did not complete: upgrade again
     assert world.journal.get(first).resumed_by == resumed["id"]
     with pytest.raises(NotResumable):
         world.queue.resume(first)  # once only
@@ -237,6 +238,18 @@ def test_resume_makes_a_new_job_for_the_same_device_and_firmware(world):
     world.factory.jobs[resumed["id"]].finish()
     with pytest.raises(NotResumable, match="succeeded"):
         world.queue.resume(resumed["id"])
+
+
+def test_resuming_a_job_that_ended_in_verify_only_checks_the_device(world):
+    first = world.start("a")["id"]
+    fake = world.factory.jobs[first]
+    fake.enter(Phase.PHASE2)
+    fake.enter(Phase.VERIFY)  # phase 2 completed: the device boots its new firmware
+    world.queue.cancel(first)
+    world.clock.advance(world.factory.stop_delay)
+    assert world.journal.get(first).outcome.kind is OutcomeKind.ABORTED
+    resumed = world.queue.resume(first)
+    assert world.factory.jobs[resumed["id"]].verify_only is True
 
 
 def test_shutdown_records_interrupted_before_cancelling_and_keeps_it(world):

@@ -55,8 +55,10 @@ FAST = UpgradeTimeouts(
 class Run:
     """One job against one simulated device, and what came of it."""
 
-    def __init__(self, reactor: Any, tmp_path: Path, timeouts: UpgradeTimeouts = FAST, **sim: Any) -> None:
+    def __init__(self, reactor: Any, tmp_path: Path, timeouts: UpgradeTimeouts = FAST, verify_only: bool = False,
+                 **sim: Any) -> None:
         self.reactor = reactor
+        self.verify_only = verify_only
         self.state_dir = tmp_path / "device"
         self.image_path = make_image(tmp_path / "update.ufw", "2.0.0", IMAGE_SIZE)
         self.image_bytes = Path(self.image_path).read_bytes()
@@ -76,7 +78,8 @@ class Run:
         target = DeviceTarget(
             name="sim-1", host="127.0.0.1", ctp_port=ports["ctp"], http_port=ports["http"], ota_port=ports["ota"]
         )
-        self.job = UpgradeJob(self.reactor, target, open_image(self.image_path), self.timeouts, "job-1")
+        self.job = UpgradeJob(self.reactor, target, open_image(self.image_path), self.timeouts, "job-1",
+                              verify_only=self.verify_only)
         self.job.events.subscribe(self.events.append)
         return self
 
@@ -154,6 +157,18 @@ async def test_device_already_in_loader_goes_straight_to_phase2(reactor, tmp_pat
     assert [s["phase"] for s in run.sessions()] == [2]
     assert run.received(2) == run.image_bytes
     assert Phase.PHASE1 not in [e.phase for e in run.events if isinstance(e, PhaseChanged)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_verify_only_reads_the_version_and_flashes_nothing(reactor, tmp_path):
+    """Resuming a job that ended after phase 2 completed: the device already runs the new firmware."""
+    run = await Run(reactor, tmp_path, verify_only=True, firmware_version="2.0.0").start()
+    outcome = await run.run()
+    assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
+    assert outcome.firmware_version_after == "2.0.0"
+    assert run.sessions() == []  # no OTA session
+    assert not any(e["event"] == "ctp_connect" for e in run.device.events)  # not even a CTP session
+    assert [e.phase for e in run.events if isinstance(e, PhaseChanged)] == [Phase.DETECT, Phase.VERIFY, Phase.DONE]
 
 
 @pytest_twisted.ensureDeferred

@@ -135,6 +135,7 @@ class ActiveJob:
     image: FirmwareImage
     target: DeviceTarget
     timeouts: UpgradeTimeouts
+    verify_only: bool = False  # resumes a job whose phase 2 completed: only read the version back
     engine: EngineJob | None = None
     done: Deferred | None = None  # fires (with the record) when the job left the queue for good
     progress: Progress | None = None  # the latest, shown on the job and its device
@@ -251,7 +252,12 @@ class JobQueue:
         return checked
 
     def start(
-        self, device: str, firmware: str, options: Any = None, resumed_from: str | None = None
+        self,
+        device: str,
+        firmware: str,
+        options: Any = None,
+        resumed_from: str | None = None,
+        verify_only: bool = False,
     ) -> dict[str, Any]:
         """Accept a job for ``device``: it runs now, or waits for a slot. Raises a :class:`JobError`."""
         if self._stopping:
@@ -279,7 +285,9 @@ class JobQueue:
             options=checked,
         )
         self._journal.create(record, note=f"created (resumes {resumed_from})" if resumed_from else "created")
-        active = ActiveJob(record=record, image=image, target=device_config.target, timeouts=timeouts)
+        active = ActiveJob(
+            record=record, image=image, target=device_config.target, timeouts=timeouts, verify_only=verify_only
+        )
         self._active[record.id] = active
         self._by_device[device] = record.id
         self._waiting.append(record.id)
@@ -294,7 +302,9 @@ class JobQueue:
 
     def resume(self, job_id: str) -> dict[str, Any]:
         """A new job for the same device and firmware as an interrupted, failed or aborted one; the
-        engine sees where the device is (in its loader: straight to phase 2)."""
+        engine sees where the device is (in its loader: straight to phase 2). A job that ended after
+        phase 2 completed (in verify) is resumed as a check only: the new firmware's version is read
+        back, nothing is flashed again."""
         if job_id in self._active:
             raise NotResumable(f"job {job_id} is still {self._active[job_id].record.state.value}")
         record = self._journal.get(job_id)
@@ -308,7 +318,8 @@ class JobQueue:
                 "interrupted, failed or aborted job can be resumed)"
             )
             raise NotResumable(f"job {job_id} can't be resumed: {why}")
-        started = self.start(record.device, record.firmware, record.options, resumed_from=job_id)
+        verify_only = record.phase in (Phase.VERIFY, Phase.DONE)
+        started = self.start(record.device, record.firmware, record.options, resumed_from=job_id, verify_only=verify_only)
         self._journal.update(job_id, note=f"resumed by {started['id']}", resumed_by=started["id"])
         return started
 
@@ -381,8 +392,9 @@ class JobQueue:
         self._registry.running(record.device, record.id)
         context = {"job": record.id, "device": record.device}
         try:
+            extra = {"verify_only": True} if active.verify_only else {}
             engine = self._job_factory(
-                self._reactor, active.target, active.image, active.timeouts, record.id, log_context=context
+                self._reactor, active.target, active.image, active.timeouts, record.id, log_context=context, **extra
             )
         except Exception as e:
             log.failure("job {job} on {device}: the engine job could not be made", job=record.id, device=record.device)

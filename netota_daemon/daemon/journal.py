@@ -45,8 +45,8 @@ def interrupted_advice(phase: Phase, point_of_no_return: bool, started: bool) ->
     if phase in (Phase.VERIFY, Phase.DONE):
         # Phase 2 completed: the device was flashed and reboots into its new firmware, not its loader.
         return ADVICE_UNVERIFIED + (
-            " Resuming the job (netota resume JOB) checks it: a device running the new firmware answers that it"
-            " is already current."
+            " Resuming the job (netota resume JOB) checks it: it reads the device's firmware version back and"
+            " flashes nothing."
         )
     return recovery_advice(point_of_no_return, phase) + " Resume the job to continue (netota resume JOB)."
 

@@ -106,8 +106,12 @@ class UpgradeJob:
         timeouts: UpgradeTimeouts,
         job_id: str,
         log_context: dict[str, Any] | None = None,
+        verify_only: bool = False,
     ) -> None:
         self.reactor = reactor
+        # Resuming a job that ended while its device rebooted into the new firmware: phase 2 is
+        # done, so only read the version back (flashing again would only be refused as the same image).
+        self.verify_only = verify_only
         self.clock = reactor
         self.target = target
         self.image = image
@@ -217,6 +221,8 @@ class UpgradeJob:
             self.connector.check()
         except EndpointError as e:
             raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
+        if self.verify_only:
+            return await self._verify_outcome()
         description = await self._fetch_description_retrying(self.timeouts.connect_window, "reading the device description")
         # The loader's fixed document always says 1.0.1: it tells nothing of the installed firmware.
         self._version_before = None if description.in_loader else description.firmware_version
@@ -235,6 +241,9 @@ class UpgradeJob:
             await self._wait_for_loader()
         if await self._phase2() is StreamEnd.SAME:
             return self._already_current()
+        return await self._verify_outcome()
+
+    async def _verify_outcome(self) -> Outcome:
         version = await self._verify()
         if version is None:
             return self._outcome(
