@@ -54,7 +54,7 @@ def test_every_option_reaches_the_config(tmp_path):
 def test_bad_options_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse(*argv)
-    assert exc.value.code == 2
+    assert exc.value.code == 64
     assert "error:" in capsys.readouterr().err
 
 
@@ -69,7 +69,7 @@ def test_make_image_command(tmp_path, capsys):
     out = tmp_path / "image.bin"
     assert main(["sim", "make-image", str(out), "--version", "4.5.6", "--size", "5000"]) == 0
     assert out.stat().st_size == 5000 and read_trailer(out).version == "4.5.6"
-    assert main(["sim", "make-image", str(out), "--version", "4.5.6", "--size", "10"]) == 2
+    assert main(["sim", "make-image", str(out), "--version", "4.5.6", "--size", "10"]) == 64
     assert "at least 88 bytes" in capsys.readouterr().err
 
 
@@ -110,6 +110,6 @@ def test_netota_sim_subprocess_runs_until_sigterm(tmp_path):
 def test_unusable_state_dir_is_a_clear_error(tmp_path, capsys):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    assert main(["sim", "--state-dir", str(not_a_dir), "--ctp-port", "0", "--http-port", "0", "--ota-port", "0"]) == 2
+    assert main(["sim", "--state-dir", str(not_a_dir), "--ctp-port", "0", "--http-port", "0", "--ota-port", "0"]) == 64
     err = capsys.readouterr().err
     assert f"can't use the state directory {not_a_dir}" in err and "Traceback" not in err

@@ -304,7 +304,7 @@ async def cmd_jobs(client: ControlClient, args: argparse.Namespace) -> int:
     query = []
     if args.device:
         query.append(f"device={args.device}")
-    if args.limit:
+    if args.limit is not None:  # 0 too: the daemon refuses it, rather than listing everything
         query.append(f"limit={args.limit}")
     jobs = (await client.request("GET", "/v1/jobs" + ("?" + "&".join(query) if query else "")))["jobs"]
     if args.json:

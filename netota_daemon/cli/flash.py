@@ -117,11 +117,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="log the engine's steps to stderr")
     parser.add_argument("--log-file", help="append the engine's log to this file as JSON lines")
 
-    def usage_error(message: str) -> None:
-        parser.print_usage(sys.stderr)
-        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
-
-    parser.error = usage_error  # type: ignore[method-assign]  # usage errors exit 64, not 2
     parser.set_defaults(func=run_flash_command)
     return parser
 

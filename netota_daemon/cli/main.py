@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from netota_daemon import __version__
+from netota_daemon.engine.outcome import EXIT_USAGE
 
 COMMAND_MODULES = (
     "netota_daemon.cli.sim",
@@ -16,8 +18,17 @@ COMMAND_MODULES = (
 )
 
 
+class NetotaArgumentParser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE), for every subcommand: argparse's own 2 would read as the
+    outcome "unverified" in the documented exit codes."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = NetotaArgumentParser(
         prog="netota",
         description="Firmware upgrades for JieLi AC79 WiFi devices (single-backup network upgrade).",
     )
@@ -39,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 64
+        return EXIT_USAGE
     return int(args.func(args) or 0)
 
 

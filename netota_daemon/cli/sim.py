@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from netota_daemon.cli import arguments
+from netota_daemon.engine.outcome import EXIT_USAGE
 from netota_daemon.sim.config import SimConfig, SimConfigError, StallFault
 
 EVENTS_HELP = """\
@@ -181,7 +182,7 @@ def run_make_image(args: argparse.Namespace) -> int:
         path = make_image(args.out, args.image_version, args.size)
     except ImageError as e:
         print(f"netota sim make-image: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as e:
         print(f"netota sim make-image: can't write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -200,12 +201,12 @@ def run_sim(args: argparse.Namespace) -> int:
         config = config_from_args(args, state_dir)
     except SimConfigError as e:
         print(f"netota sim: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         device = SimulatedDevice(reactor, config)  # creates the state directory
     except OSError as e:
         print(f"netota sim: can't use the state directory {state_dir}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     level = LogLevel.debug if args.verbose else LogLevel.warn
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)])],

@@ -492,7 +492,7 @@ class UpgradeJob:
         )
 
     async def _run_reconnect_hook(self) -> None:
-        """Run ``target.reconnect_command`` (if any) with NETOTA_DEVICE/INTERFACE/SSID set, bounded by
+        """Run ``target.reconnect_command`` (if any) with NETOTA_DEVICE/INTERFACE/SSID/PHASE set, bounded by
         ``timeouts.hook``; its failure is logged, not fatal (the poll that follows decides)."""
         command = self.target.reconnect_command
         if not command:

@@ -18,7 +18,7 @@ class DeviceTarget:
     ota_port: int = 3335
     interface: str | None = None
     source_address: str | None = None
-    reconnect_command: str | None = None  # run with NETOTA_DEVICE/INTERFACE/SSID after phase 1
+    reconnect_command: str | None = None  # run after each reboot with NETOTA_DEVICE/INTERFACE/SSID/PHASE
     expected_ssid: str | None = None  # the SSID to rejoin, passed to reconnect_command
 
 
