@@ -48,10 +48,19 @@ def firmware(tmp_path):
 
 
 @pytest.fixture
-def rack(tmp_path):
-    # The namespaces and processes are removed on exit, whether the test passed or not.
-    with SimulatedRack(tmp_path / "rack", size=RACK_SIZE, time_scale=TIME_SCALE) as rack:
-        yield rack
+def make_rack(tmp_path):
+    """Builds a rack of a given size; its namespaces and processes are removed at the end of the
+    test, whether it passed or not."""
+    racks: list[SimulatedRack] = []
+
+    def make(size: int) -> SimulatedRack:
+        rack = SimulatedRack(tmp_path / f"rack{len(racks)}", size=size, time_scale=TIME_SCALE)
+        racks.append(rack)
+        return rack.__enter__()
+
+    yield make
+    for rack in racks:
+        rack.close()
 
 
 def _start(rack: SimulatedRack, firmware, sim_args=None) -> None:
@@ -79,7 +88,8 @@ def _diagnostics(rack: SimulatedRack) -> str:
     return "\n".join(parts)
 
 
-def test_rack_upgrades_every_device_at_once(rack, firmware):
+def test_rack_upgrades_every_device_at_once(make_rack, firmware):
+    rack = make_rack(RACK_SIZE)
     _start(rack, firmware)
     image = firmware.read_bytes()
 
@@ -117,36 +127,48 @@ def test_rack_upgrades_every_device_at_once(rack, firmware):
 
 
 FAULTS = [
-    # (simulator options, expected outcome kind, expected failure class or None)
-    (["--drop-after-reads", "3", "--fault-phase", "1"], "failed", "connection"),
-    (["--drop-after-reads", "3", "--fault-phase", "2"], "succeeded", None),
-    (["--stall-after-reads", "2:40", "--fault-phase", "1"], "succeeded", None),
-    (["--corrupt-reply-check", "--fault-phase", "2"], "succeeded", None),
+    # (simulator options, expected outcome kind, expected failure class or None, proof the fault fired)
+    (["--drop-after-reads", "3", "--fault-phase", "1"], "failed", "connection",
+     lambda events: any(e["event"] == "fault_drop" and e.get("phase") == 1 for e in events)),
+    (["--drop-after-reads", "3", "--fault-phase", "2"], "succeeded", None,
+     lambda events: any(e["event"] == "fault_drop" and e.get("phase") == 2 for e in events)),
+    (["--stall-after-reads", "2:40", "--fault-phase", "1"], "succeeded", None,
+     lambda events: any(e["event"] == "fault_stall" and e.get("phase") == 1 for e in events)),
+    (["--corrupt-reply-check", "--fault-phase", "2"], "succeeded", None,
+     lambda events: any(e["event"] == "session_end" and e["phase"] == 2 and e["checksum_errors"] for e in events)),
 ]
 
 
-def test_rack_faults_stay_with_their_device(rack, firmware):
-    sim_args = [FAULTS[i % len(FAULTS)][0] if i < len(FAULTS) else [] for i in range(RACK_SIZE)]
-    _start(rack, firmware, sim_args)
-    image_sha = hashlib.sha256(firmware.read_bytes()).hexdigest()
+def test_rack_faults_stay_with_their_device(make_rack, firmware):
+    """A different fault in each device (cycling for a rack larger than 4), plus one healthy device:
+    each outcome is its own, and the healthy device is upgraded as if it were alone."""
+    faulted = max(RACK_SIZE, len(FAULTS))
+    rack = make_rack(faulted + 1)
+    expected = [FAULTS[i % len(FAULTS)] for i in range(faulted)] + [([], "succeeded", None, None)]
+    _start(rack, firmware, [args for args, *_ in expected])
+    image = firmware.read_bytes()
+    image_sha = hashlib.sha256(image).hexdigest()
 
     result = rack.client("upgrade", "--all", firmware.name, "--wait", timeout=240)
-    assert result.returncode != 0, "a failed device must make the batch exit non-zero"
+    assert result.returncode == 1, "a failed device must make the batch exit with the failure's code"
 
     jobs = _jobs_by_device(rack)
-    for device in rack.devices:
+    for device, (_, kind, failure, fault_fired) in zip(rack.devices, expected):
         job = jobs[device.name]
-        if device.index < len(FAULTS):
-            _, kind, failure = FAULTS[device.index]
-        else:
-            kind, failure = "succeeded", None
         outcome = job["outcome"]
+        events = device.events()
         assert outcome["kind"] == kind, (device.name, device.sim_args, job, _diagnostics(rack))
         assert outcome["failure"] == failure, (device.name, outcome)
-        sessions = [e for e in device.events() if e["event"] == "session_end"]
+        if fault_fired is not None:
+            assert fault_fired(events), (device.name, device.sim_args, events)
+        else:  # the healthy device: no fault, one clean session per phase
+            assert not any(e["event"].startswith("fault_") for e in events)
+            assert [(s["phase"], s["outcome"]) for s in events if s["event"] == "session_end"] == [(1, "ok"), (2, "ok")]
+        sessions = [e for e in events if e["event"] == "session_end"]
         if kind == "succeeded":
             assert outcome["firmware_version_after"] == "2.0.0"
             assert sessions[-1]["sha256"] == image_sha and sessions[-1]["phase"] == 2
+            assert (device.state_dir / "phase2-received.bin").read_bytes() == image
         else:
             assert "reset the device" in outcome["advice"]
             assert all(s["phase"] == 1 for s in sessions)
