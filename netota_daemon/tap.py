@@ -52,7 +52,7 @@ def makeService(options: Any) -> IService:
     """The daemon for twistd, from the config :class:`Options` loaded and checked; a journal or
     control endpoint that can't be used stops start-up with one line."""
     # Imported here, so that parsing the options (and `twistd netota --help`) does not load the daemon.
-    from netota_daemon.daemon.service import ControlEndpointError, NetotaService
+    from netota_daemon.service import ControlEndpointError, NetotaService
 
     config = options.config if hasattr(options, "config") else load_config(options["config"])
     try:

@@ -175,7 +175,7 @@ def make_service(tmp_path: Any, reactor: Any, factory: Any, devices: tuple[str, 
     from pathlib import Path
 
     from netota_daemon.daemon.config import DaemonConfig, DeviceConfig, check_control_endpoint
-    from netota_daemon.daemon.service import NetotaService
+    from netota_daemon.service import NetotaService
     from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 
     firmware_dir = Path(tmp_path) / "fw"

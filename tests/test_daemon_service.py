@@ -182,7 +182,7 @@ def test_packaging_installs_the_twistd_plugin(tmp_path):
     out = tree / "out"
     assert (out / "twisted" / "plugins" / "netota_plugin.py").exists()
     assert not (out / "twisted" / "__init__.py").exists() and not (out / "twisted" / "plugins" / "__init__.py").exists()
-    assert (out / "netota_daemon" / "daemon" / "service.py").exists()
+    assert (out / "netota_daemon" / "service.py").exists() and (out / "netota_daemon" / "daemon" / "jobs.py").exists()
     assert (out / "netota_daemon" / "tap.py").exists()
 
 

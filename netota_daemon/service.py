@@ -1,4 +1,5 @@
-"""``NetotaService``: the daemon as one ``MultiService``.
+"""``NetotaService``: the daemon as one ``MultiService``, where the daemon's parts (``daemon/``) and
+its control API (``control/``) are put together; ``tap.py`` builds it for twistd.
 
 It owns the journal, the device registry, the job queue, the control API listener and the systemd
 notifications: the journal is recovered before the control socket listens; READY is sent once it
