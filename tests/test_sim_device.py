@@ -52,6 +52,17 @@ def run_session(device: SimulatedDevice, reactor: MemoryReactorClock, image: byt
     raise AssertionError("session never ended")
 
 
+def answer_first_read(device: SimulatedDevice, reactor: MemoryReactorClock) -> tuple[Any, StringTransport]:
+    """Open an OTA session and answer the device's first READ; the session and its transport."""
+    session = OtaFactory(device).buildProtocol(ADDRESS)
+    transport = StringTransport(peerAddress=ADDRESS)
+    session.makeConnection(transport)
+    reactor.advance(0.1)
+    header = OtaHeader.decode(transport.value()[:20])
+    session.dataReceived(encode_reply(header, IMAGE[: header.read_size]))
+    return session, transport
+
+
 def http_get(device: SimulatedDevice) -> None:
     protocol = HttpFactory(device, loader=device.mode == "loader").buildProtocol(ADDRESS)
     protocol.makeConnection(StringTransport(peerAddress=ADDRESS))
@@ -119,12 +130,7 @@ def test_failed_phase2_leaves_the_loader_listening_for_a_fresh_session():
 def test_loader_watchdog_resets_after_60_s_without_progress():
     device, reactor = make_device(mode="loader", stall_after_reads=StallFault(1, 500))
     http_get(device)
-    session = OtaFactory(device).buildProtocol(ADDRESS)
-    transport = StringTransport(peerAddress=ADDRESS)
-    session.makeConnection(transport)
-    reactor.advance(0.1)
-    header = OtaHeader.decode(transport.value()[:20])
-    session.dataReceived(encode_reply(header, IMAGE[: header.read_size]))
+    session, transport = answer_first_read(device, reactor)
     reactor.advance(59.5)
     assert "watchdog_reset" not in names(device)
     reactor.advance(1.0)
@@ -140,12 +146,7 @@ def test_loader_watchdog_resets_after_60_s_without_progress():
 
 def test_main_firmware_has_no_watchdog():
     device, reactor = make_device(ota_listen_at_start=True, stall_after_reads="1:100")
-    session = OtaFactory(device).buildProtocol(ADDRESS)
-    transport = StringTransport(peerAddress=ADDRESS)
-    session.makeConnection(transport)
-    reactor.advance(0.1)
-    header = OtaHeader.decode(transport.value()[:20])
-    session.dataReceived(encode_reply(header, IMAGE[: header.read_size]))
+    session, transport = answer_first_read(device, reactor)
     reactor.advance(90)
     assert "watchdog_reset" not in names(device) and device.mode == "main"
 
