@@ -24,7 +24,7 @@ from netota_daemon.control.resource import ControlResource
 from netota_daemon.daemon.config import DaemonConfig
 from netota_daemon.daemon.firmware_store import FirmwareStore
 from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
-from netota_daemon.daemon.journal import JobJournal, JobState
+from netota_daemon.daemon.journal import JobJournal, JobState, JournalError
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.daemon.systemd import SystemdNotifier, WatchdogService, watchdog_interval
 
@@ -134,7 +134,10 @@ class NetotaService(MultiService):
                                        self.journal.last_firmware_version(name))
 
     def privilegedStartService(self) -> None:
-        self._recover()
+        try:
+            self._recover()
+        except JournalError as e:  # e.g. a row written by a newer version: one clear line, no traceback
+            raise SystemExit(f"netota: {e}") from None
         super().privilegedStartService()
 
     def _listening(self, port: IListeningPort) -> None:

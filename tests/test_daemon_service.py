@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,27 @@ def test_twistd_stops_at_a_bad_config_with_the_key(tmp_path):
     assert result.returncode != 0
     assert "daemon.control" in result.stdout + result.stderr
     assert "control_token" in result.stdout + result.stderr
+
+
+def test_twistd_stops_at_an_unreadable_journal_in_one_line(tmp_path):
+    state = tmp_path / "state"
+    journal = JobJournal(state)
+    journal.create(JobRecord(id="j1", device="x", firmware="v2.bin", created=1.0))
+    journal.close()
+    with sqlite3.connect(state / "journal.sqlite3") as db:  # as a newer version might have left it
+        db.execute("UPDATE jobs SET state = 'paused'")
+    path = tmp_path / "netota.toml"
+    path.write_text(f'[daemon]\ncontrol = "unix:{short_socket_dir()}/c.sock"\nstate_dir = "{state}"\n'
+                    f'firmware_dir = "{tmp_path}"\n[devices.x]\nhost = "127.0.0.1"\n')
+    result = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "netota", "--config", str(path)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "netota: job 'j1' in the journal can't be read" in output and "newer netota" in output
+    assert "Traceback" not in output
 
 
 @pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import replace
 
+import pytest
+
 from twisted.internet.task import Clock
 
 from netota_daemon.daemon.journal import (
@@ -105,3 +107,17 @@ def test_a_job_lost_after_phase_2_is_not_told_its_device_waits_in_the_loader(tmp
     (recovered,) = journal.recover()
     assert recovered.advice.startswith(ADVICE_UNVERIFIED) and ADVICE_LOADER not in recovered.advice
     assert recovered.resumable
+
+
+def test_a_row_this_version_cannot_read_is_a_clear_error(tmp_path):
+    from netota_daemon.daemon.journal import JOURNAL_FILE, JournalError
+
+    journal = JobJournal(tmp_path)
+    journal.create(JobRecord(id="j1", device="a", firmware="v2.bin", created=1.0))
+    journal.close()
+    with sqlite3.connect(tmp_path / JOURNAL_FILE) as db:  # as a newer netota might have written it
+        db.execute("UPDATE jobs SET state = 'paused' WHERE id = 'j1'")
+    journal = JobJournal(tmp_path)
+    with pytest.raises(JournalError, match="'j1'.*newer netota"):
+        journal.get("j1")
+    journal.close()

@@ -167,6 +167,16 @@ def _to_row(record: JobRecord) -> dict[str, Any]:
 
 
 def _from_row(row: sqlite3.Row) -> JobRecord:
+    try:
+        return _record_from_row(row)
+    except (ValueError, KeyError, TypeError) as e:
+        raise JournalError(
+            f"job {row['id']!r} in the journal can't be read ({e}): was it written by a newer netota? "
+            "Run that version, or move the journal file aside to start a new one"
+        ) from None
+
+
+def _record_from_row(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
         device=row["device"],
