@@ -42,6 +42,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+async def one_reactor_turn(reactor) -> None:
+    """Let the reactor run once: the zero-delay calls Twisted schedules for itself (a cancelled
+    connection attempt's cleanup) run, so a test can then check that nothing is left scheduled.
+    Not a wait for an event: nothing else can happen in a zero-delay turn."""
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0, lambda: None)
+
+
 @pytest.fixture(autouse=True)
 def fail_on_unhandled_deferred_errors():
     """An error nobody handled in a Deferred fails the test that caused it (as magic-wormhole does)."""

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from netota_daemon.engine.events import Finished, PhaseChanged, Progress
 from netota_daemon.engine.job import UpgradeJob
@@ -30,6 +29,7 @@ from netota_daemon.firmware import open_image
 from netota_daemon.sim.config import SimConfig
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
+from tests.conftest import one_reactor_turn
 
 TIME_SCALE = 0.02  # device seconds -> real seconds: the 5 s reply wait is 100 ms, enough on 2 loaded cores
 IMAGE_SIZE = 200_000
@@ -99,8 +99,7 @@ class Run:
         if device_event is not None:
             await self.device.wait_for_event(device_event, timeout=10)
         await self.device.stop()
-        # one reactor turn for zero-delay calls Twisted schedules itself (a cancelled connect's)
-        await deferLater(self.reactor, 0, lambda: None)
+        await one_reactor_turn(self.reactor)
         assert self.reactor.getDelayedCalls() == [], self.reactor.getDelayedCalls()
         return outcome
 
@@ -340,6 +339,7 @@ async def test_nothing_listening_fails_with_connection(reactor, tmp_path):
     assert outcome.phase is Phase.DETECT
     assert outcome.advice == ADVICE_NOTHING_SENT
     assert "refused" in outcome.message
+    await one_reactor_turn(reactor)
     assert reactor.getDelayedCalls() == []
 
 
