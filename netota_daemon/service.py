@@ -25,6 +25,7 @@ from netota_daemon.daemon.config import DaemonConfig
 from netota_daemon.daemon.firmware_store import FirmwareStore
 from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
 from netota_daemon.daemon.journal import JobJournal, JobState, JournalError
+from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.daemon.systemd import SystemdNotifier, WatchdogService, watchdog_interval
 
@@ -105,7 +106,9 @@ class NetotaService(MultiService):
         self.queue = JobQueue(reactor, config, self.journal, self.registry, FirmwareStore(config.firmware_dir),
                               job_factory=job_factory)
         self.notifier = SystemdNotifier(environ)
-        self.control = ControlResource(self.queue, self.registry, reactor, token=config.control_token)
+        self.prober = DeviceProber(self.registry, reactor)
+        self.control = ControlResource(self.queue, self.registry, reactor, token=config.control_token,
+                                       prober=self.prober)
         site = Site(self.control)
         site.displayTracebacks = False
         try:

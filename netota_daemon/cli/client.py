@@ -140,18 +140,36 @@ async def _follow_job(client: ControlClient, job_id: str, args: argparse.Namespa
 
 
 async def cmd_devices(client: ControlClient, args: argparse.Namespace) -> int:
-    devices = (await client.request("GET", "/v1/devices"))["devices"]
+    names = getattr(args, "names", None) or []
+    probe = getattr(args, "probe", False)
+    if names and not probe:
+        raise ValueError("naming devices needs --probe (netota devices --probe NAME ...)")
+    if probe:
+        answer = await client.request("POST", "/v1/devices/probe", {"devices": list(names)} if names else None)
+    else:
+        answer = await client.request("GET", "/v1/devices")
+    devices = answer["devices"]
     if args.json:
-        _print_json(devices)
+        _print_json(answer if probe else devices)
         return 0
     rows = []
+    notes = []
     for d in devices:
         percent = f"{d['percent']:.1f}%" if d.get("percent") is not None else "-"
         rate = f"{format_bytes(d['rate'])}/s" if d.get("rate") else "-"
         state = d["state"] + (f" #{d['queue_position']}" if d.get("queue_position") else "")
-        rows.append([d["name"], state, _dash(d.get("phase")), percent, rate, _dash(d.get("job")),
-                     _dash(d.get("last_outcome")), _dash(d.get("firmware_version"))])
-    print(_table(rows, ["DEVICE", "STATE", "PHASE", "PERCENT", "RATE", "JOB", "LAST OUTCOME", "FIRMWARE"]))
+        row = [d["name"], state, _dash(d.get("phase")), percent, rate, _dash(d.get("job")),
+               _dash(d.get("last_outcome")), _dash(d.get("firmware_version"))]
+        if probe:
+            result = d.get("probe") or {}
+            row.append(_dash(result.get("mode")) if result.get("ok") else "?")
+            if not result.get("ok"):
+                notes.append(f"{d['name']}: probe failed: {result.get('error') or 'no answer'}")
+        rows.append(row)
+    headers = ["DEVICE", "STATE", "PHASE", "PERCENT", "RATE", "JOB", "LAST OUTCOME", "FIRMWARE"]
+    print(_table(rows, headers + (["MODE"] if probe else [])))
+    for note in notes:
+        print(note)
     return 0
 
 
@@ -472,7 +490,11 @@ def add_parser(subparsers: Any) -> None:
         p.set_defaults(func=_run(command))
         return p
 
-    sub("devices", "List the daemon's devices and what each is doing.", cmd_devices)
+    p = sub("devices", "List the daemon's devices and what each is doing.", cmd_devices)
+    p.add_argument("--probe", action="store_true",
+                   help="first read each idle device's description document (HTTP only) for its firmware "
+                        "version and mode (main, loader, double_backup); devices with a job are not contacted")
+    p.add_argument("names", nargs="*", metavar="DEVICE", help="with --probe: only these devices (default: all)")
 
     p = sub("upgrade", "Start an upgrade of DEVICE (or several, or --all) with FIRMWARE, a file name in the "
                        "daemon's firmware_dir.", cmd_upgrade)

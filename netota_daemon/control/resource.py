@@ -10,6 +10,7 @@ import hmac
 import json
 from typing import Any, Callable
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -19,6 +20,7 @@ from zope.interface import implementer
 
 from netota_daemon import __version__
 from netota_daemon.daemon.jobs import JobError, JobQueue, QueueEvent
+from netota_daemon.daemon.probe import DeviceProber, ProbeResult
 from netota_daemon.daemon.registry import DeviceRegistry
 
 log = Logger()
@@ -26,6 +28,7 @@ log = Logger()
 API_PREFIX = "v1"
 START_FIELDS = {"device", "firmware", "options"}
 CANCEL_FIELDS = {"reason"}
+PROBE_FIELDS = {"devices"}
 MAX_BODY = 64 * 1024
 KEEPALIVE_SECONDS = 15.0
 MAX_LIMIT = 1_000_000  # jobs in one listing (SQLite's LIMIT takes a 64-bit integer)
@@ -143,13 +146,15 @@ class ControlResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, queue: JobQueue, registry: DeviceRegistry, clock: IReactorTime, token: str | None = None
+        self, queue: JobQueue, registry: DeviceRegistry, clock: IReactorTime, token: str | None = None,
+        prober: DeviceProber | None = None,
     ) -> None:
         super().__init__()
         self.queue = queue
         self.registry = registry
         self.clock = clock
         self.token = token
+        self.prober = prober or DeviceProber(registry, clock)
         self.streams: set[EventStream] = set()
         # Set once the daemon has stopped (journal closed): a request on a connection accepted
         # before the listener closed gets 503, not an internal error.
@@ -238,6 +243,9 @@ class ControlResource(Resource):
         if rest == ["devices"]:
             self._method(request, ("GET",))
             return self._ok(request, {"devices": self.registry.to_json()})
+        if rest == ["devices", "probe"]:
+            self._method(request, ("POST",))
+            return self._probe(request)
         if rest == ["jobs"]:
             method = self._method(request, ("GET", "POST"))
             if method == "POST":
@@ -304,6 +312,41 @@ class ControlResource(Resource):
         job = self.queue.start(body["device"], body["firmware"], body.get("options"))
         request.setHeader(b"location", f"/{API_PREFIX}/jobs/{job['id']}".encode())
         return self._ok(request, {"job": job}, status=201)
+
+    def _probe(self, request: Request) -> int:
+        """Answer once every named device's probe has ended (each is bounded by its http timeout)."""
+        body = self._body(request, PROBE_FIELDS, set())
+        names = body.get("devices")
+        if names is not None:
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise ApiError(400, "bad_field", "devices must be a non-empty list of device names")
+            unknown = [n for n in dict.fromkeys(names) if n not in self.registry]
+            if unknown:
+                raise ApiError(404, "unknown_device",
+                               f"no such device(s) {', '.join(unknown)} (known: {', '.join(self.registry.names())})")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(results: dict[str, ProbeResult]) -> None:
+            if gone:
+                return  # the client went away; the registry has the results
+            devices = []
+            for name, result in results.items():
+                device = self.registry.get(name).to_json()
+                device["probe"] = result.to_json()  # also a busy answer, which the registry does not keep
+                devices.append(device)
+            request.write(self._ok(request, {"devices": devices}))
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            log.failure("control API: probe failed", failure)
+            if not gone:
+                request.write(self._error(request, ApiError(500, "internal_error",
+                                                            f"internal error: {failure.getErrorMessage()}")))
+                request.finish()
+
+        ensureDeferred(self.prober.probe(names)).addCallbacks(answer, failed)
+        return NOT_DONE_YET
 
     def _open_stream(self, request: Request, accept: Callable[[QueueEvent], bool],
                      last: Callable[[QueueEvent], bool]) -> EventStream:

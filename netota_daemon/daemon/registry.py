@@ -1,7 +1,8 @@
 """``DeviceRegistry``: the configured devices and what each is doing now.
 
 The job queue keeps it current (queued, running with phase/percent/rate, idle with the last outcome
-and firmware version); the control API shows it (``GET /v1/devices``, ``netota devices``).
+and firmware version), the prober adds each device's last probe; the control API shows it
+(``GET /v1/devices``, ``netota devices``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class DeviceStatus:
     last_job: str | None = None
     last_outcome: str | None = None
     firmware_version: str | None = None
+    probe: dict[str, Any] | None = None  # the last probe's answer (POST /v1/devices/probe)
 
     def to_json(self) -> dict[str, Any]:
         target = self.config.target
@@ -47,6 +49,7 @@ class DeviceStatus:
             "last_job": self.last_job,
             "last_outcome": self.last_outcome,
             "firmware_version": self.firmware_version,
+            "probe": self.probe,
         }
 
 
@@ -100,6 +103,14 @@ class DeviceRegistry:
                 status.firmware_version = version
         else:
             status.last_outcome = "interrupted"
+
+    def probed(self, name: str, probe: dict[str, Any], firmware_version: str | None) -> None:
+        """Keep a probe's answer; the firmware version it read (None: none, or the loader's) becomes
+        the device's known version."""
+        status = self._devices[name]
+        status.probe = probe
+        if firmware_version:
+            status.firmware_version = firmware_version
 
     def remember(self, name: str, job_id: str, outcome: Outcome | None, firmware_version: str | None) -> None:
         """Load the device's last job (``outcome`` None: it was interrupted) and its last known
