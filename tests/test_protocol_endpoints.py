@@ -85,6 +85,29 @@ def test_no_attempt_starts_when_the_wait_would_pass_the_deadline():
     assert len(attempts.times) == 2
 
 
+def test_an_attempt_cut_short_by_the_deadline_does_not_hide_the_real_error():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts, deadline=2.5, attempt_timeout=2.0, policy=lambda n: 1.0)
+    attempts.pending[0].errback(error.ConnectionRefusedError())
+    clock.advance(1.0)  # the second attempt starts at 1.0 with only 1.5 s left of the window...
+    clock.advance(1.5)  # ...and the window's end cuts it: that says nothing about the device
+    (failure,) = results
+    assert failure.check(RetriesExhausted)
+    assert failure.value.attempts == 2
+    assert isinstance(failure.value.last_error, error.ConnectionRefusedError)
+    assert "connection refused" in str(failure.value)
+
+
+def test_an_attempt_that_times_out_with_its_whole_budget_is_the_last_error():
+    clock, attempts = Clock(), Attempts()
+    d, results = run(clock, attempts, deadline=3.5, attempt_timeout=2.0, policy=lambda n: 1.0)
+    attempts.pending[0].errback(error.ConnectionRefusedError())
+    clock.advance(1.0)
+    clock.advance(2.0)  # the second attempt had its full 2 s: the device really went silent
+    (failure,) = results
+    assert isinstance(failure.value.last_error, defer.TimeoutError)
+
+
 def test_non_retryable_error_ends_at_once():
     clock, attempts = Clock(), Attempts()
     d, results = run(clock, attempts)

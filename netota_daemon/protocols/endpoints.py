@@ -288,21 +288,28 @@ async def retry_until_deadline(
     seconds from now; each attempt gets ``attempt_timeout`` seconds (less near the deadline).
 
     Errors that are not ``retryable`` (e.g. :class:`EndpointError`) end it at once. When time runs
-    out, raises :class:`RetriesExhausted` carrying the last error. Cancelling the returned coroutine's
-    Deferred cancels the running attempt or the wait (and raises CancelledError, never a retry).
+    out, raises :class:`RetriesExhausted` carrying the last error; an attempt that the deadline cut
+    short (it had less than ``attempt_timeout``) and then timed out says only that time ran out, so
+    the error of the attempt before it is kept as the one that tells what went wrong. Cancelling the
+    returned coroutine's Deferred cancels the running attempt or the wait (and raises
+    CancelledError, never a retry).
     """
     policy = policy or default_backoff()
     end = clock.seconds() + deadline
     attempts = 0
+    last_error: BaseException | None = None
     while True:
         remaining = end - clock.seconds()
+        budget = min(attempt_timeout, remaining)
         attempts += 1
         try:
-            return await bounded(clock, defer.ensureDeferred(attempt()), min(attempt_timeout, remaining), what)
+            return await bounded(clock, defer.ensureDeferred(attempt()), budget, what)
         except defer.CancelledError:
             raise
         except retryable as e:
-            last_error: BaseException = e
+            cut_short = budget < attempt_timeout and isinstance(e, defer.TimeoutError)
+            if not (cut_short and last_error is not None):
+                last_error = e
             log.debug(
                 "{what}: attempt {attempts} failed: {error}",
                 what=what,
@@ -312,5 +319,6 @@ async def retry_until_deadline(
             )
         delay = policy(attempts - 1)
         if clock.seconds() + delay >= end:
+            assert last_error is not None
             raise RetriesExhausted(what, attempts, last_error)
         await deferLater(clock, delay, lambda: None)
