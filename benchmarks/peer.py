@@ -35,8 +35,9 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy
 
@@ -385,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="bytes per READ (default 43008)")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
-    parser.add_argument("--device-mbps", type=float, default=0.0,
-                        help="pace each session to this many MB/s, like a real device (default: no pacing)")
+    parser.add_argument(
+        "--device-mbps",
+        type=float,
+        default=0.0,
+        help="pace each session to this many MB/s, like a real device (default: no pacing)",
+    )
     parser.add_argument("--dump", metavar="FILE", help="write each session's app port and READ send times (JSON)")
     args = parser.parse_args(argv)
     if args.connections < 1 or args.workers < 1 or not 0 < args.window <= DEFAULT_WINDOW or args.device_mbps < 0:

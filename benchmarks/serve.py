@@ -293,10 +293,29 @@ def run_scenario(
     dump = tempfile.NamedTemporaryFile(prefix="netota-peer-", suffix=".json", delete=False)
     dump.close()
     peer = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.peer", "--image", image_path, "--connections", str(total_sessions + 1),
-         "--workers", str(peer_workers), "--window", str(WINDOW), "--timeout", str(timeout), "--dump", dump.name,
-         "--device-mbps", str(device_mbps)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_child_env(),
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.peer",
+            "--image",
+            image_path,
+            "--connections",
+            str(total_sessions + 1),
+            "--workers",
+            str(peer_workers),
+            "--window",
+            str(WINDOW),
+            "--timeout",
+            str(timeout),
+            "--dump",
+            dump.name,
+            "--device-mbps",
+            str(device_mbps),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_child_env(),
     )
     results: list[StreamResult] = []
     measured: dict[str, Any] = {}
@@ -371,8 +390,12 @@ def run_scenario(
                 sampler.stop()
                 sample_anon()
                 measured.update(
-                    wall=t1 - t0, cpu=cpu1 - cpu0, rss_before=before.get("VmRSS", 0), rss_peak_run=peak_now(),
-                    anon_before=before.get("RssAnon", 0), anon_peak_run=anon_peak[0],
+                    wall=t1 - t0,
+                    cpu=cpu1 - cpu0,
+                    rss_before=before.get("VmRSS", 0),
+                    rss_peak_run=peak_now(),
+                    anon_before=before.get("RssAnon", 0),
+                    anon_peak_run=anon_peak[0],
                 )
 
         try:
@@ -386,7 +409,7 @@ def run_scenario(
             out, _ = peer.communicate(timeout=timeout)
             for line in out.splitlines():
                 if line.startswith("RESULT "):
-                    peer_summary = json.loads(line[len("RESULT "):])
+                    peer_summary = json.loads(line[len("RESULT ") :])
             if peer_summary:
                 with open(dump.name) as f:
                     peer_sessions = json.load(f)
@@ -475,14 +498,30 @@ def run_in_subprocess(
     device_mbps: float = 0.0,
 ) -> ScenarioReport:
     """One scenario in a fresh interpreter (its own reactor, CPU time and memory)."""
-    command = [sys.executable, "-m", "benchmarks.serve", "--one-scenario", "--image", str(image),
-               "--streams", str(streams), "--sessions", str(sessions), "--peer-workers", str(peer_workers),
-               "--timeout", str(timeout), "--device-mbps", str(device_mbps)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT, timeout=timeout * 2 + 60,
-                          env=_child_env())
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.serve",
+        "--one-scenario",
+        "--image",
+        str(image),
+        "--streams",
+        str(streams),
+        "--sessions",
+        str(sessions),
+        "--peer-workers",
+        str(peer_workers),
+        "--timeout",
+        str(timeout),
+        "--device-mbps",
+        str(device_mbps),
+    ]
+    done = subprocess.run(
+        command, stdout=subprocess.PIPE, text=True, cwd=ROOT, timeout=timeout * 2 + 60, env=_child_env()
+    )
     for line in done.stdout.splitlines():
         if line.startswith("REPORT "):
-            return ScenarioReport(**json.loads(line[len("REPORT "):]))
+            return ScenarioReport(**json.loads(line[len("REPORT ") :]))
     raise RuntimeError(f"the scenario ({streams} streams, {image}) gave no report:\n{done.stdout}")
 
 
@@ -498,8 +537,10 @@ def format_table(reports: list[ScenarioReport]) -> str:
     """The figures as a table: MB/s aggregate; CPU s per GB and CPU % (of one core) of the app;
     reply p50/p99 (READ in ``dataReceived`` -> reply written); wire p50/p99 (READ sent by the
     peer -> reply written); resident memory per job (all, and anonymous only)."""
-    head = (f"{'image':>8} {'streams':>7} {'device':>8} {'sessions':>8} {'MB/s':>7} {'CPU s/GB':>8} {'CPU%':>4} "
-            f"{'reply p50':>9} {'p99 ms':>7} {'wire p50':>8} {'p99 ms':>7} {'RSS/job':>8} {'anon/job':>8}  verified")
+    head = (
+        f"{'image':>8} {'streams':>7} {'device':>8} {'sessions':>8} {'MB/s':>7} {'CPU s/GB':>8} {'CPU%':>4} "
+        f"{'reply p50':>9} {'p99 ms':>7} {'wire p50':>8} {'p99 ms':>7} {'RSS/job':>8} {'anon/job':>8}  verified"
+    )
     lines = [head]
     for r in reports:
         lines.append(
@@ -531,11 +572,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=_int_list, default=[1, 8, 64], help="concurrent streams, e.g. 1,8,64")
     parser.add_argument("--image-mib", type=_size_list, default=[4.0, 64.0], help="image sizes in MiB, e.g. 4,64")
-    parser.add_argument("--min-mib", type=float, default=512.0,
-                        help="serve at least this much per scenario, repeating whole sessions (default 512)")
-    parser.add_argument("--paced-mbps", type=float, default=2.0,
-                        help="add one scenario: the most streams on the smallest image, each device paced to "
-                             "this many MB/s (a realistic rack, for latency); 0 to skip (default 2)")
+    parser.add_argument(
+        "--min-mib",
+        type=float,
+        default=512.0,
+        help="serve at least this much per scenario, repeating whole sessions (default 512)",
+    )
+    parser.add_argument(
+        "--paced-mbps",
+        type=float,
+        default=2.0,
+        help="add one scenario: the most streams on the smallest image, each device paced to "
+        "this many MB/s (a realistic rack, for latency); 0 to skip (default 2)",
+    )
     parser.add_argument("--peer-workers", type=int, default=1, help="device peer processes (default 1)")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on each scenario, seconds")
     parser.add_argument("--repeat", type=int, default=1, help="run every scenario this many times (default 1)")
@@ -565,15 +614,20 @@ def main(argv: list[str] | None = None) -> int:
             for mib, image in images.items():
                 for streams in args.streams:
                     sessions = sessions_per_stream(image.stat().st_size, streams, int(args.min_mib * MIB))
-                    print(f"... {mib:g} MiB image, {streams} streams x {sessions} sessions",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"... {mib:g} MiB image, {streams} streams x {sessions} sessions", file=sys.stderr, flush=True
+                    )
                     reports.append(run_in_subprocess(image, streams, sessions, args.peer_workers, args.timeout))
             if args.paced_mbps > 0:
                 mib, streams = min(args.image_mib), max(args.streams)
-                print(f"... {mib:g} MiB image, {streams} streams paced at {args.paced_mbps:g} MB/s each",
-                      file=sys.stderr, flush=True)
-                reports.append(run_in_subprocess(images[mib], streams, 1, args.peer_workers, args.timeout,
-                                                 args.paced_mbps))
+                print(
+                    f"... {mib:g} MiB image, {streams} streams paced at {args.paced_mbps:g} MB/s each",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                reports.append(
+                    run_in_subprocess(images[mib], streams, 1, args.peer_workers, args.timeout, args.paced_mbps)
+                )
     print(format_table(reports))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in reports], indent=2) + "\n")

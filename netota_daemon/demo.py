@@ -67,26 +67,70 @@ def run() -> int:
         control = work / "control.sock"
         _say(f"working in {work} (removed at the end)")
         if TIME_SCALE == 1.0:
-            _say("the simulated device runs at --time-scale 1: its delays (reboots, the loader's start, its 5 s "
-                 "waits) are the real device's, so this takes about half a minute")
+            _say(
+                "the simulated device runs at --time-scale 1: its delays (reboots, the loader's start, its 5 s "
+                "waits) are the real device's, so this takes about half a minute"
+            )
         else:
-            _say(f"the simulated device runs at --time-scale {TIME_SCALE:g}: every delay it has (reboots, waits) "
-                 f"is {TIME_SCALE:g} times the real device's")
-        subprocess.run([python, "-m", "netota_daemon", "sim", "make-image", str(firmware_dir / FIRMWARE),
-                        "--version", "2.0.0", "--size", str(IMAGE_SIZE)], env=env, check=True)
+            _say(
+                f"the simulated device runs at --time-scale {TIME_SCALE:g}: every delay it has (reboots, waits) "
+                f"is {TIME_SCALE:g} times the real device's"
+            )
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "netota_daemon",
+                "sim",
+                "make-image",
+                str(firmware_dir / FIRMWARE),
+                "--version",
+                "2.0.0",
+                "--size",
+                str(IMAGE_SIZE),
+            ],
+            env=env,
+            check=True,
+        )
 
         sim_log = open(work / "sim.log", "wb")
         sim = subprocess.Popen(
-            [python, "-m", "netota_daemon", "sim", "--listen", "127.0.0.1", "--ctp-port", "0", "--http-port", "0",
-             "--ota-port", "0", "--state-dir", str(sim_dir), "--time-scale", str(TIME_SCALE),
-             "--firmware-version", "1.0.0"],
-            env=env, stdout=sim_log, stderr=subprocess.STDOUT)
+            [
+                python,
+                "-m",
+                "netota_daemon",
+                "sim",
+                "--listen",
+                "127.0.0.1",
+                "--ctp-port",
+                "0",
+                "--http-port",
+                "0",
+                "--ota-port",
+                "0",
+                "--state-dir",
+                str(sim_dir),
+                "--time-scale",
+                str(TIME_SCALE),
+                "--firmware-version",
+                "1.0.0",
+            ],
+            env=env,
+            stdout=sim_log,
+            stderr=subprocess.STDOUT,
+        )
         ports_file = sim_dir / "ports.json"
-        _wait_for(lambda: ports_file.exists() and ports_file.read_text().strip().endswith("}"),
-                  "the simulator to listen", 30, sim)
+        _wait_for(
+            lambda: ports_file.exists() and ports_file.read_text().strip().endswith("}"),
+            "the simulator to listen",
+            30,
+            sim,
+        )
         ports = json.loads(ports_file.read_text())
-        _say(f"simulated device (firmware 1.0.0) on 127.0.0.1: CTP {ports['ctp']}, HTTP {ports['http']}, "
-             f"OTA {ports['ota']}")
+        _say(
+            f"simulated device (firmware 1.0.0) on 127.0.0.1: CTP {ports['ctp']}, HTTP {ports['http']}, "
+            f"OTA {ports['ota']}"
+        )
 
         config = work / "netota.toml"
         config.write_text(f"""\
@@ -101,15 +145,27 @@ poll_interval = 0.2
 
 [devices.{DEVICE}]
 host = "127.0.0.1"
-ctp_port = {ports['ctp']}
-http_port = {ports['http']}
-ota_port = {ports['ota']}
+ctp_port = {ports["ctp"]}
+http_port = {ports["http"]}
+ota_port = {ports["ota"]}
 """)
         daemon_log = open(work / "daemon.log", "wb")
         daemon = subprocess.Popen(
-            [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "netota",
-             "--config", str(config)],
-            env=env, stdout=daemon_log, stderr=subprocess.STDOUT, cwd=str(work))
+            [
+                python,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "netota",
+                "--config",
+                str(config),
+            ],
+            env=env,
+            stdout=daemon_log,
+            stderr=subprocess.STDOUT,
+            cwd=str(work),
+        )
         _wait_for(control.exists, "the daemon's control socket", 30, daemon)
         _say(f"daemon running under twistd, control socket {control}")
 
@@ -117,8 +173,9 @@ ota_port = {ports['ota']}
         subprocess.run([python, "-m", "netota_daemon", "devices"], env=client_env, check=False)
         _say(f"netota upgrade {DEVICE} {FIRMWARE} --wait")
         started = time.monotonic()
-        code = subprocess.run([python, "-m", "netota_daemon", "upgrade", DEVICE, FIRMWARE, "--wait"],
-                              env=client_env).returncode
+        code = subprocess.run(
+            [python, "-m", "netota_daemon", "upgrade", DEVICE, FIRMWARE, "--wait"], env=client_env
+        ).returncode
         _say(f"the upgrade took {time.monotonic() - started:.1f} s and exited with status {code}")
         subprocess.run([python, "-m", "netota_daemon", "devices"], env=client_env, check=False)
         if code != 0:

@@ -40,13 +40,16 @@ def run(devices: int, time_scale: float) -> int:
         firmware_dir.mkdir()
         make_image(firmware_dir / FIRMWARE, "2.0.0", 1_048_576)
         with SimulatedRack(work / "rack", size=devices, time_scale=time_scale) as rack:
-            _say(f"{devices} simulated devices, each at 192.168.1.1 in its own network namespace, "
-                 f"delays x{time_scale:g}")
+            _say(
+                f"{devices} simulated devices, each at 192.168.1.1 in its own network namespace, delays x{time_scale:g}"
+            )
             rack.start_devices()
             rack.start_daemon(rack.write_config(firmware_dir, TIMEOUTS))
             for device in rack.devices:
-                _say(f"  {device.name}: interface {device.rack_interface} ({device.source_address}) "
-                     f"-> namespace {device.namespace}")
+                _say(
+                    f"  {device.name}: interface {device.rack_interface} ({device.source_address}) "
+                    f"-> namespace {device.namespace}"
+                )
             _say(f"daemon running in namespace {rack.rack_namespace}; control socket {rack.control_path}")
             print(rack.client("devices").stdout, flush=True)
             _say(f"netota upgrade --all {FIRMWARE} --wait")
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         description="make rack-demo: a whole rack flashed at once, for a person to watch. Needs root.",
     )
     parser.add_argument("--devices", type=int, default=4, help="how many devices (default 4)")
-    parser.add_argument("--time-scale", type=float, default=0.2,
-                        help="the simulated devices' delays, times the real ones (default 0.2)")
+    parser.add_argument(
+        "--time-scale", type=float, default=0.2, help="the simulated devices' delays, times the real ones (default 0.2)"
+    )
     args = parser.parse_args(argv)
     return run(args.devices, args.time_scale)
 

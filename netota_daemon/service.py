@@ -9,7 +9,8 @@ interrupted, then the listener closes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -42,8 +43,13 @@ class ControlListener(Service):
 
     name = "control"
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, on_listening: Callable[[IListeningPort], None],
-                 description: str = "") -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: Any,
+        on_listening: Callable[[IListeningPort], None],
+        description: str = "",
+    ) -> None:
         self.endpoint = endpoint
         self.description = description
         self.factory = factory
@@ -64,8 +70,9 @@ class ControlListener(Service):
         if failures:
             # Start-up stops with one line naming the endpoint (twistd prints a SystemExit's message),
             # not a traceback from inside the reactor.
-            raise SystemExit(f"netota: can't listen on the control endpoint ({self.description}): "
-                             f"{failures[0].getErrorMessage()}")
+            raise SystemExit(
+                f"netota: can't listen on the control endpoint ({self.description}): {failures[0].getErrorMessage()}"
+            )
 
     def _got_port(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -103,12 +110,14 @@ class NetotaService(MultiService):
         self.config = config
         self.journal = JobJournal(config.state_dir, reactor)
         self.registry = DeviceRegistry(config.devices.values())
-        self.queue = JobQueue(reactor, config, self.journal, self.registry, FirmwareStore(config.firmware_dir),
-                              job_factory=job_factory)
+        self.queue = JobQueue(
+            reactor, config, self.journal, self.registry, FirmwareStore(config.firmware_dir), job_factory=job_factory
+        )
         self.notifier = SystemdNotifier(environ)
         self.prober = DeviceProber(self.registry, reactor)
-        self.control = ControlResource(self.queue, self.registry, reactor, token=config.control_token,
-                                       prober=self.prober)
+        self.control = ControlResource(
+            self.queue, self.registry, reactor, token=config.control_token, prober=self.prober
+        )
         site = Site(self.control)
         site.displayTracebacks = False
         try:
@@ -119,8 +128,12 @@ class NetotaService(MultiService):
                 f"(LISTEN_FDS/LISTEN_FDNAMES; is the daemon started by its .socket unit?): {e!r}"
             ) from None
         except ValueError as e:
-            raise ControlEndpointError(f"{config.source}: daemon.control: {config.control!r} can't be used: {e}") from None
-        self.listener = ControlListener(endpoint, site, self._listening, f"{config.source}: daemon.control: {config.control}")
+            raise ControlEndpointError(
+                f"{config.source}: daemon.control: {config.control!r} can't be used: {e}"
+            ) from None
+        self.listener = ControlListener(
+            endpoint, site, self._listening, f"{config.source}: daemon.control: {config.control}"
+        )
         self.listener.setServiceParent(self)
         interval = watchdog_interval(environ)
         if interval is not None:
@@ -128,13 +141,22 @@ class NetotaService(MultiService):
 
     def _recover(self) -> None:
         for record in self.journal.recover():
-            log.warn("job {job} on {device} interrupted in phase {phase}: {advice}", job=record.id,
-                     device=record.device, phase=record.phase.value, advice=record.advice)
+            log.warn(
+                "job {job} on {device} interrupted in phase {phase}: {advice}",
+                job=record.id,
+                device=record.device,
+                phase=record.phase.value,
+                advice=record.advice,
+            )
         for name in self.registry.names():
             last = next(iter(self.journal.jobs(device=name, limit=1)), None)
             if last is not None:
-                self.registry.remember(name, last.id, None if last.state is JobState.INTERRUPTED else last.outcome,
-                                       self.journal.last_firmware_version(name))
+                self.registry.remember(
+                    name,
+                    last.id,
+                    None if last.state is JobState.INTERRUPTED else last.outcome,
+                    self.journal.last_firmware_version(name),
+                )
 
     def privilegedStartService(self) -> None:
         try:
@@ -146,7 +168,9 @@ class NetotaService(MultiService):
     def _listening(self, port: IListeningPort) -> None:
         log.info(
             "netota {version} listening on {control} with {count} device(s), max_parallel {max_parallel}",
-            version=__version__, control=self.config.control, count=len(self.registry.names()),
+            version=__version__,
+            control=self.config.control,
+            count=len(self.registry.names()),
             max_parallel=self.config.max_parallel,
         )
         self.notifier.ready(f"listening on {self.config.control}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.service import IService
 from twisted.logger import ILogObserver, jsonFileLogObserver
@@ -27,7 +27,7 @@ class Options(usage.Options):
         "Run the netota firmware-upgrade daemon: a job queue for the devices in the config file, "
         "driven through the control API (see `netota --help`)."
     )
-    optParameters = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", DEFAULT_CONFIG_PATH, "The TOML configuration file."],
         ["log-format", None, "text", "Log as human-readable text (default) or as JSON lines."],
     ]

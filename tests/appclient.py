@@ -9,8 +9,9 @@ send STOP) and a client shaped like the vendor's blocking C reference client.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -86,7 +87,9 @@ async def ctp_connect(reactor: Any, host: str, port: int, bind: str | None = Non
     return client
 
 
-async def ctp_handshake(reactor: Any, host: str, port: int, ver: str = "20906", bind: str | None = None) -> CtpTestClient:
+async def ctp_handshake(
+    reactor: Any, host: str, port: int, ver: str = "20906", bind: str | None = None
+) -> CtpTestClient:
     """Connect and send APP_ACCESS; returns once the APP_ACCESS reply arrived."""
     client = await ctp_connect(reactor, host, port, bind)
     client.send(request("APP_ACCESS", "PUT", type="0", ver=ver))
@@ -234,7 +237,9 @@ class OtaTestClient(Protocol):
             self.done.callback(self.result)
 
 
-async def run_ota_session(reactor: Any, host: str, port: int, image: bytes, timeout: float = TIMEOUT, **knobs: Any) -> OtaClientResult:
+async def run_ota_session(
+    reactor: Any, host: str, port: int, image: bytes, timeout: float = TIMEOUT, **knobs: Any
+) -> OtaClientResult:
     """Connect to 3335 and serve ``image`` until the device closes the connection."""
     client = OtaTestClient(image, **knobs)
     await connectProtocol(_endpoint(reactor, host, port), client)
@@ -269,7 +274,7 @@ def vendor_style_ota_client(host: str, port: int, image: bytes, receive_timeout:
         while True:
             try:
                 data = sock.recv(HEADER_SIZE)
-            except socket.timeout:
+            except TimeoutError:
                 timeouts += 1
                 if timeouts > 10:
                     outcome = "timeout"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
@@ -15,9 +16,17 @@ class FakeJob:
     (the real engine sends STOP first). ``on_run`` / ``on_cancel`` let a test look at the world at
     the moment the queue acts."""
 
-    def __init__(self, reactor: Any, target: Any, image: Any, timeouts: Any, job_id: str,
-                 log_context: dict | None = None, factory: "FakeJobFactory | None" = None,
-                 verify_only: bool = False) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        target: Any,
+        image: Any,
+        timeouts: Any,
+        job_id: str,
+        log_context: dict | None = None,
+        factory: FakeJobFactory | None = None,
+        verify_only: bool = False,
+    ) -> None:
         self.reactor = reactor
         self.verify_only = verify_only
         self.target = target
@@ -48,15 +57,19 @@ class FakeJob:
 
     def progress(self, percent: float, point_of_no_return: bool = False, total: int = 1000) -> None:
         self.point_of_no_return = self.point_of_no_return or point_of_no_return
-        self.events.publish(Progress(self.phase, int(total * percent / 100), total, percent, int(percent), 1000.0,
-                                     self.point_of_no_return))
+        self.events.publish(
+            Progress(
+                self.phase, int(total * percent / 100), total, percent, int(percent), 1000.0, self.point_of_no_return
+            )
+        )
 
     def finish(self, kind: OutcomeKind = OutcomeKind.SUCCEEDED, message: str = "done", **extra: Any) -> None:
         assert self._done is not None and not self._done.called
         advice = "" if kind is OutcomeKind.SUCCEEDED else recovery_advice(self.point_of_no_return, self.phase)
         extra.setdefault("advice", advice)
-        self._done.callback(Outcome(kind=kind, message=message, phase=self.phase,
-                                    point_of_no_return=self.point_of_no_return, **extra))
+        self._done.callback(
+            Outcome(kind=kind, message=message, phase=self.phase, point_of_no_return=self.point_of_no_return, **extra)
+        )
 
     def cancel(self, reason: str = "cancelled") -> None:
         if self.factory and self.factory.on_cancel:
@@ -80,8 +93,16 @@ class FakeJobFactory:
         self.on_run: Callable[[FakeJob], None] | None = None
         self.on_cancel: Callable[[FakeJob], None] | None = None
 
-    def __call__(self, reactor: Any, target: Any, image: Any, timeouts: Any, job_id: str,
-                 log_context: dict | None = None, verify_only: bool = False) -> FakeJob:
+    def __call__(
+        self,
+        reactor: Any,
+        target: Any,
+        image: Any,
+        timeouts: Any,
+        job_id: str,
+        log_context: dict | None = None,
+        verify_only: bool = False,
+    ) -> FakeJob:
         job = FakeJob(reactor, target, image, timeouts, job_id, log_context, factory=self, verify_only=verify_only)
         self.jobs[job_id] = job
         self.order.append(job)
@@ -92,8 +113,13 @@ class AutoJobFactory(FakeJobFactory):
     """Jobs that play a whole two-phase upgrade on their own, step by step on the reactor's clock
     (``step`` seconds apart), for tests of the client and the control API on a real reactor."""
 
-    def __init__(self, step: float = 0.01, stop_delay: float = 0.01, outcome: OutcomeKind = OutcomeKind.SUCCEEDED,
-                 hold_in: Phase | None = None) -> None:
+    def __init__(
+        self,
+        step: float = 0.01,
+        stop_delay: float = 0.01,
+        outcome: OutcomeKind = OutcomeKind.SUCCEEDED,
+        hold_in: Phase | None = None,
+    ) -> None:
         super().__init__(stop_delay)
         self.step = step
         self.outcome = outcome
@@ -111,12 +137,18 @@ class AutoJobFactory(FakeJobFactory):
                 break
             if phase in (Phase.PHASE1, Phase.PHASE2):
                 for percent in (25.0, 50.0, 75.0, 100.0):
-                    script.append(lambda percent=percent, phase=phase: job.progress(
-                        percent, point_of_no_return=phase is Phase.PHASE2))
+                    script.append(
+                        lambda percent=percent, phase=phase: job.progress(
+                            percent, point_of_no_return=phase is Phase.PHASE2
+                        )
+                    )
         outcome = self.outcome_for(job)
         if self.hold_in is None:
-            script.append(lambda: job.finish(outcome, "fake upgrade done",
-                                             firmware_version_before="1.0.0", firmware_version_after="2.0.0"))
+            script.append(
+                lambda: job.finish(
+                    outcome, "fake upgrade done", firmware_version_before="1.0.0", firmware_version_after="2.0.0"
+                )
+            )
 
         def next_step(index: int) -> None:
             if not job.running or job.cancelled is not None:
@@ -166,17 +198,24 @@ def short_socket_dir() -> str:
     return path
 
 
-def make_service(tmp_path: Any, reactor: Any, factory: Any, devices: tuple[str, ...] = ("a", "b", "c"),
-                 max_parallel: int = 2, token: str | None = None, environ: dict | None = None,
-                 control: str | None = None) -> Any:
+def make_service(
+    tmp_path: Any,
+    reactor: Any,
+    factory: Any,
+    devices: tuple[str, ...] = ("a", "b", "c"),
+    max_parallel: int = 2,
+    token: str | None = None,
+    environ: dict | None = None,
+    control: str | None = None,
+) -> Any:
     """A NetotaService (not started) on a UNIX socket in a short directory, with fake jobs and a
     firmware_dir holding ``v2.bin``."""
     import os
     from pathlib import Path
 
     from netota_daemon.daemon.config import DaemonConfig, DeviceConfig, check_control_endpoint
-    from netota_daemon.service import NetotaService
     from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+    from netota_daemon.service import NetotaService
 
     firmware_dir = Path(tmp_path) / "fw"
     firmware_dir.mkdir(exist_ok=True)

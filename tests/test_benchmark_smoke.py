@@ -24,9 +24,28 @@ IMAGE_MIB = 0.1  # 104857 bytes: three windows, the last one short
 def test_benchmark_reports_every_figure_and_the_peer_verified_every_byte(tmp_path):
     out = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.serve", "--streams", "2", "--image-mib", str(IMAGE_MIB),
-         "--min-mib", "0", "--paced-mbps", "0", "--timeout", "30", "--json", str(out)],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=90,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.serve",
+            "--streams",
+            "2",
+            "--image-mib",
+            str(IMAGE_MIB),
+            "--min-mib",
+            "0",
+            "--paced-mbps",
+            "0",
+            "--timeout",
+            "30",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verified" in done.stdout and "yes" in done.stdout  # the table
@@ -42,8 +61,16 @@ def test_benchmark_reports_every_figure_and_the_peer_verified_every_byte(tmp_pat
     assert report["streams"] == 2 and report["sessions"] == 2 and report["sessions_ok"] == 2
     assert report["bytes_served"] == 2 * size
     assert report["verified"] is True and report["failures"] == []
-    for figure in ("mb_per_second", "app_cpu_seconds_per_gb", "reply_latency_p50", "reply_latency_p99",
-                   "wire_latency_p50", "wire_latency_p99", "rss_before", "rss_peak"):
+    for figure in (
+        "mb_per_second",
+        "app_cpu_seconds_per_gb",
+        "reply_latency_p50",
+        "reply_latency_p99",
+        "wire_latency_p50",
+        "wire_latency_p99",
+        "rss_before",
+        "rss_peak",
+    ):
         assert report[figure] > 0, figure
     assert report["reply_latency_p50"] <= report["reply_latency_p99"] <= report["reply_latency_max"]
     # One sample per reply, each matched with the peer's record of its READ.
@@ -81,7 +108,10 @@ def test_peer_refuses_a_wrong_reply_with_err(tmp_path, corrupt, counter):
     path.write_bytes(image)
     peer = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.peer", "--image", str(path), "--connections", "1", "--timeout", "20"],
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         listening = peer.stdout.readline().split()

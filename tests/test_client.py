@@ -7,7 +7,8 @@ import json
 
 import pytest
 import pytest_twisted
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
@@ -35,7 +36,7 @@ def test_event_stream_parser_gives_the_same_events_however_the_bytes_are_split(c
     parser = EventStreamParser()
     events = []
     previous = 0
-    for point in points + [len(data)]:
+    for point in [*points, len(data)]:
         events.extend(parser.feed(data[previous:point]))
         previous = point
     assert events == EVENTS
@@ -43,7 +44,7 @@ def test_event_stream_parser_gives_the_same_events_however_the_bytes_are_split(c
 
 def test_event_stream_parser_accepts_crlf_and_skips_bad_json():
     parser = EventStreamParser()
-    assert parser.feed(b"event: a\r\ndata: {\"x\": 1}\r\n\r\nevent: b\ndata: {oops\n\n") == [("a", {"x": 1})]
+    assert parser.feed(b'event: a\r\ndata: {"x": 1}\r\n\r\nevent: b\ndata: {oops\n\n') == [("a", {"x": 1})]
 
 
 def test_control_addresses():
@@ -61,8 +62,18 @@ def test_control_addresses():
 
 def test_api_events_become_engine_events():
     assert event_from_json({"type": "phase", "phase": "phase2", "message": "m"}) == PhaseChanged(Phase.PHASE2, "m")
-    progress = event_from_json({"type": "progress", "phase": "phase1", "bytes_served": 10, "total_bytes": 20,
-                                "percent": 50.0, "device_percent": 49, "rate": 5.0, "point_of_no_return": False})
+    progress = event_from_json(
+        {
+            "type": "progress",
+            "phase": "phase1",
+            "bytes_served": 10,
+            "total_bytes": 20,
+            "percent": 50.0,
+            "device_percent": 49,
+            "rate": 5.0,
+            "point_of_no_return": False,
+        }
+    )
     assert progress == Progress(Phase.PHASE1, 10, 20, 50.0, 49, 5.0, False)
     assert event_from_json({"type": "phase", "phase": "nonsense"}) is None
     assert event_from_json({"type": "outcome"}) is None
@@ -71,15 +82,20 @@ def test_api_events_become_engine_events():
 async def netota(service, *args: str, timeout: float = 30) -> tuple[int, str, str]:
     from twisted.internet import reactor
 
-    d = getProcessOutputAndValue(PYTHON, ["-m", "netota_daemon", *args],
-                                 env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"), path=str(ROOT))
+    d = getProcessOutputAndValue(
+        PYTHON,
+        ["-m", "netota_daemon", *args],
+        env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"),
+        path=str(ROOT),
+    )
     d.addTimeout(timeout, reactor)
     out, err, code = await d
     return code, out.decode(), err.decode()
 
 
-@pytest.mark.parametrize("kind, expected", [(OutcomeKind.FAILED, 1), (OutcomeKind.UNVERIFIED, 2),
-                                            (OutcomeKind.ALREADY_CURRENT, 0)])
+@pytest.mark.parametrize(
+    "kind, expected", [(OutcomeKind.FAILED, 1), (OutcomeKind.UNVERIFIED, 2), (OutcomeKind.ALREADY_CURRENT, 0)]
+)
 @pytest_twisted.ensureDeferred
 async def test_upgrade_wait_exits_with_the_outcomes_code(tmp_path, reactor, kind, expected):
     service = make_service(tmp_path, reactor, AutoJobFactory(step=0.002, outcome=kind))
@@ -129,9 +145,14 @@ async def test_watch_all_follows_every_job_and_reports_the_daemon_going_away(tmp
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_daemon_is_exit_69(tmp_path):
-    code = (await getProcessOutputAndValue(
-        PYTHON, ["-m", "netota_daemon", "devices", "--control", f"unix:{tmp_path}/none.sock"],
-        env=subprocess_env(), path=str(ROOT)))[2]
+    code = (
+        await getProcessOutputAndValue(
+            PYTHON,
+            ["-m", "netota_daemon", "devices", "--control", f"unix:{tmp_path}/none.sock"],
+            env=subprocess_env(),
+            path=str(ROOT),
+        )
+    )[2]
     assert code == 69
 
 
@@ -148,6 +169,7 @@ async def test_ctrl_c_while_waiting_leaves_the_job_running_and_exits_130(tmp_pat
     service.privilegedStartService()
     service.startService()
     try:
+
         class Client(ProcessProtocol):
             def __init__(self) -> None:
                 self.ended: Deferred = Deferred()
@@ -161,8 +183,13 @@ async def test_ctrl_c_while_waiting_leaves_the_job_running_and_exits_130(tmp_pat
 
         client = Client()
         following = streams_opened(service, 1, reactor)
-        reactor.spawnProcess(client, PYTHON, [PYTHON, "-m", "netota_daemon", "upgrade", "a", "v2.bin", "--wait"],
-                             env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"), path=str(ROOT))
+        reactor.spawnProcess(
+            client,
+            PYTHON,
+            [PYTHON, "-m", "netota_daemon", "upgrade", "a", "v2.bin", "--wait"],
+            env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"),
+            path=str(ROOT),
+        )
         await following  # the client follows its job's events
         client.transport.signalProcess(signal.SIGINT)
         client.ended.addTimeout(15, reactor)
@@ -238,13 +265,13 @@ def screen_after(output: str) -> list[str]:
             lines[row] = ""
         elif command == "J":
             lines[row] = lines[row][:col]
-            del lines[row + 1:]
+            del lines[row + 1 :]
         elif newline:
             row, col = row + 1, 0
             if row == len(lines):
                 lines.append("")
         else:
-            lines[row] = lines[row][:col] + text + lines[row][col + len(text):]
+            lines[row] = lines[row][:col] + text + lines[row][col + len(text) :]
             col += len(text)
     return lines[:-1] if lines and lines[-1] == "" else lines
 
@@ -292,7 +319,12 @@ def test_device_board_cuts_lines_to_the_terminal_width_and_logs_elsewhere():
     for name in "abcdefg":
         board.set(name, "idle")
     board.set("b", "running")
-    assert screen_after(out.getvalue()) == ["a  idle", "b  running", "c  idle", "... and 4 more devices (netota devices)"]
+    assert screen_after(out.getvalue()) == [
+        "a  idle",
+        "b  running",
+        "c  idle",
+        "... and 4 more devices (netota devices)",
+    ]
 
     log = io.StringIO()
     board = DeviceBoard(log, interactive=False)
@@ -331,8 +363,9 @@ async def test_a_batch_whose_daemon_goes_away_exits_69_with_what_it_knows(tmp_pa
             await service.stopService()
 
 
-@pytest.mark.parametrize("body, code", [(b'{"devices": "not a list"}', 70), (b'[1, 2]', 69),
-                                         (b'{"error": "not an object"}', 69)])
+@pytest.mark.parametrize(
+    "body, code", [(b'{"devices": "not a list"}', 70), (b"[1, 2]", 69), (b'{"error": "not an object"}', 69)]
+)
 @pytest_twisted.ensureDeferred
 async def test_an_answer_the_client_does_not_understand_is_not_reported_as_ctrl_c(reactor, body, code):
     """Something that is not a netota daemon answers: a clear error and exit code, never the
@@ -350,8 +383,11 @@ async def test_an_answer_the_client_does_not_understand_is_not_reported_as_ctrl_
     port = reactor.listenTCP(0, Site(Answer()), interface="127.0.0.1")
     try:
         d = getProcessOutputAndValue(
-            PYTHON, ["-m", "netota_daemon", "devices", "--control", f"http://127.0.0.1:{port.getHost().port}"],
-            env=subprocess_env(), path=str(ROOT))
+            PYTHON,
+            ["-m", "netota_daemon", "devices", "--control", f"http://127.0.0.1:{port.getHost().port}"],
+            env=subprocess_env(),
+            path=str(ROOT),
+        )
         d.addTimeout(30, reactor)
         out, err, exit_code = await d
     finally:

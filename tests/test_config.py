@@ -44,7 +44,11 @@ def test_example_config_parses_with_every_documented_key():
     assert config.max_parallel == 4
     shelf1 = config.devices["shelf1"]
     assert (shelf1.target.host, shelf1.target.ctp_port, shelf1.target.http_port, shelf1.target.ota_port) == (
-        "192.168.1.1", 3333, 8080, 3335)
+        "192.168.1.1",
+        3333,
+        8080,
+        3335,
+    )
     assert shelf1.target.interface == "wlan1"
     assert shelf1.timeouts.reboot == 180.0  # per-device override
     assert config.devices["shelf2"].timeouts.reboot == 120.0  # daemon-wide value
@@ -65,7 +69,11 @@ def test_minimal_config_has_defaults_and_relative_paths_from_the_file(tmp_path):
 
 
 def test_timeouts_override_daemon_wide_then_per_device(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL + """
+    config = load_config(
+        write(
+            tmp_path,
+            MINIMAL
+            + """
 [timeouts]
 receive = 2
 deadline = 60.5
@@ -77,7 +85,9 @@ receive = 1.5
 echo_final_notice = true
 [devices.b]
 host = "127.0.0.2"
-"""))
+""",
+        )
+    )
     a, b = config.devices["a"], config.devices["b"]
     assert (a.timeouts.receive, a.timeouts.deadline, a.timeouts.echo_final_notice) == (1.5, 60.5, True)
     assert (b.timeouts.receive, b.timeouts.deadline, b.timeouts.echo_final_notice) == (2.0, 60.5, False)
@@ -88,29 +98,33 @@ host = "127.0.0.2"
 @pytest.mark.parametrize(
     "extra, key, words",
     [
-        ('[daemon2]\nx = 1\n', "daemon2", "unknown section"),
+        ("[daemon2]\nx = 1\n", "daemon2", "unknown section"),
         ('[devices.a]\nhost = "h"\nhots = "x"\n', "devices.a.hots", "unknown key"),
         ('[devices.a]\nhost = "h"\nctp_port = "3333"\n', "devices.a.ctp_port", "must be an integer"),
         ('[devices.a]\nhost = "h"\nctp_port = true\n', "devices.a.ctp_port", "must be an integer"),
         ('[devices.a]\nhost = "h"\nctp_port = 70000\n', "devices.a.ctp_port", "between 1 and 65535"),
-        ('[devices.a]\nctp_port = 3333\n', "devices.a.host", "missing"),
-        ('[devices.a]\nhost = 5\n', "devices.a.host", "must be a string"),
+        ("[devices.a]\nctp_port = 3333\n", "devices.a.host", "missing"),
+        ("[devices.a]\nhost = 5\n", "devices.a.host", "must be a string"),
         ('[devices.a]\nhost = " "\n', "devices.a.host", "must not be empty"),
         ('[devices.a]\nhost = "h"\ninterface = ""\n', "devices.a.interface", "must not be empty"),
         ('[devices.a]\nhost = "h"\ninterface = "wlan-with-a-long-name"\n', "devices.a.interface", "interface name"),
         ('[devices.a]\nhost = "h"\ninterface = "wlan/1"\n', "devices.a.interface", "interface name"),
         ('[devices.a]\nhost = "h"\nsource_address = "127.0.0.300"\n', "devices.a.source_address", "IPv4"),
-        ('[timeouts]\nrecieve = 5\n', "timeouts.recieve", "unknown key"),
+        ("[timeouts]\nrecieve = 5\n", "timeouts.recieve", "unknown key"),
         ('[timeouts]\nreceive = "5"\n', "timeouts.receive", "must be a number"),
-        ('[timeouts]\nreceive = -1\n', "timeouts.receive", "must be a positive number of seconds"),
-        ('[timeouts]\nreceive = 0\n', "timeouts.receive", "must be a positive number of seconds"),
-        ('[timeouts]\ndeadline = nan\n', "timeouts.deadline", "finite"),
-        ('[timeouts]\npoll_interval = inf\n', "timeouts.poll_interval", "finite"),
-        ('[timeouts]\nphase2_error_retries = -1\n', "timeouts.phase2_error_retries", "must not be negative"),
-        ('[timeouts]\nmax_receive_timeouts = 2.5\n', "timeouts.max_receive_timeouts", "must be an integer"),
-        ('[timeouts]\necho_final_notice = 1\n', "timeouts.echo_final_notice", "true or false"),
-        ('[devices.a]\nhost = "h"\n[devices.a.timeouts]\nreboot = "long"\n', "devices.a.timeouts.reboot", "must be a number"),
-        ('[devices]\na = 5\n', "devices.a", "must be a table"),
+        ("[timeouts]\nreceive = -1\n", "timeouts.receive", "must be a positive number of seconds"),
+        ("[timeouts]\nreceive = 0\n", "timeouts.receive", "must be a positive number of seconds"),
+        ("[timeouts]\ndeadline = nan\n", "timeouts.deadline", "finite"),
+        ("[timeouts]\npoll_interval = inf\n", "timeouts.poll_interval", "finite"),
+        ("[timeouts]\nphase2_error_retries = -1\n", "timeouts.phase2_error_retries", "must not be negative"),
+        ("[timeouts]\nmax_receive_timeouts = 2.5\n", "timeouts.max_receive_timeouts", "must be an integer"),
+        ("[timeouts]\necho_final_notice = 1\n", "timeouts.echo_final_notice", "true or false"),
+        (
+            '[devices.a]\nhost = "h"\n[devices.a.timeouts]\nreboot = "long"\n',
+            "devices.a.timeouts.reboot",
+            "must be a number",
+        ),
+        ("[devices]\na = 5\n", "devices.a", "must be a table"),
     ],
 )
 def test_each_mistake_names_file_key_and_problem(tmp_path, extra, key, words):
@@ -127,11 +141,23 @@ def test_each_mistake_names_file_key_and_problem(tmp_path, extra, key, words):
         ('state_dir = "s"\nfirmware_dir = "f"\n', "daemon.control", "missing"),
         ('control = "unix:/x"\nfirmware_dir = "f"\n', "daemon.state_dir", "missing"),
         ('control = "unix:/x"\nstate_dir = "s"\n', "daemon.firmware_dir", "missing"),
-        ('control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nmax_parallel = 0\n', "daemon.max_parallel", "at least 1"),
-        ('control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nmax_parallel = "4"\n', "daemon.max_parallel", "integer"),
+        (
+            'control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nmax_parallel = 0\n',
+            "daemon.max_parallel",
+            "at least 1",
+        ),
+        (
+            'control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nmax_parallel = "4"\n',
+            "daemon.max_parallel",
+            "integer",
+        ),
         ('control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\ncontrl = 1\n', "daemon.contrl", "unknown key"),
         ('control = "unix:/x:mode=abc"\nstate_dir = "s"\nfirmware_dir = "f"\n', "daemon.control", "octal"),
-        ('control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nshutdown_grace = nan\n', "daemon.shutdown_grace", "finite"),
+        (
+            'control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nshutdown_grace = nan\n',
+            "daemon.shutdown_grace",
+            "finite",
+        ),
     ],
 )
 def test_daemon_section_mistakes(tmp_path, daemon, key, words):
@@ -157,27 +183,43 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["tcp:8700", "tcp:8700:interface=0.0.0.0", "tcp:port=8700:interface=192.0.2.1", "tcp6:8700:interface=\\:\\:",
-     "systemd:domain=INET:index=0", "ssl:8443"],
+    [
+        "tcp:8700",
+        "tcp:8700:interface=0.0.0.0",
+        "tcp:port=8700:interface=192.0.2.1",
+        "tcp6:8700:interface=\\:\\:",
+        "systemd:domain=INET:index=0",
+        "ssl:8443",
+    ],
 )
 def test_network_control_endpoint_is_refused_without_a_token(tmp_path, endpoint):
-    error = error_for(tmp_path, f'[daemon]\ncontrol = "{endpoint}"\nstate_dir = "s"\nfirmware_dir = "f"\n'.replace("\\", "\\\\"))
+    error = error_for(
+        tmp_path, f'[daemon]\ncontrol = "{endpoint}"\nstate_dir = "s"\nfirmware_dir = "f"\n'.replace("\\", "\\\\")
+    )
     assert error.key == "daemon.control"
     assert "control_token" in error.problem
 
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["tcp:8700:interface=127.0.0.1", "tcp:8700:interface=localhost", "tcp6:8700:interface=\\:\\:1",
-     "systemd:domain=UNIX:index=0", "unix:/run/netota/control.sock:mode=600"],
+    [
+        "tcp:8700:interface=127.0.0.1",
+        "tcp:8700:interface=localhost",
+        "tcp6:8700:interface=\\:\\:1",
+        "systemd:domain=UNIX:index=0",
+        "unix:/run/netota/control.sock:mode=600",
+    ],
 )
 def test_local_control_endpoints_are_accepted_without_a_token(endpoint):
     assert check_control_endpoint("f", endpoint, None) == endpoint
 
 
 def test_a_token_allows_a_network_endpoint(tmp_path):
-    config = load_config(write(tmp_path, '[daemon]\ncontrol = "tcp:8700"\nstate_dir = "s"\nfirmware_dir = "f"\n'
-                                          'control_token = "sekrit"\n'))
+    config = load_config(
+        write(
+            tmp_path, '[daemon]\ncontrol = "tcp:8700"\nstate_dir = "s"\nfirmware_dir = "f"\ncontrol_token = "sekrit"\n'
+        )
+    )
     assert config.control == "tcp:8700" and config.control_token == "sekrit"
 
 

@@ -168,11 +168,13 @@ async def test_event_streams_carry_phase_progress_and_outcome(tmp_path, reactor)
         client = client_for(service, reactor)
         everything: list[tuple[str, dict]] = []
         all_done = Deferred.fromCoroutine(
-            client.stream("/v1/events", lambda t, d: everything.append((t, d)) or t == "outcome"))
+            client.stream("/v1/events", lambda t, d: everything.append((t, d)) or t == "outcome")
+        )
         job = (await client.request("POST", "/v1/jobs", {"device": "b", "firmware": "v2.bin"}))["job"]
         one: list[tuple[str, dict]] = []
-        job_done = Deferred.fromCoroutine(client.stream(f"/v1/jobs/{job['id']}/events",
-                                                        lambda t, d: one.append((t, d)) and False))
+        job_done = Deferred.fromCoroutine(
+            client.stream(f"/v1/jobs/{job['id']}/events", lambda t, d: one.append((t, d)) and False)
+        )
         job_done.addTimeout(10, reactor)
         all_done.addTimeout(10, reactor)
         await job_done

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 
 from netota_daemon.cli.control_client import ControlClient
@@ -70,16 +70,19 @@ async def test_probe_answers_like_devices_and_get_devices_keeps_the_last_probe(h
     assert [d["name"] for d in only["devices"]] == ["c"] and len(held.fetched) == 3
 
 
-@pytest.mark.parametrize("method, body, status, code", [
-    ("POST", b'{"devices": ["a", "zz"]}', 404, "unknown_device"),
-    ("POST", b'{"device": ["a"]}', 400, "unknown_field"),
-    ("POST", b'{"devices": ', 400, "bad_json"),
-    ("POST", b'["a"]', 400, "bad_json"),
-    ("POST", b'{"devices": "a"}', 400, "bad_field"),
-    ("POST", b'{"devices": []}', 400, "bad_field"),
-    ("POST", b'{"devices": [1]}', 400, "bad_field"),
-    ("GET", b"", 405, "method_not_allowed"),
-])
+@pytest.mark.parametrize(
+    "method, body, status, code",
+    [
+        ("POST", b'{"devices": ["a", "zz"]}', 404, "unknown_device"),
+        ("POST", b'{"device": ["a"]}', 400, "unknown_field"),
+        ("POST", b'{"devices": ', 400, "bad_json"),
+        ("POST", b'["a"]', 400, "bad_json"),
+        ("POST", b'{"devices": "a"}', 400, "bad_field"),
+        ("POST", b'{"devices": []}', 400, "bad_field"),
+        ("POST", b'{"devices": [1]}', 400, "bad_field"),
+        ("GET", b"", 405, "method_not_allowed"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_bad_probe_requests_are_refused_and_contact_nothing(held, reactor, method, body, status, code):
     client = client_for(held, reactor)
@@ -100,8 +103,12 @@ class Silent(Protocol):
 
 
 def sim(reactor: Any, tmp_path: Path, name: str, **extra: Any) -> SimulatedDevice:
-    return SimulatedDevice(reactor, SimConfig(state_dir=tmp_path / name, listen="127.0.0.1", ctp_port=0, http_port=0,
-                                              ota_port=0, time_scale=0.02, **extra))
+    return SimulatedDevice(
+        reactor,
+        SimConfig(
+            state_dir=tmp_path / name, listen="127.0.0.1", ctp_port=0, http_port=0, ota_port=0, time_scale=0.02, **extra
+        ),
+    )
 
 
 def service_for(tmp_path: Path, reactor: Any, targets: list[DeviceTarget]) -> NetotaService:
@@ -109,8 +116,12 @@ def service_for(tmp_path: Path, reactor: Any, targets: list[DeviceTarget]) -> Ne
     firmware_dir = tmp_path / "fw"
     firmware_dir.mkdir()
     config = DaemonConfig(
-        source="test", control=check_control_endpoint("test", f"unix:{socket_path}:lockfile=1", None),
-        state_dir=tmp_path / "state", firmware_dir=firmware_dir, max_parallel=2, shutdown_grace=5.0,
+        source="test",
+        control=check_control_endpoint("test", f"unix:{socket_path}:lockfile=1", None),
+        state_dir=tmp_path / "state",
+        firmware_dir=firmware_dir,
+        max_parallel=2,
+        shutdown_grace=5.0,
         devices={t.name: DeviceConfig(t, UpgradeTimeouts(http=HTTP_TIMEOUT)) for t in targets},
     )
     service = NetotaService(config, reactor, job_factory=FakeJobFactory(), environ={})
@@ -132,14 +143,20 @@ async def test_probe_reads_version_and_mode_from_simulated_devices_over_http_onl
 
         def target(name: str, device: SimulatedDevice | None = None, http_port: int = 0) -> DeviceTarget:
             ports = device.ports if device else {"ctp": 1, "ota": 1, "http": http_port}
-            return DeviceTarget(name=name, host="127.0.0.1", ctp_port=ports["ctp"], http_port=ports["http"],
-                                ota_port=ports["ota"])
+            return DeviceTarget(
+                name=name, host="127.0.0.1", ctp_port=ports["ctp"], http_port=ports["http"], ota_port=ports["ota"]
+            )
 
-        service = service_for(tmp_path, reactor, [
-            target("main", main), target("loader", loader),
-            target("refused", http_port=closed.getsockname()[1]),
-            target("silent", http_port=silent.getHost().port),
-        ])
+        service = service_for(
+            tmp_path,
+            reactor,
+            [
+                target("main", main),
+                target("loader", loader),
+                target("refused", http_port=closed.getsockname()[1]),
+                target("silent", http_port=silent.getHost().port),
+            ],
+        )
         service.privilegedStartService()
         service.startService()
         client = ControlClient(reactor, f"unix:{service.socket_path}")
@@ -187,8 +204,12 @@ async def test_probe_reads_version_and_mode_from_simulated_devices_over_http_onl
 
 
 async def bounded_process(reactor: Any, args: list[str], service: Any) -> tuple[str, str, int]:
-    d = getProcessOutputAndValue(PYTHON, ["-m", "netota_daemon", *args],
-                                 env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"), path=str(ROOT))
+    d = getProcessOutputAndValue(
+        PYTHON,
+        ["-m", "netota_daemon", *args],
+        env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"),
+        path=str(ROOT),
+    )
     d.addTimeout(30, reactor)
     out, err, code = await d
     return out.decode(), err.decode(), code

@@ -116,21 +116,55 @@ class Rig:
         await self._make_image()
         self.sim = Process("sim", self.changes)
         self.reactor.spawnProcess(
-            self.sim, PYTHON,
-            [PYTHON, "-m", "netota_daemon", "sim", "--listen", "127.0.0.1", "--ctp-port", "0", "--http-port", "0",
-             "--ota-port", "0", "--state-dir", str(self.sim_dir), "--time-scale", time_scale, *faults],
-            env=subprocess_env(), path=str(ROOT),
+            self.sim,
+            PYTHON,
+            [
+                PYTHON,
+                "-m",
+                "netota_daemon",
+                "sim",
+                "--listen",
+                "127.0.0.1",
+                "--ctp-port",
+                "0",
+                "--http-port",
+                "0",
+                "--ota-port",
+                "0",
+                "--state-dir",
+                str(self.sim_dir),
+                "--time-scale",
+                time_scale,
+                *faults,
+            ],
+            env=subprocess_env(),
+            path=str(ROOT),
         )
         ports_file = self.sim_dir / "ports.json"
-        await self.changes.until(lambda: ports_file.exists() and ports_file.read_text().strip().endswith("}") or not self.sim.running,
-                    "the simulator's ports.json")
+        await self.changes.until(
+            lambda: (ports_file.exists() and ports_file.read_text().strip().endswith("}")) or not self.sim.running,
+            "the simulator's ports.json",
+        )
         assert self.sim.running, self.sim.output.decode()
         self.ports = json.loads(ports_file.read_text())
 
     async def _make_image(self) -> None:
         out, err, code = await getProcessOutputAndValue(
-            PYTHON, ["-m", "netota_daemon", "sim", "make-image", str(self.firmware_dir / "v2.bin"),
-                     "--version", "2.0.0", "--size", str(IMAGE_SIZE)], env=subprocess_env(), path=str(ROOT))
+            PYTHON,
+            [
+                "-m",
+                "netota_daemon",
+                "sim",
+                "make-image",
+                str(self.firmware_dir / "v2.bin"),
+                "--version",
+                "2.0.0",
+                "--size",
+                str(IMAGE_SIZE),
+            ],
+            env=subprocess_env(),
+            path=str(ROOT),
+        )
         assert code == 0, err
 
     def write_config(self) -> None:
@@ -166,12 +200,16 @@ ctp_port = 9
         self.notifications.clear()  # forget what an earlier daemon said
         self.daemon = Process("daemon", self.changes)
         self.reactor.spawnProcess(
-            self.daemon, PYTHON,
+            self.daemon,
+            PYTHON,
             [PYTHON, "-c", TWISTD, "-n", "--pidfile=", "netota", "--config", str(self.config_path), *options],
             # As systemd with WatchdogSec=1: the daemon pings every 0.5 s.
-            env=subprocess_env(NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="1000000"), path=str(self.tmp),
+            env=subprocess_env(NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="1000000"),
+            path=str(self.tmp),
         )
-        await self.changes.until(lambda: self.notified(b"READY=1") or not self.daemon.running, "READY=1 from the daemon")
+        await self.changes.until(
+            lambda: self.notified(b"READY=1") or not self.daemon.running, "READY=1 from the daemon"
+        )
         assert self.daemon.running, self.daemon.output.decode()
 
     def notified(self, prefix: bytes) -> bool:
@@ -192,8 +230,12 @@ ctp_port = 9
     # ----- the client and the simulator's record
 
     async def netota(self, *args: str, timeout: float = 60) -> tuple[int, str, str]:
-        d = getProcessOutputAndValue(PYTHON, ["-m", "netota_daemon", *args], env=subprocess_env(
-            NETOTA_CONTROL=f"unix:{self.control_path}"), path=str(ROOT))
+        d = getProcessOutputAndValue(
+            PYTHON,
+            ["-m", "netota_daemon", *args],
+            env=subprocess_env(NETOTA_CONTROL=f"unix:{self.control_path}"),
+            path=str(ROOT),
+        )
         d.addTimeout(timeout, self.reactor)
         out, err, code = await d
         return code, out.decode(), err.decode()
@@ -217,8 +259,12 @@ ctp_port = 9
 
     async def start_upgrade_waiting(self, *extra: str) -> Deferred:
         """``netota upgrade dev1 v2.bin --wait --json`` running in the background."""
-        d = getProcessOutputAndValue(PYTHON, ["-m", "netota_daemon", "upgrade", "dev1", "v2.bin", "--wait", "--json", *extra],
-                                     env=subprocess_env(NETOTA_CONTROL=f"unix:{self.control_path}"), path=str(ROOT))
+        d = getProcessOutputAndValue(
+            PYTHON,
+            ["-m", "netota_daemon", "upgrade", "dev1", "v2.bin", "--wait", "--json", *extra],
+            env=subprocess_env(NETOTA_CONTROL=f"unix:{self.control_path}"),
+            path=str(ROOT),
+        )
         d.addTimeout(90, self.reactor)
         return d
 
@@ -295,15 +341,19 @@ async def test_bad_inputs_through_the_client_and_the_api(rig, reactor):
     from twisted.internet.defer import gatherResults
 
     results = await gatherResults([Deferred.fromCoroutine(rig.netota(*args)) for args, _, _ in cases])
-    for (args, expected, code_name), (code, out, err) in zip(cases, results):
+    for (args, expected, code_name), (code, out, err) in zip(cases, results, strict=False):
         assert code == expected, (args, code, out, err)
         assert code_name in err, (args, err)
     # Bad JSON and unknown fields straight at the HTTP API.
-    from netota_daemon.cli.control_client import ControlClient
     import treq
 
+    from netota_daemon.cli.control_client import ControlClient
+
     client = ControlClient(reactor, f"unix:{rig.control_path}")
-    for body, code_name in ((b"{oops", "bad_json"), (b'{"device": "dev1", "firmware": "v2.bin", "x": 1}', "unknown_field")):
+    for body, code_name in (
+        (b"{oops", "bad_json"),
+        (b'{"device": "dev1", "firmware": "v2.bin", "x": 1}', "unknown_field"),
+    ):
         response = await client._http.post("http://netota/v1/jobs", data=body, timeout=10)
         answer = json.loads(await treq.content(response))
         assert response.code == 400 and answer["error"]["code"] == code_name
@@ -316,7 +366,9 @@ async def cancel_mid_phase(rig: Rig, reactor: Any, phase: int) -> None:
     if phase == 1:
         await rig.start_sim("--stall-after-reads", PHASE1_HOLD_STALL, "--fault-phase", "1")
     else:
-        await rig.start_sim("--stall-after-reads", PHASE2_HOLD_STALL, "--fault-phase", "2", time_scale=PHASE2_HOLD_SCALE)
+        await rig.start_sim(
+            "--stall-after-reads", PHASE2_HOLD_STALL, "--fault-phase", "2", time_scale=PHASE2_HOLD_SCALE
+        )
     await rig.start_daemon()
     waiting = await rig.start_upgrade_waiting()
     await rig.changes.until(lambda: rig.sim_saw("fault_stall", phase=phase), f"the stall in phase {phase}")

@@ -41,13 +41,25 @@ class World:
         self.firmware_dir.mkdir()
         (self.firmware_dir / "v2.bin").write_bytes(os.urandom(4096))
         devices = {n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in DEVICES}
-        self.config = DaemonConfig(source="test", state_dir=tmp_path / "state", firmware_dir=self.firmware_dir,
-                                   max_parallel=max_parallel, devices=devices, shutdown_grace=5.0)
+        self.config = DaemonConfig(
+            source="test",
+            state_dir=tmp_path / "state",
+            firmware_dir=self.firmware_dir,
+            max_parallel=max_parallel,
+            devices=devices,
+            shutdown_grace=5.0,
+        )
         self.journal = JobJournal(self.config.state_dir, self.clock)
         self.registry = DeviceRegistry(devices.values())
         self.factory = FakeJobFactory(stop_delay=1.0)
-        self.queue = JobQueue(self.clock, self.config, self.journal, self.registry,
-                              FirmwareStore(self.firmware_dir), job_factory=self.factory)
+        self.queue = JobQueue(
+            self.clock,
+            self.config,
+            self.journal,
+            self.registry,
+            FirmwareStore(self.firmware_dir),
+            job_factory=self.factory,
+        )
         self.events: list[dict] = []
         self.queue.subscribe(self.events.append)
 
@@ -123,7 +135,11 @@ def test_engine_events_are_fanned_out_with_job_and_device_and_journaled(world):
     assert notes == ["created", "running", "phase phase1", "phase phase2", "point of no return", "finished: succeeded"]
     status = world.registry.get("a")
     assert (status.state, status.last_outcome, status.firmware_version, status.last_job) == (
-        "idle", "succeeded", "2.0.0", job_id)
+        "idle",
+        "succeeded",
+        "2.0.0",
+        job_id,
+    )
 
 
 def test_progress_is_visible_on_the_job_and_device(world):
@@ -204,9 +220,20 @@ def test_missing_and_unusable_firmware(world):
         world.start("a", "dir")
 
 
-@pytest.mark.parametrize("options", [{"nope": 1}, {"receive": "5"}, {"receive": -1}, [1], {"echo_final_notice": 1},
-                                     {"receive": 0}, {"deadline": float("nan")}, {"deadline": float("inf")},
-                                     {"max_receive_timeouts": -1}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"nope": 1},
+        {"receive": "5"},
+        {"receive": -1},
+        [1],
+        {"echo_final_notice": 1},
+        {"receive": 0},
+        {"deadline": float("nan")},
+        {"deadline": float("inf")},
+        {"max_receive_timeouts": -1},
+    ],
+)
 def test_bad_options_are_refused(world, options):
     # NaN and inf pass a plain "< 0" check; a NaN timer would break the reactor's timer ordering.
     with pytest.raises(BadOptions):
@@ -358,7 +385,10 @@ def test_active_jobs_are_the_queued_and_running_ones_oldest_first(world):
     world.factory.jobs[done].finish()
     ids = [world.start(d)["id"] for d in ("b", "c", "d")]
     assert [(j["id"], j["state"], j["position"]) for j in world.queue.active_jobs()] == [
-        (ids[0], "running", None), (ids[1], "running", None), (ids[2], "queued", 1)]
+        (ids[0], "running", None),
+        (ids[1], "running", None),
+        (ids[2], "queued", 1),
+    ]
 
 
 def test_a_journal_that_fails_never_leaves_a_device_busy_or_a_job_unstarted_acted_on(world):

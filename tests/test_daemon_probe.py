@@ -26,8 +26,15 @@ class FakeFetch:
         self.cancelled: list[str] = []
 
     def __call__(self, connector: Any, port: int, timeout: float, clock: Any) -> defer.Deferred:
-        self.calls.append({"host": connector.host, "interface": connector.interface,
-                           "source_address": connector.source_address, "port": port, "timeout": timeout})
+        self.calls.append(
+            {
+                "host": connector.host,
+                "interface": connector.interface,
+                "source_address": connector.source_address,
+                "port": port,
+                "timeout": timeout,
+            }
+        )
         d: defer.Deferred = defer.Deferred(lambda _: self.cancelled.append(connector.source_address))
         self.pending[connector.source_address] = d
         return d
@@ -36,8 +43,9 @@ class FakeFetch:
 def registry(*names: str) -> DeviceRegistry:
     configs = []
     for index, name in enumerate(names):
-        target = DeviceTarget(name=name, host="127.0.0.1", http_port=8080 + index, interface=f"wl{index}",
-                              source_address=name)  # the source address identifies the fake's call
+        target = DeviceTarget(
+            name=name, host="127.0.0.1", http_port=8080 + index, interface=f"wl{index}", source_address=name
+        )  # the source address identifies the fake's call
         configs.append(DeviceConfig(target, UpgradeTimeouts(http=2.0 + index)))
     return DeviceRegistry(configs)
 
@@ -52,12 +60,19 @@ def test_a_main_firmware_probe_reports_version_and_mode_and_updates_the_registry
     reg, clock, fetch = registry("a"), Clock(), FakeFetch()
     clock.advance(100)
     results = run(DeviceProber(reg, clock, fetch).probe())
-    assert fetch.calls == [{"host": "127.0.0.1", "interface": "wl0", "source_address": "a", "port": 8080,
-                            "timeout": 2.0}]
+    assert fetch.calls == [
+        {"host": "127.0.0.1", "interface": "wl0", "source_address": "a", "port": 8080, "timeout": 2.0}
+    ]
     fetch.pending["a"].callback(parse_description(main_firmware_document("1.2.3")))
     result = results[0]["a"]
-    assert result.to_json() == {"ok": True, "firmware_version": "1.2.3", "ota_type": "1", "ota_step": "0",
-                                "mode": "main", "time": 100.0}
+    assert result.to_json() == {
+        "ok": True,
+        "firmware_version": "1.2.3",
+        "ota_type": "1",
+        "ota_step": "0",
+        "mode": "main",
+        "time": 100.0,
+    }
     device = reg.to_json()[0]
     assert device["firmware_version"] == "1.2.3"
     assert device["probe"] == result.to_json()
@@ -111,17 +126,22 @@ def test_a_device_that_does_not_answer_fails_after_its_http_timeout():
     assert fetch.cancelled == ["a"]
     a = results[0]["a"].to_json()
     assert a["ok"] is False and a["time"] == 2.0
-    assert a["error"] == ("GET http://127.0.0.1:8080/mnt/spiflash/res/dev_desc.txt (via wl0): "
-                          "the description document: timed out after 2 s")
+    assert a["error"] == (
+        "GET http://127.0.0.1:8080/mnt/spiflash/res/dev_desc.txt (via wl0): "
+        "the description document: timed out after 2 s"
+    )
     assert reg.get("a").probe == a and reg.get("a").firmware_version == "1.0.0"
     assert clock.getDelayedCalls() == []
 
 
-@pytest.mark.parametrize("failure, message", [
-    (error.ConnectionRefusedError(), "connection refused"),
-    (DescriptionFetchError("GET http://x answered HTTP 404"), "GET http://x answered HTTP 404"),
-    (ValueError("something odd"), "something odd"),
-])
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (error.ConnectionRefusedError(), "connection refused"),
+        (DescriptionFetchError("GET http://x answered HTTP 404"), "GET http://x answered HTTP 404"),
+        (ValueError("something odd"), "something odd"),
+    ],
+)
 def test_a_failed_fetch_is_that_device_s_answer_with_a_clear_error(failure, message):
     reg, clock, fetch = registry("a", "b"), Clock(), FakeFetch()
     results = run(DeviceProber(reg, clock, fetch).probe())

@@ -50,15 +50,23 @@ async def test_recovery_ready_and_stopping(tmp_path, reactor, notify):
     notify_path, notify_sock = notify
     # A previous daemon died with a job running in phase 2.
     journal = JobJournal(tmp_path / "state")
-    journal.create(JobRecord(id="older", device="a", firmware="v1.bin", created=0.5, state=JobState.FINISHED,
-                             outcome=Outcome(kind=OutcomeKind.SUCCEEDED, message="ok", phase=Phase.DONE,
-                                             firmware_version_after="1.5.0")))
+    journal.create(
+        JobRecord(
+            id="older",
+            device="a",
+            firmware="v1.bin",
+            created=0.5,
+            state=JobState.FINISHED,
+            outcome=Outcome(kind=OutcomeKind.SUCCEEDED, message="ok", phase=Phase.DONE, firmware_version_after="1.5.0"),
+        )
+    )
     journal.create(JobRecord(id="old", device="a", firmware="v2.bin", created=1.0))
     journal.update("old", "running", state=JobState.RUNNING, started=2.0, phase=Phase.PHASE2, point_of_no_return=True)
     journal.close()
 
-    service = make_service(tmp_path, reactor, AutoJobFactory(hold_in=Phase.PHASE1),
-                           environ={"NOTIFY_SOCKET": notify_path})
+    service = make_service(
+        tmp_path, reactor, AutoJobFactory(hold_in=Phase.PHASE1), environ={"NOTIFY_SOCKET": notify_path}
+    )
     service.privilegedStartService()
     assert received(notify_sock) == []  # listening, but the reactor has not started the service yet
     service.startService()
@@ -106,7 +114,11 @@ def test_json_log_format_installs_twistds_logger():
 def test_twistd_lists_the_netota_plugin():
     result = subprocess.run(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
     )
     assert result.returncode == 0
     assert "netota" in result.stdout
@@ -118,9 +130,21 @@ def test_twistd_stops_at_a_bad_config_with_the_key(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[daemon]\ncontrol = "tcp:8700"\nstate_dir = "s"\nfirmware_dir = "f"\n')
     result = subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         "netota", "--config", str(path)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "netota",
+            "--config",
+            str(path),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
     )
     assert result.returncode != 0
     assert "daemon.control" in result.stdout + result.stderr
@@ -135,12 +159,26 @@ def test_twistd_stops_at_an_unreadable_journal_in_one_line(tmp_path):
     with sqlite3.connect(state / "journal.sqlite3") as db:  # as a newer version might have left it
         db.execute("UPDATE jobs SET state = 'paused'")
     path = tmp_path / "netota.toml"
-    path.write_text(f'[daemon]\ncontrol = "unix:{short_socket_dir()}/c.sock"\nstate_dir = "{state}"\n'
-                    f'firmware_dir = "{tmp_path}"\n[devices.x]\nhost = "127.0.0.1"\n')
+    path.write_text(
+        f'[daemon]\ncontrol = "unix:{short_socket_dir()}/c.sock"\nstate_dir = "{state}"\n'
+        f'firmware_dir = "{tmp_path}"\n[devices.x]\nhost = "127.0.0.1"\n'
+    )
     result = subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         "netota", "--config", str(path)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "netota",
+            "--config",
+            str(path),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -155,24 +193,47 @@ async def test_socket_activation_with_a_systemd_endpoint(tmp_path, reactor):
     connection (``control = "systemd:domain=UNIX:index=0"``)."""
     socket_path = os.path.join(short_socket_dir(), "activated.sock")
     config = tmp_path / "netota.toml"
-    config.write_text(f'[daemon]\ncontrol = "systemd:domain=UNIX:index=0"\nstate_dir = "{tmp_path}/state"\n'
-                      f'firmware_dir = "{tmp_path}"\n[devices.x]\nhost = "127.0.0.1"\n')
+    config.write_text(
+        f'[daemon]\ncontrol = "systemd:domain=UNIX:index=0"\nstate_dir = "{tmp_path}/state"\n'
+        f'firmware_dir = "{tmp_path}"\n[devices.x]\nhost = "127.0.0.1"\n'
+    )
     env = subprocess_env()
     activator = subprocess.Popen(
-        ["systemd-socket-activate", "-l", socket_path, "--fdname=control", "-E", f"PYTHONPATH={env['PYTHONPATH']}",
-         sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "netota",
-         "--config", str(config)],
-        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            "systemd-socket-activate",
+            "-l",
+            socket_path,
+            "--fdname=control",
+            "-E",
+            f"PYTHONPATH={env['PYTHONPATH']}",
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "netota",
+            "--config",
+            str(config),
+        ],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     changes = Changes(reactor)
     changes.watch_directory(Path(socket_path).parent)
     try:
         # The activator binds at once: wait for the socket file to appear (inotify), bounded.
-        await changes.until(lambda: os.path.exists(socket_path) or activator.poll() is not None,
-                            "the activator's socket", timeout=20)
+        await changes.until(
+            lambda: os.path.exists(socket_path) or activator.poll() is not None, "the activator's socket", timeout=20
+        )
         assert activator.poll() is None, "the activator exited before listening"
-        d = getProcessOutputAndValue(sys.executable, ["-m", "netota_daemon", "devices", "--json", "--control",
-                                                      f"unix:{socket_path}"], env=env, path=str(ROOT))
+        d = getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "netota_daemon", "devices", "--json", "--control", f"unix:{socket_path}"],
+            env=env,
+            path=str(ROOT),
+        )
         d.addTimeout(30, reactor)
         out, err, code = await d
         assert code == 0, err
@@ -196,9 +257,16 @@ def test_packaging_installs_the_twistd_plugin(tmp_path):
         else:
             (tree / name).write_text("")
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, setuptools; sys.argv = ['setup.py', '-q', 'build_py', '--build-lib', 'out']; "
-                               "setuptools.setup()"],
-        cwd=str(tree), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import sys, setuptools; sys.argv = ['setup.py', '-q', 'build_py', '--build-lib', 'out']; "
+            "setuptools.setup()",
+        ],
+        cwd=str(tree),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     out = tree / "out"

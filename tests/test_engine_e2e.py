@@ -6,8 +6,9 @@ Each test runs one job and checks the outcome, the advice, what the device recei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -55,8 +56,9 @@ FAST = UpgradeTimeouts(
 class Run:
     """One job against one simulated device, and what came of it."""
 
-    def __init__(self, reactor: Any, tmp_path: Path, timeouts: UpgradeTimeouts = FAST, verify_only: bool = False,
-                 **sim: Any) -> None:
+    def __init__(
+        self, reactor: Any, tmp_path: Path, timeouts: UpgradeTimeouts = FAST, verify_only: bool = False, **sim: Any
+    ) -> None:
         self.reactor = reactor
         self.verify_only = verify_only
         self.state_dir = tmp_path / "device"
@@ -65,21 +67,29 @@ class Run:
         sim.setdefault("firmware_version", "1.0.0")
         self.device = SimulatedDevice(
             reactor,
-            SimConfig(state_dir=self.state_dir, listen="127.0.0.1", ctp_port=0, http_port=0, ota_port=0,
-                      time_scale=TIME_SCALE, **sim),
+            SimConfig(
+                state_dir=self.state_dir,
+                listen="127.0.0.1",
+                ctp_port=0,
+                http_port=0,
+                ota_port=0,
+                time_scale=TIME_SCALE,
+                **sim,
+            ),
         )
         self.timeouts = timeouts
         self.events: list[Any] = []
         self.job: UpgradeJob | None = None
 
-    async def start(self) -> "Run":
+    async def start(self) -> Run:
         await self.device.start()
         ports = self.device.ports
         target = DeviceTarget(
             name="sim-1", host="127.0.0.1", ctp_port=ports["ctp"], http_port=ports["http"], ota_port=ports["ota"]
         )
-        self.job = UpgradeJob(self.reactor, target, open_image(self.image_path), self.timeouts, "job-1",
-                              verify_only=self.verify_only)
+        self.job = UpgradeJob(
+            self.reactor, target, open_image(self.image_path), self.timeouts, "job-1", verify_only=self.verify_only
+        )
         self.job.events.subscribe(self.events.append)
         return self
 
@@ -355,11 +365,17 @@ def _cancel_when(predicate: Callable[[Any], bool]):
     "where,predicate,advice",
     [
         ("detect", lambda e: isinstance(e, PhaseChanged) and e.phase is Phase.DETECT, ADVICE_NOTHING_SENT),
-        ("phase1", lambda e: isinstance(e, Progress) and e.phase is Phase.PHASE1 and e.bytes_served > 50_000,
-         ADVICE_RESET),
+        (
+            "phase1",
+            lambda e: isinstance(e, Progress) and e.phase is Phase.PHASE1 and e.bytes_served > 50_000,
+            ADVICE_RESET,
+        ),
         ("reboot", lambda e: isinstance(e, PhaseChanged) and e.phase is Phase.REBOOT, None),
-        ("phase2", lambda e: isinstance(e, Progress) and e.phase is Phase.PHASE2 and e.point_of_no_return,
-         ADVICE_LOADER),
+        (
+            "phase2",
+            lambda e: isinstance(e, Progress) and e.phase is Phase.PHASE2 and e.point_of_no_return,
+            ADVICE_LOADER,
+        ),
         ("verify", lambda e: isinstance(e, PhaseChanged) and e.phase is Phase.VERIFY, ADVICE_UNVERIFIED),
     ],
 )
@@ -401,8 +417,11 @@ async def test_reconnect_hook_runs_with_the_device_environment(reactor, tmp_path
     run = Run(reactor, tmp_path)
     await run.start()
     run.job.target = run.job.target.__class__(
-        **{**run.job.target.__dict__, "reconnect_command": f'echo "$NETOTA_DEVICE $NETOTA_SSID $NETOTA_PHASE" >> {out}',
-           "expected_ssid": "WIFI_OTA_XXXXXX"}
+        **{
+            **run.job.target.__dict__,
+            "reconnect_command": f'echo "$NETOTA_DEVICE $NETOTA_SSID $NETOTA_PHASE" >> {out}',
+            "expected_ssid": "WIFI_OTA_XXXXXX",
+        }
     )
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.SUCCEEDED, outcome

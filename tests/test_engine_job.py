@@ -37,7 +37,7 @@ def start(image, **timeouts):
 def refuse_pending(reactor: MemoryReactorClock, handled: set) -> int:
     """Refuse every connection attempt not refused yet; returns how many were refused."""
     count = 0
-    for index, (host, port, factory, timeout, bind) in enumerate(reactor.tcpClients):
+    for index, (_host, _port, factory, _timeout, _bind) in enumerate(reactor.tcpClients):
         if index in handled:
             continue
         handled.add(index)

@@ -32,8 +32,15 @@ FAST_FLAGS = ["--reboot-timeout", "5", "--verify-timeout", "5", "--receive-timeo
 async def start_device(reactor: Any, tmp_path: Path, **faults: Any) -> SimulatedDevice:
     device = SimulatedDevice(
         reactor,
-        SimConfig(state_dir=tmp_path / "device", ctp_port=0, http_port=0, ota_port=0, time_scale=TIME_SCALE,
-                  firmware_version="1.0.0", **faults),
+        SimConfig(
+            state_dir=tmp_path / "device",
+            ctp_port=0,
+            http_port=0,
+            ota_port=0,
+            time_scale=TIME_SCALE,
+            firmware_version="1.0.0",
+            **faults,
+        ),
     )
     await device.start()
     return device
@@ -42,9 +49,18 @@ async def start_device(reactor: Any, tmp_path: Path, **faults: Any) -> Simulated
 def flash_args(device: SimulatedDevice, firmware: Path | str, *extra: str) -> list[str]:
     ports = device.ports
     return [
-        "flash", str(firmware), "--host", "127.0.0.1",
-        "--ctp-port", str(ports["ctp"]), "--http-port", str(ports["http"]), "--ota-port", str(ports["ota"]),
-        *FAST_FLAGS, *extra,
+        "flash",
+        str(firmware),
+        "--host",
+        "127.0.0.1",
+        "--ctp-port",
+        str(ports["ctp"]),
+        "--http-port",
+        str(ports["http"]),
+        "--ota-port",
+        str(ports["ota"]),
+        *FAST_FLAGS,
+        *extra,
     ]
 
 
@@ -164,8 +180,13 @@ async def test_bad_firmware_fails_before_any_packet(reactor, tmp_path, case):
         await device.stop()
     assert code == EXIT_USAGE
     assert out.getvalue() == ""
-    words = {"missing": "does not exist", "empty": "is empty", "directory": "directory",
-             "over_4_gib": "addresses at most", "unreadable": "not readable"}[case]
+    words = {
+        "missing": "does not exist",
+        "empty": "is empty",
+        "directory": "directory",
+        "over_4_gib": "addresses at most",
+        "unreadable": "not readable",
+    }[case]
     assert words in err.getvalue()
     assert nothing_sent(device)
 
@@ -184,10 +205,16 @@ async def test_unknown_interface_fails_before_any_packet(reactor, tmp_path):
     assert nothing_sent(device)
 
 
-@pytest.mark.parametrize("argv", [["flash", "fw.ufw"], ["flash", "fw.ufw", "--host", "h", "--ctp-port", "0"],
-                                  ["flash", "fw.ufw", "--host", "h", "--timeout", "-1"],
-                                  ["flash", "fw.ufw", "--host", "h", "--timeout", "nan"],
-                                  ["flash", "fw.ufw", "--host", "h", "--receive-timeout", "inf"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["flash", "fw.ufw"],
+        ["flash", "fw.ufw", "--host", "h", "--ctp-port", "0"],
+        ["flash", "fw.ufw", "--host", "h", "--timeout", "-1"],
+        ["flash", "fw.ufw", "--host", "h", "--timeout", "nan"],
+        ["flash", "fw.ufw", "--host", "h", "--receive-timeout", "inf"],
+    ],
+)
 def test_usage_errors_exit_64(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
@@ -229,8 +256,15 @@ def test_help_documents_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["flash", "--help"])
     text = capsys.readouterr().out
-    for line in ("0   succeeded", "1   failed", "2   unverified", "3   already current", "4   aborted",
-                 "5   not applicable", "64  bad arguments"):
+    for line in (
+        "0   succeeded",
+        "1   failed",
+        "2   unverified",
+        "3   already current",
+        "4   aborted",
+        "5   not applicable",
+        "64  bad arguments",
+    ):
         assert line in text
 
 
@@ -276,7 +310,9 @@ def test_flash_command_opens_the_firmware_once(tmp_path, monkeypatch):
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_failed_and_unverified_exit_codes_with_advice(reactor, tmp_path, device_config, extra, code, kind, advice):
+async def test_failed_and_unverified_exit_codes_with_advice(
+    reactor, tmp_path, device_config, extra, code, kind, advice
+):
     image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)
     device = await start_device(reactor, tmp_path, **device_config)
     try:

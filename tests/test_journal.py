@@ -6,7 +6,6 @@ import sqlite3
 from dataclasses import replace
 
 import pytest
-
 from twisted.internet.task import Clock
 
 from netota_daemon.daemon.journal import (
@@ -35,7 +34,10 @@ def test_create_save_and_read_back_from_another_connection(tmp_path):
     # Each write is committed before save() returns: a second connection (another process) sees it.
     db = sqlite3.connect(tmp_path / JOURNAL_FILE)
     assert db.execute("SELECT state, phase, options FROM jobs WHERE id = 'j1'").fetchone() == (
-        "running", "phase1", '{"deadline": 60}')
+        "running",
+        "phase1",
+        '{"deadline": 60}',
+    )
     journal.close()
     reopened = JobJournal(tmp_path)
     got = reopened.get("j1")
@@ -46,8 +48,14 @@ def test_create_save_and_read_back_from_another_connection(tmp_path):
 
 def test_outcome_round_trips(tmp_path):
     journal, record = make(tmp_path)
-    outcome = Outcome(kind=OutcomeKind.FAILED, message="ERR", phase=Phase.PHASE2, point_of_no_return=True,
-                      advice=ADVICE_LOADER, firmware_version_before="1.0")
+    outcome = Outcome(
+        kind=OutcomeKind.FAILED,
+        message="ERR",
+        phase=Phase.PHASE2,
+        point_of_no_return=True,
+        advice=ADVICE_LOADER,
+        firmware_version_before="1.0",
+    )
     journal.update("j1", "finished", state=JobState.FINISHED, outcome=outcome, phase=Phase.PHASE2)
     got = JobJournal(tmp_path).get("j1")
     assert got.outcome == outcome
@@ -61,8 +69,16 @@ def test_recover_marks_running_jobs_interrupted_with_phase_and_advice(tmp_path):
     journal.create(JobRecord(id="j2", device="b", firmware="f", created=2.0))  # queued, never started
     journal.create(JobRecord(id="j3", device="c", firmware="f", created=3.0))
     journal.update("j3", "running", state=JobState.RUNNING, started=3.0, phase=Phase.PHASE1)
-    journal.create(JobRecord(id="j4", device="d", firmware="f", created=4.0, state=JobState.FINISHED,
-                             outcome=Outcome(kind=OutcomeKind.SUCCEEDED, message="ok", phase=Phase.DONE)))
+    journal.create(
+        JobRecord(
+            id="j4",
+            device="d",
+            firmware="f",
+            created=4.0,
+            state=JobState.FINISHED,
+            outcome=Outcome(kind=OutcomeKind.SUCCEEDED, message="ok", phase=Phase.DONE),
+        )
+    )
     journal.close()  # as if the daemon was killed
 
     after = JobJournal(tmp_path)
@@ -118,6 +134,6 @@ def test_a_row_this_version_cannot_read_is_a_clear_error(tmp_path):
     with sqlite3.connect(tmp_path / JOURNAL_FILE) as db:  # as a newer netota might have written it
         db.execute("UPDATE jobs SET state = 'paused' WHERE id = 'j1'")
     journal = JobJournal(tmp_path)
-    with pytest.raises(JournalError, match="'j1'.*newer netota"):
+    with pytest.raises(JournalError, match=r"'j1'.*newer netota"):
         journal.get("j1")
     journal.close()

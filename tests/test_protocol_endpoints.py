@@ -42,8 +42,15 @@ class Attempts:
 def run(clock, attempts, **kwargs):
     results = []
     d = defer.ensureDeferred(
-        retry_until_deadline(clock, attempts(clock), kwargs.pop("deadline", 10.0), kwargs.pop("attempt_timeout", 2.0),
-                             "test", policy=kwargs.pop("policy", lambda n: 1.0), **kwargs)
+        retry_until_deadline(
+            clock,
+            attempts(clock),
+            kwargs.pop("deadline", 10.0),
+            kwargs.pop("attempt_timeout", 2.0),
+            "test",
+            policy=kwargs.pop("policy", lambda n: 1.0),
+            **kwargs,
+        )
     )
     d.addBoth(results.append)
     return d, results
@@ -240,14 +247,20 @@ def test_job_check_fails_fast_on_a_real_interface_that_is_down(tmp_path):
         )
         run = lambda: subprocess.run(  # noqa: E731
             ["ip", "netns", "exec", ns, sys.executable, "-c", script],
-            capture_output=True, text=True, env=subprocess_env(), timeout=60,
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
         ).stdout.strip()
         assert "has no link" in run()  # the device side (its WiFi) is down
         subprocess.run([*ip, "link", "set", "deviceside", "up"], check=True)
         # The carrier reaches the other end of the veth asynchronously: wait for it, bounded (each
         # look is one `ip` process).
         deadline = time.monotonic() + 10
-        while "state UP" not in subprocess.run([*ip, "-o", "link", "show", "rackside"], capture_output=True, text=True).stdout:
+        while (
+            "state UP"
+            not in subprocess.run([*ip, "-o", "link", "show", "rackside"], capture_output=True, text=True).stdout
+        ):
             assert time.monotonic() < deadline, "the veth never came up"
         assert run() == "usable"
     finally:
@@ -261,6 +274,8 @@ def test_http_failures_get_plain_messages():
     from netota_daemon.protocols.endpoints import connection_error_message
 
     cut = ResponseFailed([Failure(error.ConnectionDone())])
-    assert connection_error_message(cut) == "the HTTP answer was cut off or is not HTTP (the device closed the connection)"
+    assert (
+        connection_error_message(cut) == "the HTTP answer was cut off or is not HTTP (the device closed the connection)"
+    )
     never = ResponseNeverReceived([Failure(error.ConnectionLost())])
     assert connection_error_message(never) == "no HTTP answer (connection lost)"

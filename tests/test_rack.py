@@ -128,14 +128,30 @@ def test_rack_upgrades_every_device_at_once(make_rack, firmware):
 
 FAULTS = [
     # (simulator options, expected outcome kind, expected failure class or None, proof the fault fired)
-    (["--drop-after-reads", "3", "--fault-phase", "1"], "failed", "connection",
-     lambda events: any(e["event"] == "fault_drop" and e.get("phase") == 1 for e in events)),
-    (["--drop-after-reads", "3", "--fault-phase", "2"], "succeeded", None,
-     lambda events: any(e["event"] == "fault_drop" and e.get("phase") == 2 for e in events)),
-    (["--stall-after-reads", "2:40", "--fault-phase", "1"], "succeeded", None,
-     lambda events: any(e["event"] == "fault_stall" and e.get("phase") == 1 for e in events)),
-    (["--corrupt-reply-check", "--fault-phase", "2"], "succeeded", None,
-     lambda events: any(e["event"] == "session_end" and e["phase"] == 2 and e["checksum_errors"] for e in events)),
+    (
+        ["--drop-after-reads", "3", "--fault-phase", "1"],
+        "failed",
+        "connection",
+        lambda events: any(e["event"] == "fault_drop" and e.get("phase") == 1 for e in events),
+    ),
+    (
+        ["--drop-after-reads", "3", "--fault-phase", "2"],
+        "succeeded",
+        None,
+        lambda events: any(e["event"] == "fault_drop" and e.get("phase") == 2 for e in events),
+    ),
+    (
+        ["--stall-after-reads", "2:40", "--fault-phase", "1"],
+        "succeeded",
+        None,
+        lambda events: any(e["event"] == "fault_stall" and e.get("phase") == 1 for e in events),
+    ),
+    (
+        ["--corrupt-reply-check", "--fault-phase", "2"],
+        "succeeded",
+        None,
+        lambda events: any(e["event"] == "session_end" and e["phase"] == 2 and e["checksum_errors"] for e in events),
+    ),
 ]
 
 
@@ -153,7 +169,7 @@ def test_rack_faults_stay_with_their_device(make_rack, firmware):
     assert result.returncode == 1, "a failed device must make the batch exit with the failure's code"
 
     jobs = _jobs_by_device(rack)
-    for device, (_, kind, failure, fault_fired) in zip(rack.devices, expected):
+    for device, (_, kind, failure, fault_fired) in zip(rack.devices, expected, strict=False):
         job = jobs[device.name]
         outcome = job["outcome"]
         events = device.events()

@@ -24,17 +24,56 @@ def parse(*argv: str):
 
 def test_every_option_reaches_the_config(tmp_path):
     args = parse(
-        "--listen", "127.0.0.3", "--ctp-port", "0", "--http-port", "1", "--ota-port", "2",
-        "--mode", "loader", "--ota-listen-at-start", "--time-scale", "0.5", "--double-backup",
-        "--firmware-version", "3.0", "--image-size", "1000", "--phase1-all-size", "--reject-image", "--same-as-installed",
-        "--same-status", "err", "--reboot-seconds", "4", "--loader-start-seconds", "5",
-        "--phase2-reboot-seconds", "6", "--no-reboot", "--reboot-command", "true",
-        "--drop-after-reads", "7", "--stall-after-reads", "8:9.5", "--corrupt-header-every", "10",
-        "--corrupt-reply-check", "--fault-phase", "2",
+        "--listen",
+        "127.0.0.3",
+        "--ctp-port",
+        "0",
+        "--http-port",
+        "1",
+        "--ota-port",
+        "2",
+        "--mode",
+        "loader",
+        "--ota-listen-at-start",
+        "--time-scale",
+        "0.5",
+        "--double-backup",
+        "--firmware-version",
+        "3.0",
+        "--image-size",
+        "1000",
+        "--phase1-all-size",
+        "--reject-image",
+        "--same-as-installed",
+        "--same-status",
+        "err",
+        "--reboot-seconds",
+        "4",
+        "--loader-start-seconds",
+        "5",
+        "--phase2-reboot-seconds",
+        "6",
+        "--no-reboot",
+        "--reboot-command",
+        "true",
+        "--drop-after-reads",
+        "7",
+        "--stall-after-reads",
+        "8:9.5",
+        "--corrupt-header-every",
+        "10",
+        "--corrupt-reply-check",
+        "--fault-phase",
+        "2",
     )
     config = config_from_args(args, tmp_path)
     assert (config.listen, config.ctp_port, config.http_port, config.ota_port) == ("127.0.0.3", 0, 1, 2)
-    assert (config.mode, config.ota_listen_at_start, config.time_scale, config.double_backup) == ("loader", True, 0.5, True)
+    assert (config.mode, config.ota_listen_at_start, config.time_scale, config.double_backup) == (
+        "loader",
+        True,
+        0.5,
+        True,
+    )
     assert (config.firmware_version, config.image_size, config.reject_image) == ("3.0", 1000, True)
     assert config.phase1_all_size is True
     assert (config.same_as_installed, config.same_status) == (True, "err")
@@ -47,9 +86,18 @@ def test_every_option_reaches_the_config(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--time-scale", "0"], ["--ctp-port", "70000"], ["--stall-after-reads", "5"], ["--drop-after-reads", "0"],
-     ["--mode", "boot"], ["--fault-phase", "3"], ["--time-scale", "nan"], ["--time-scale", "inf"],
-     ["--reboot-seconds", "-1"], ["--stall-after-reads", "2:nan"]],
+    [
+        ["--time-scale", "0"],
+        ["--ctp-port", "70000"],
+        ["--stall-after-reads", "5"],
+        ["--drop-after-reads", "0"],
+        ["--mode", "boot"],
+        ["--fault-phase", "3"],
+        ["--time-scale", "nan"],
+        ["--time-scale", "inf"],
+        ["--reboot-seconds", "-1"],
+        ["--stall-after-reads", "2:nan"],
+    ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -60,8 +108,18 @@ def test_bad_options_exit_with_usage_error(argv, capsys):
 
 def test_help_documents_every_event():
     text = build_parser()._subparsers._group_actions[0].choices["sim"].format_help()
-    for event in ("session_end", "checksum_error", "stop_received", "reboot", "mode", "watchdog_reset",
-                  "ctp_connect", "http_request", "phase<N>-received.bin", "events.jsonl"):
+    for event in (
+        "session_end",
+        "checksum_error",
+        "stop_received",
+        "reboot",
+        "mode",
+        "watchdog_reset",
+        "ctp_connect",
+        "http_request",
+        "phase<N>-received.bin",
+        "events.jsonl",
+    ):
         assert event in text
 
 
@@ -76,9 +134,26 @@ def test_make_image_command(tmp_path, capsys):
 def test_netota_sim_subprocess_runs_until_sigterm(tmp_path):
     state = tmp_path / "state"
     process = subprocess.Popen(
-        [PYTHON, "-m", "netota_daemon", "sim", "--ctp-port", "0", "--http-port", "0", "--ota-port", "0",
-         "--state-dir", str(state), "--time-scale", "0.01"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), text=True,
+        [
+            PYTHON,
+            "-m",
+            "netota_daemon",
+            "sim",
+            "--ctp-port",
+            "0",
+            "--http-port",
+            "0",
+            "--ota-port",
+            "0",
+            "--state-dir",
+            str(state),
+            "--time-scale",
+            "0.01",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        text=True,
     )
     try:
         selector = selectors.DefaultSelector()

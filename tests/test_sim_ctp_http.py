@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from netota_daemon.sim.config import SimConfig
 from netota_daemon.sim.ctp_server import CtpFactory, loader_access_reply
 from netota_daemon.sim.device import SimulatedDevice
-from netota_daemon.sim.http_server import HttpFactory, LOADER_RESPONSE, NOT_FOUND_BODY
+from netota_daemon.sim.http_server import LOADER_RESPONSE, NOT_FOUND_BODY, HttpFactory
 from netota_daemon.wire.ctp import CtpDecoder, encode_frame, request
 from netota_daemon.wire.description import DESCRIPTION_PATH, LOADER_DOCUMENT, parse_description
 
@@ -26,7 +26,9 @@ def make_device(**config: Any) -> tuple[SimulatedDevice, MemoryReactorClock]:
     return device, reactor
 
 
-def connect(device: SimulatedDevice, factory_class: type, loader: bool = False, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:
+def connect(
+    device: SimulatedDevice, factory_class: type, loader: bool = False, host: str = "127.0.0.1"
+) -> tuple[Any, StringTransport]:
     address = IPv4Address("TCP", host, 40000)
     protocol = factory_class(device, loader).buildProtocol(address)
     transport = StringTransport(peerAddress=address)
@@ -86,9 +88,7 @@ def test_net_ota_single_opens_3335_and_answers_status_1():
     assert [p[0] for p in reactor.tcpServers] == [13333, 18080]
     protocol.dataReceived(request("NET_OTA_SINGLE", "PUT", status="1"))
     # the research's 62-byte example
-    assert transport.value() == (
-        b'CTP:\x0e\x00NET_OTA_SINGLE&\x00\x00\x00{"op":"NOTIFY","param":{"status":"1"}}'
-    )
+    assert transport.value() == (b'CTP:\x0e\x00NET_OTA_SINGLE&\x00\x00\x00{"op":"NOTIFY","param":{"status":"1"}}')
     assert [p[0] for p in reactor.tcpServers] == [13333, 18080, 13335]
 
 
@@ -172,7 +172,8 @@ def test_loader_answers_the_first_chunk_only_with_ver_20906_for_framed_requests(
 
 
 @pytest.mark.parametrize(
-    "chunk, ver", [(b'{"ver":"1.0"}', b"1"), (b'xx ver":"31234"', b"31234"), (b"hello", b"20906"), (b'ver":"', b"20906")]
+    "chunk, ver",
+    [(b'{"ver":"1.0"}', b"1"), (b'xx ver":"31234"', b"31234"), (b"hello", b"20906"), (b'ver":"', b"20906")],
 )
 def test_loader_echoes_digits_of_unframed_text(chunk, ver):
     assert loader_access_reply(chunk).endswith(b'"ver":"' + ver + b'"}}')

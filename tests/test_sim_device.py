@@ -43,7 +43,9 @@ def run_session(device: SimulatedDevice, reactor: MemoryReactorClock, image: byt
         for i in range(0, len(data), 20):
             header = OtaHeader.decode(data[i : i + 20])
             if header.status == Status.READ:
-                session.dataReceived(encode_reply(header, image[header.seek_addr : header.seek_addr + header.read_size]))
+                session.dataReceived(
+                    encode_reply(header, image[header.seek_addr : header.seek_addr + header.read_size])
+                )
             elif header.status == Status.DOING and header.percent == 100:
                 session.dataReceived(notice_echo(header))
         if transport.disconnecting:
@@ -78,7 +80,10 @@ def test_start_listens_and_writes_ports_json(tmp_path):
     assert device.mode == "main"
     assert [(p[0], p[3]) for p in reactor.tcpServers] == [(13333, "127.0.0.1"), (18080, "127.0.0.1")]
     assert json.loads((tmp_path / "state" / "ports.json").read_text()) == {
-        "listen": "127.0.0.1", "ctp": 13333, "http": 18080, "ota": 13335
+        "listen": "127.0.0.1",
+        "ctp": 13333,
+        "http": 18080,
+        "ota": 13335,
     }
     lines = (tmp_path / "state" / "events.jsonl").read_text().splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["start", "mode"]
@@ -221,7 +226,9 @@ def test_stopping_from_inside_an_event_waiter_leaves_no_timer(event):
         for i in range(0, len(data), 20):
             header = OtaHeader.decode(data[i : i + 20])
             if header.status == Status.READ and not transport.disconnecting:
-                session.dataReceived(encode_reply(header, IMAGE[header.seek_addr : header.seek_addr + header.read_size]))
+                session.dataReceived(
+                    encode_reply(header, IMAGE[header.seek_addr : header.seek_addr + header.read_size])
+                )
         if transport.disconnecting and session.result is None:
             session.connectionLost(Failure(ConnectionDone()))
         if not data and not stopped:

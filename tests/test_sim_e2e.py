@@ -43,7 +43,9 @@ def mode_is(device: SimulatedDevice, mode: str, after: int) -> Any:
     return device.wait_for_event(lambda e: e["event"] == "mode" and e["mode"] == mode, after=after)
 
 
-async def run_phase1(reactor: Any, device: SimulatedDevice, image: bytes = IMAGE, **knobs: Any) -> appclient.OtaClientResult:
+async def run_phase1(
+    reactor: Any, device: SimulatedDevice, image: bytes = IMAGE, **knobs: Any
+) -> appclient.OtaClientResult:
     """CTP handshake, NET_OTA_SINGLE, then one OTA session."""
     ctp = await appclient.ctp_handshake(reactor, HOST, device.ports["ctp"])
     ctp.send(request("NET_OTA_SINGLE", "PUT", status="1"))
@@ -54,7 +56,9 @@ async def run_phase1(reactor: Any, device: SimulatedDevice, image: bytes = IMAGE
     return result
 
 
-async def run_phase2(reactor: Any, device: SimulatedDevice, image: bytes = IMAGE, **knobs: Any) -> appclient.OtaClientResult:
+async def run_phase2(
+    reactor: Any, device: SimulatedDevice, image: bytes = IMAGE, **knobs: Any
+) -> appclient.OtaClientResult:
     ctp = await appclient.ctp_handshake(reactor, HOST, device.ports["ctp"])
     assert ctp.frames[0].param == {"type": "0", "ver": "20906"}
     response = await appclient.http_get(reactor, HOST, device.ports["http"], DESCRIPTION_PATH)
@@ -439,7 +443,9 @@ async def test_loader_http_answers_every_chunk_with_fixed_document(reactor, tmp_
     finally:
         await device.stop()
     head, body = appclient.split_http(response)
-    assert head == b"HTTP/1.1 200 OK\r\nContent-Type:text\r\nContent-Length:454\r\nAccept-Ranges:bytes\r\nConnection:close"
+    assert (
+        head == b"HTTP/1.1 200 OK\r\nContent-Type:text\r\nContent-Length:454\r\nAccept-Ranges:bytes\r\nConnection:close"
+    )
     assert body == LOADER_DOCUMENT
 
 
@@ -447,6 +453,7 @@ async def test_loader_http_answers_every_chunk_with_fixed_document(reactor, tmp_
 # A blocking thread reads more slowly than the reactor: keep the device's 0.5 s between OK and its
 # RST long enough (0.1 s) that the OK is read before the reset discards it, even on 2 loaded cores.
 VENDOR_SCALE = 0.2
+
 
 @pytest_twisted.ensureDeferred
 async def test_vendor_style_client_phase1_against_ota_listen_at_start(reactor, tmp_path):

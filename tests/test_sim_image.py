@@ -27,7 +27,7 @@ def test_make_image_writes_exactly_size_bytes_with_a_verifiable_trailer(tmp_path
     trailer = read_trailer(path)
     assert trailer is not None
     assert (trailer.version, trailer.size) == ("2.1.0", 100_000)
-    assert trailer.sha256 == hashlib.sha256(data[: -TRAILER_SIZE]).hexdigest()
+    assert trailer.sha256 == hashlib.sha256(data[:-TRAILER_SIZE]).hexdigest()
     assert data[-TRAILER_SIZE:][:8] == b"NOTATRL\x01"
     assert verify_image(data) == (True, "ok")
     assert not (tmp_path / "fw.bin.tmp").exists()
@@ -55,7 +55,8 @@ def test_a_truncated_or_foreign_file_is_not_a_test_image(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "version, size", [("", 1000), ("x" * 33, 1000), ("1.0", MIN_IMAGE_SIZE - 1), ("2.0-\u00e9t\u00e9", 1000), ("1\x002", 1000)]
+    "version, size",
+    [("", 1000), ("x" * 33, 1000), ("1.0", MIN_IMAGE_SIZE - 1), ("2.0-\u00e9t\u00e9", 1000), ("1\x002", 1000)],
 )
 def test_bad_requests_raise_clear_errors(version, size):
     with pytest.raises(ImageError):

@@ -72,9 +72,9 @@ def lose(session: OtaDeviceSession, transport: StringTransport) -> None:
     session.connectionLost(Failure(ConnectionDone()))
 
 
-ERR_BYTES = bytes.fromhex("02000000" "00000000" "00000000" "00000000" "02000000")
-OK_BYTES = bytes.fromhex("65000000" "00000000" "00000000" "00000000" "01640000")
-FINAL_NOTICE = bytes.fromhex("64000000" "00000000" "00000000" "00000000" "00640000")
+ERR_BYTES = bytes.fromhex("0200000000000000000000000000000002000000")
+OK_BYTES = bytes.fromhex("6500000000000000000000000000000001640000")
+FINAL_NOTICE = bytes.fromhex("6400000000000000000000000000000000640000")
 
 
 def test_device_speaks_first_after_100_ms_with_a_phase1_window():
@@ -84,7 +84,7 @@ def test_device_speaks_first_after_100_ms_with_a_phase1_window():
     assert transport.value() == b""
     host.clock.advance(0.001)
     # READ seek 0, read_size 20436 (0x4fd4), percent 1; sum 0xd4+0x4f+4+1 = 0x128
-    assert sent(transport) == bytes.fromhex("28010000" "00000000" "d44f0000" "00000000" "04010000")
+    assert sent(transport) == bytes.fromhex("2801000000000000d44f00000000000004010000")
     assert host.names() == ["session_start"]
 
 
@@ -94,13 +94,15 @@ def test_phase2_first_read_and_all_size_notice_match_the_research_examples():
     session, transport = connect(host, phase=2)
     host.clock.advance(0.1)
     first = sent(transport)
-    assert first == bytes.fromhex("78010000" "00000000" "d49f0000" "00000000" "04010000")
+    assert first == bytes.fromhex("7801000000000000d49f00000000000004010000")
     session.dataReceived(reply_to(headers(first)[0], image))
-    assert sent(transport) == bytes.fromhex("92000000" "00000000" "00000000" "40420f00" "00010000")
+    assert sent(transport) == bytes.fromhex("92000000000000000000000040420f0000010000")
     assert host.names()[-1] == "all_size_sent"
 
 
-def serve(host: FakeHost, session: OtaDeviceSession, transport: StringTransport, image: bytes, echo: bool) -> list[OtaHeader]:
+def serve(
+    host: FakeHost, session: OtaDeviceSession, transport: StringTransport, image: bytes, echo: bool
+) -> list[OtaHeader]:
     """Answer READs until the final notice; returns every header seen."""
     seen: list[OtaHeader] = []
     for _ in range(1000):
@@ -275,7 +277,7 @@ def test_stall_delays_the_next_request():
     assert headers(sent(transport))[0].status == Status.READ
 
 
-@pytest.mark.parametrize("same_status, wire", [("same", "10000000" "00000000" "00000000" "00000000" "10000000"), ("err", None)])
+@pytest.mark.parametrize("same_status, wire", [("same", "1000000000000000000000000000000010000000"), ("err", None)])
 def test_same_as_installed_after_the_first_reply(same_status, wire):
     image = bytes(100_000)
     host = FakeHost(image_size=len(image), same_as_installed=True, same_status=same_status)

@@ -15,7 +15,10 @@ from netota_daemon.wire.ctp import CtpDecoder, CtpProtocolError
 def test_app_access_request_is_byte_exact():
     frame = ctp.request("APP_ACCESS", "PUT", type="0", ver="20906")
     assert frame == (
-        b"CTP:" + bytes.fromhex("0a00") + b"APP_ACCESS" + bytes.fromhex("2f000000")
+        b"CTP:"
+        + bytes.fromhex("0a00")
+        + b"APP_ACCESS"
+        + bytes.fromhex("2f000000")
         + b'{"op":"PUT","param":{"type":"0","ver":"20906"}}'
     )
     assert len(frame) == 67
@@ -94,7 +97,7 @@ def test_split_anywhere_decodes_the_same_as_whole(frames, data):
     decoder = CtpDecoder()
     got = []
     previous = 0
-    for cut in cuts + [len(stream)]:
+    for cut in [*cuts, len(stream)]:
         got += decoder.feed(stream[previous:cut])
         previous = cut
     assert [(f.topic, f.param) for f in got] == frames

@@ -72,4 +72,6 @@ def test_main_document_carries_any_version_text(version):
 
 
 def test_main_document_bytes_for_an_ordinary_version_are_unchanged():
-    assert b' "firmware_version": "1.0.1","match_app_type": "DVRunning 2","uuid": "xxxxxx"}' in main_firmware_document("1.0.1")
+    assert b' "firmware_version": "1.0.1","match_app_type": "DVRunning 2","uuid": "xxxxxx"}' in main_firmware_document(
+        "1.0.1"
+    )

@@ -44,7 +44,11 @@ def test_reply_echoes_request_but_zeroes_all_size_and_sets_sent_length():
     reply = ota.encode_reply(request, payload)
     header = OtaHeader.decode(reply[:20])
     assert (header.seek_addr, header.read_size, header.all_size, header.status, header.percent) == (
-        100, 30, 0, Status.READ, 42,
+        100,
+        30,
+        0,
+        Status.READ,
+        42,
     )
     assert reply[20:] == payload
     assert ota.verify_reply(header, payload)
@@ -102,7 +106,12 @@ def test_header_round_trip(seek, size, all_size, status, percent, resv):
     decoded = OtaHeader.decode(header.encode())
     assert decoded.is_valid()
     assert (decoded.seek_addr, decoded.read_size, decoded.all_size, decoded.status, decoded.percent, decoded.resv) == (
-        seek, size, all_size, status, percent, resv,
+        seek,
+        size,
+        all_size,
+        status,
+        percent,
+        resv,
     )
 
 
@@ -113,7 +122,7 @@ def test_header_reader_split_anywhere_equals_whole(fields, data):
     reader = OtaHeaderReader()
     got = []
     previous = 0
-    for cut in cuts + [len(stream)]:
+    for cut in [*cuts, len(stream)]:
         got += reader.feed(stream[previous:cut])
         previous = cut
     assert [(h.seek_addr, h.read_size, h.status) for h in got] == [(a, r, s) for a, r, s in fields]

@@ -7,8 +7,9 @@ datagram arrived, a child process wrote or ended, a file appeared or grew in a w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, inotify
 from twisted.python.filepath import FilePath

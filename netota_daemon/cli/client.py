@@ -16,7 +16,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 
@@ -35,10 +36,14 @@ def _print_json(data: Any) -> None:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)] if rows else [len(h) for h in headers]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    widths = (
+        [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
+        if rows
+        else [len(h) for h in headers]
+    )
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
     for row in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
     return "\n".join(lines)
 
 
@@ -59,7 +64,9 @@ def _outcome_line(job: dict[str, Any]) -> str:
         if job.get("position"):
             text += f" (position {job['position']} in the queue)"
     advice = job.get("advice") or (outcome or {}).get("advice")
-    if advice and (job.get("state") == "interrupted" or (outcome and outcome.get("kind") not in ("succeeded", "already_current"))):
+    if advice and (
+        job.get("state") == "interrupted" or (outcome and outcome.get("kind") not in ("succeeded", "already_current"))
+    ):
         text += f"\n  advice: {advice}"
     return text
 
@@ -158,8 +165,16 @@ async def cmd_devices(client: ControlClient, args: argparse.Namespace) -> int:
         percent = f"{d['percent']:.1f}%" if d.get("percent") is not None else "-"
         rate = f"{format_bytes(d['rate'])}/s" if d.get("rate") else "-"
         state = d["state"] + (f" #{d['queue_position']}" if d.get("queue_position") else "")
-        row = [d["name"], state, _dash(d.get("phase")), percent, rate, _dash(d.get("job")),
-               _dash(d.get("last_outcome")), _dash(d.get("firmware_version"))]
+        row = [
+            d["name"],
+            state,
+            _dash(d.get("phase")),
+            percent,
+            rate,
+            _dash(d.get("job")),
+            _dash(d.get("last_outcome")),
+            _dash(d.get("firmware_version")),
+        ]
         if probe:
             result = d.get("probe") or {}
             row.append(_dash(result.get("mode")) if result.get("ok") else "?")
@@ -249,7 +264,11 @@ async def _follow_quietly(client: ControlClient, job: dict[str, Any], board: Dev
         return event_type == "shutdown"
 
     await client.stream(f"/v1/jobs/{job_id}/events", on_event)
-    seen = {**job, "state": ended["state"], "outcome": ended.get("outcome"), "advice": ended.get("advice")} if ended else {}
+    seen = (
+        {**job, "state": ended["state"], "outcome": ended.get("outcome"), "advice": ended.get("advice")}
+        if ended
+        else {}
+    )
     final = await _final_job(client, job_id, seen)
     if final["state"] in ("queued", "running", "cancelling"):
         raise DaemonUnavailable(f"the netota daemon at {client.control} went away before job {job_id} ended")
@@ -258,8 +277,9 @@ async def _follow_quietly(client: ControlClient, job: dict[str, Any], board: Dev
     return final
 
 
-async def _upgrade_many(client: ControlClient, args: argparse.Namespace, devices: list[str], firmware: str,
-                        options: dict[str, Any]) -> int:
+async def _upgrade_many(
+    client: ControlClient, args: argparse.Namespace, devices: list[str], firmware: str, options: dict[str, Any]
+) -> int:
     """One job per device; with --wait, follow them all and print a summary. The exit code is 0 when
     every device succeeded (or was already current), else that of the first device, in the order
     given, that did not (69 for one whose end was not seen because the daemon went away)."""
@@ -307,12 +327,23 @@ async def _upgrade_many(client: ControlClient, args: argparse.Namespace, devices
         if args.wait:
             codes[device] = _job_exit_code(job, strict=args.strict)
         outcome = job.get("outcome") or {}
-        rows.append([device, job["id"], job["state"], outcome.get("kind", "-"),
-                     outcome.get("message") or (f"position {job['position']}" if job.get("position") else "")])
+        rows.append(
+            [
+                device,
+                job["id"],
+                job["state"],
+                outcome.get("kind", "-"),
+                outcome.get("message") or (f"position {job['position']}" if job.get("position") else ""),
+            ]
+        )
     if args.json:
-        _print_json({"jobs": [jobs[d] for d in devices if d in jobs and d not in lost],
-                     "refused": {d: {"status": e.status, "code": e.code, "message": e.message} for d, e in refused.items()},
-                     "lost": {d: {"job": jobs[d]["id"], "message": str(e)} for d, e in lost.items()}})
+        _print_json(
+            {
+                "jobs": [jobs[d] for d in devices if d in jobs and d not in lost],
+                "refused": {d: {"status": e.status, "code": e.code, "message": e.message} for d, e in refused.items()},
+                "lost": {d: {"job": jobs[d]["id"], "message": str(e)} for d, e in lost.items()},
+            }
+        )
     else:
         print(_table(rows, ["DEVICE", "JOB", "STATE", "OUTCOME", "MESSAGE"]))
     return next((codes[d] for d in devices if codes.get(d, 0) != 0), 0)
@@ -333,8 +364,18 @@ async def cmd_jobs(client: ControlClient, args: argparse.Namespace) -> int:
         outcome = (j.get("outcome") or {}).get("kind")
         progress = j.get("progress") or {}
         percent = f"{progress['percent']:.1f}%" if progress.get("percent") is not None else "-"
-        rows.append([j["id"], j["device"], j["firmware"], j["state"] + (f" #{j['position']}" if j.get("position") else ""),
-                     j["phase"], percent, _dash(outcome), "yes" if j.get("resumable") else "-"])
+        rows.append(
+            [
+                j["id"],
+                j["device"],
+                j["firmware"],
+                j["state"] + (f" #{j['position']}" if j.get("position") else ""),
+                j["phase"],
+                percent,
+                _dash(outcome),
+                "yes" if j.get("resumable") else "-",
+            ]
+        )
     print(_table(rows, ["JOB", "DEVICE", "FIRMWARE", "STATE", "PHASE", "PERCENT", "OUTCOME", "RESUMABLE"]))
     return 0
 
@@ -366,17 +407,24 @@ async def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
         if event_type == "snapshot":
             if board.interactive:  # a line per device from the start: the rack at a glance
                 for d in data.get("devices", []):
-                    board.set(d["name"], f"{d['state']}  last: {_dash(d.get('last_outcome'))}  "
-                                         f"firmware {_dash(d.get('firmware_version'))}")
+                    board.set(
+                        d["name"],
+                        f"{d['state']}  last: {_dash(d.get('last_outcome'))}  "
+                        f"firmware {_dash(d.get('firmware_version'))}",
+                    )
             for job in data.get("jobs", []):
-                board.set(job["device"], f"job {job['id']} {job['state']}"
-                                         + (f" #{job['position']}" if job.get("position") else ""))
+                board.set(
+                    job["device"],
+                    f"job {job['id']} {job['state']}" + (f" #{job['position']}" if job.get("position") else ""),
+                )
         elif event_type in ("phase", "progress"):
             event = event_from_json(data)
             if event is not None:
                 board.handle(device, event, label=f"{device} {data['job']}")
         elif event_type == "state":
-            board.set(device, f"job {data['job']} {data['state']}" + (f" #{data['position']}" if data.get("position") else ""))
+            board.set(
+                device, f"job {data['job']} {data['state']}" + (f" #{data['position']}" if data.get("position") else "")
+            )
         elif event_type == "outcome":
             board.end(device, _short_outcome({"id": data["job"], **data}))
         elif event_type == "shutdown":
@@ -385,7 +433,9 @@ async def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
         return False
 
     await client.stream("/v1/events", on_event)
-    raise DaemonUnavailable(f"the netota daemon at {client.control} ended the event stream (it is shutting down or went away)")
+    raise DaemonUnavailable(
+        f"the netota daemon at {client.control} ended the event stream (it is shutting down or went away)"
+    )
 
 
 async def cmd_cancel(client: ControlClient, args: argparse.Namespace) -> int:
@@ -453,8 +503,9 @@ def _run(command: Callable[[ControlClient, argparse.Namespace], Any]) -> Callabl
         if not codes:
             # Ctrl-C (or SIGTERM) stopped the reactor before the command finished: a job being
             # watched carries on in the daemon.
-            sys.stderr.write("netota: interrupted; any job started keeps running in the daemon "
-                             "(netota jobs, netota watch JOB)\n")
+            sys.stderr.write(
+                "netota: interrupted; any job started keeps running in the daemon (netota jobs, netota watch JOB)\n"
+            )
             return EXIT_INTERRUPTED
         return codes[0]
 
@@ -475,40 +526,64 @@ shutdown), 70 an internal error of the client, 75 busy / not cancellable / not r
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--control", default=os.environ.get("NETOTA_CONTROL", DEFAULT_CONTROL),
-                        help="the daemon's control address (default: $NETOTA_CONTROL or %(default)s)")
-    parser.add_argument("--token", default=os.environ.get("NETOTA_TOKEN"),
-                        help="bearer token for a daemon that requires one (default: $NETOTA_TOKEN)")
+    parser.add_argument(
+        "--control",
+        default=os.environ.get("NETOTA_CONTROL", DEFAULT_CONTROL),
+        help="the daemon's control address (default: $NETOTA_CONTROL or %(default)s)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("NETOTA_TOKEN"),
+        help="bearer token for a daemon that requires one (default: $NETOTA_TOKEN)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def add_parser(subparsers: Any) -> None:
     def sub(name: str, help_text: str, command: Callable[..., Any]) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = subparsers.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(p)
         p.set_defaults(func=_run(command))
         return p
 
     p = sub("devices", "List the daemon's devices and what each is doing.", cmd_devices)
-    p.add_argument("--probe", action="store_true",
-                   help="first read each idle device's description document (HTTP only) for its firmware "
-                        "version and mode (main, loader, double_backup); devices with a job are not contacted")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="first read each idle device's description document (HTTP only) for its firmware "
+        "version and mode (main, loader, double_backup); devices with a job are not contacted",
+    )
     p.add_argument("names", nargs="*", metavar="DEVICE", help="with --probe: only these devices (default: all)")
 
-    p = sub("upgrade", "Start an upgrade of DEVICE (or several, or --all) with FIRMWARE, a file name in the "
-                       "daemon's firmware_dir.", cmd_upgrade)
-    p.usage = ("netota upgrade [options] DEVICE [DEVICE ...] FIRMWARE\n"
-               "       netota upgrade [options] --all FIRMWARE")
-    p.add_argument("targets", nargs="+", metavar="DEVICE|FIRMWARE",
-                   help="the device name(s), then the firmware file name")
+    p = sub(
+        "upgrade",
+        "Start an upgrade of DEVICE (or several, or --all) with FIRMWARE, a file name in the daemon's firmware_dir.",
+        cmd_upgrade,
+    )
+    p.usage = "netota upgrade [options] DEVICE [DEVICE ...] FIRMWARE\n       netota upgrade [options] --all FIRMWARE"
+    p.add_argument(
+        "targets", nargs="+", metavar="DEVICE|FIRMWARE", help="the device name(s), then the firmware file name"
+    )
     p.add_argument("--all", action="store_true", help="one job for every configured device (then give only FIRMWARE)")
-    p.add_argument("--wait", action="store_true",
-                   help="follow the job(s) to the end: a progress bar per phase (one per device for several), "
-                        "and a summary table for several devices")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job(s) to the end: a progress bar per phase (one per device for several), "
+        "and a summary table for several devices",
+    )
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="override one engine timeout for this job (e.g. deadline=600); repeatable")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one engine timeout for this job (e.g. deadline=600); repeatable",
+    )
 
     p = sub("jobs", "List jobs, newest first.", cmd_jobs)
     p.add_argument("--device", help="only this device's jobs")
@@ -517,8 +592,11 @@ def add_parser(subparsers: Any) -> None:
     p = sub("show", "Show one job, with its history.", cmd_show)
     p.add_argument("job", metavar="JOB")
 
-    p = sub("watch", "Follow one job to its end, or (without JOB) every job, one progress bar per device, until "
-                     "interrupted.", cmd_watch)
+    p = sub(
+        "watch",
+        "Follow one job to its end, or (without JOB) every job, one progress bar per device, until interrupted.",
+        cmd_watch,
+    )
     p.add_argument("job", nargs="?", metavar="JOB")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already ran this firmware")
 
@@ -526,7 +604,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("job", metavar="JOB")
     p.add_argument("--reason", help="recorded with the job")
 
-    p = sub("resume", "Resume an interrupted, failed or aborted job as a new job for the same device and firmware.", cmd_resume)
+    p = sub(
+        "resume",
+        "Resume an interrupted, failed or aborted job as a new job for the same device and firmware.",
+        cmd_resume,
+    )
     p.add_argument("job", metavar="JOB")
     p.add_argument("--wait", action="store_true", help="follow the new job to its end")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")

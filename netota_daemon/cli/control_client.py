@@ -10,7 +10,8 @@ with the exit code a command gives for it).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
@@ -129,7 +130,9 @@ class ControlClient:
             error = error if isinstance(error, dict) else {}
             raise ApiRefused(response.code, str(error.get("code", "error")), str(error.get("message", repr(answer))))
         if not isinstance(answer, dict):
-            raise DaemonUnavailable(f"the daemon at {self.control} answered {response.code} with JSON that is not an object")
+            raise DaemonUnavailable(
+                f"the daemon at {self.control} answered {response.code} with JSON that is not an object"
+            )
         return answer
 
     async def stream(self, path: str, on_event: Callable[[str, dict[str, Any]], bool]) -> None:
@@ -152,7 +155,9 @@ class ControlClient:
                 error = json.loads(raw).get("error", {})
             except (ValueError, AttributeError):
                 error = {}
-            raise ApiRefused(response.code, error.get("code", "error"), error.get("message", raw.decode("utf-8", "replace")))
+            raise ApiRefused(
+                response.code, error.get("code", "error"), error.get("message", raw.decode("utf-8", "replace"))
+            )
         parser = EventStreamParser()
         done: Deferred = Deferred()
         stopped = []

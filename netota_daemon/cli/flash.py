@@ -82,36 +82,50 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--source-address", help="connect from this local address")
     parser.add_argument("--name", help="the device's name in logs and output (default: HOST)")
     parser.add_argument(
-        "--timeout", type=_positive_float, default=DEFAULTS.deadline,
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULTS.deadline,
         help=f"the whole upgrade's deadline in seconds (default {DEFAULTS.deadline:g})",
     )
     parser.add_argument(
-        "--reboot-timeout", type=_positive_float, default=DEFAULTS.reboot,
+        "--reboot-timeout",
+        type=_positive_float,
+        default=DEFAULTS.reboot,
         help=f"after phase 1, how long to wait for the update loader (default {DEFAULTS.reboot:g})",
     )
     parser.add_argument(
-        "--verify-timeout", type=_positive_float, default=DEFAULTS.verify,
+        "--verify-timeout",
+        type=_positive_float,
+        default=DEFAULTS.verify,
         help=f"after phase 2, how long to wait for the new firmware (default {DEFAULTS.verify:g})",
     )
     parser.add_argument(
-        "--receive-timeout", type=_positive_float, default=DEFAULTS.receive,
+        "--receive-timeout",
+        type=_positive_float,
+        default=DEFAULTS.receive,
         help=f"one OTA receive timeout in seconds (default {DEFAULTS.receive:g})",
     )
     parser.add_argument(
-        "--max-receive-timeouts", type=_count, default=DEFAULTS.max_receive_timeouts,
+        "--max-receive-timeouts",
+        type=_count,
+        default=DEFAULTS.max_receive_timeouts,
         help=f"give up after more than this many in a row (default {DEFAULTS.max_receive_timeouts})",
     )
     parser.add_argument(
-        "--reconnect-command", metavar="CMD",
+        "--reconnect-command",
+        metavar="CMD",
         help="run CMD (sh -c) after each reboot to rejoin the device's WiFi; it gets NETOTA_DEVICE, "
         "NETOTA_INTERFACE, NETOTA_SSID and NETOTA_PHASE (reboot|verify)",
     )
     parser.add_argument("--ssid", help="the device's SSID, passed to the reconnect command as NETOTA_SSID")
     parser.add_argument(
-        "--echo-final-notice", action="store_true",
+        "--echo-final-notice",
+        action="store_true",
         help="answer the device's final 100%% notice (ends its 5 s wait early; off by default)",
     )
-    parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_ALREADY_CURRENT_STRICT} when already current")
+    parser.add_argument(
+        "--strict", action="store_true", help=f"exit {EXIT_ALREADY_CURRENT_STRICT} when already current"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     parser.add_argument("--verbose", "-v", action="store_true", help="log the engine's steps to stderr")

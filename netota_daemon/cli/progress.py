@@ -12,7 +12,8 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from netota_daemon.engine.events import Finished, JobEvent, PhaseChanged, Progress
 from netota_daemon.engine.outcome import Phase
@@ -43,7 +44,7 @@ def format_bytes(count: float) -> str:
 
 def format_duration(seconds: float) -> str:
     """75 -> '1:15'; 3700 -> '1:01:40'."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -108,9 +109,7 @@ class ProgressRenderer:
         if event.point_of_no_return and not self._no_return_told:
             self._no_return_told = True
             self._end_line()
-            self._write_line(
-                "point of no return: the loader is rewriting flash; do not power the device off"
-            )
+            self._write_line("point of no return: the loader is rewriting flash; do not power the device off")
         line = progress_line(event)
         if self.interactive:
             now = self.clock()
@@ -182,8 +181,13 @@ class DeviceBoard:
     a line per phase and per 10 % step, as ``netota flash`` does on a log.
     """
 
-    def __init__(self, out: TextIO, interactive: bool | None = None, clock: Callable[[], float] = time.monotonic,
-                 size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        out: TextIO,
+        interactive: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        size: tuple[int, int] | None = None,
+    ) -> None:
         self.out = out
         self.interactive = out.isatty() if interactive is None else interactive
         self.clock = clock
@@ -207,8 +211,9 @@ class DeviceBoard:
         if not self.interactive:
             log = self._logs.get(device)
             if log is None:
-                log = self._logs[device] = ProgressRenderer(_PrefixedLines(self.out, f"{label or device}: "),
-                                                            interactive=False)
+                log = self._logs[device] = ProgressRenderer(
+                    _PrefixedLines(self.out, f"{label or device}: "), interactive=False
+                )
             log.handle(event)
             return
         if isinstance(event, PhaseChanged):
@@ -243,7 +248,7 @@ class DeviceBoard:
         lines = list(self._lines.values())
         room = max(2, height - 1)  # the cursor can't go back up past the top of the screen
         if len(lines) > room:
-            lines = lines[: room - 1] + [f"... and {len(lines) - room + 1} more devices (netota devices)"]
+            lines = [*lines[: room - 1], f"... and {len(lines) - room + 1} more devices (netota devices)"]
         parts = [_UP.format(self._drawn)] if self._drawn else []
         for line in lines:
             # Cut to the terminal's width: a wrapped line would throw the cursor arithmetic off.

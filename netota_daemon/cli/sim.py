@@ -88,44 +88,93 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     net.add_argument("--ctp-port", type=_port, default=3333, help="CTP port (0: any free port; default 3333)")
     net.add_argument("--http-port", type=_port, default=8080, help="HTTP port (0: any; default 8080)")
     net.add_argument("--ota-port", type=_port, default=3335, help="OTA port (0: any; default 3335)")
-    net.add_argument("--state-dir", type=Path, help="where ports.json, events.jsonl and phase<N>-received.bin go "
-                     "(default: a new temporary directory)")
+    net.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where ports.json, events.jsonl and phase<N>-received.bin go (default: a new temporary directory)",
+    )
     dev = parser.add_argument_group("device")
     dev.add_argument("--mode", choices=("main", "loader"), default="main", help="what runs at start (default main)")
-    dev.add_argument("--ota-listen-at-start", action="store_true",
-                     help="main firmware opens 3335 without NET_OTA_SINGLE (the vendor's test shortcut)")
+    dev.add_argument(
+        "--ota-listen-at-start",
+        action="store_true",
+        help="main firmware opens 3335 without NET_OTA_SINGLE (the vendor's test shortcut)",
+    )
     dev.add_argument("--time-scale", type=_scale, default=1.0, help="multiply every delay and timeout (default 1)")
-    dev.add_argument("--double-backup", action="store_true",
-                     help="a double-backup build: ota_type 0, NET_OTA_SINGLE answers status 0")
+    dev.add_argument(
+        "--double-backup",
+        action="store_true",
+        help="a double-backup build: ota_type 0, NET_OTA_SINGLE answers status 0",
+    )
     dev.add_argument("--firmware-version", default="1.0.0", help="the installed version (default 1.0.0)")
-    dev.add_argument("--image-size", type=_positive_int,
-                     help="image length for images without a simulator head/trailer (any opaque file)")
-    dev.add_argument("--phase1-all-size", action="store_true",
-                     help="phase 1 also sends an all_size notice after its first reads (off by default)")
+    dev.add_argument(
+        "--image-size",
+        type=_positive_int,
+        help="image length for images without a simulator head/trailer (any opaque file)",
+    )
+    dev.add_argument(
+        "--phase1-all-size",
+        action="store_true",
+        help="phase 1 also sends an all_size notice after its first reads (off by default)",
+    )
     dev.add_argument("--reject-image", action="store_true", help="every session ends ERR after the transfer")
-    dev.add_argument("--same-as-installed", action="store_true",
-                     help="phase 1 ends after the first reply with SAME (16)")
-    dev.add_argument("--same-status", choices=("same", "err"), default="same",
-                     help="what --same-as-installed sends: same (SDK 1.1, default) or err (V1.2 firmware)")
+    dev.add_argument(
+        "--same-as-installed", action="store_true", help="phase 1 ends after the first reply with SAME (16)"
+    )
+    dev.add_argument(
+        "--same-status",
+        choices=("same", "err"),
+        default="same",
+        help="what --same-as-installed sends: same (SDK 1.1, default) or err (V1.2 firmware)",
+    )
     rb = parser.add_argument_group("reboots")
     rb.add_argument("--reboot-seconds", type=_seconds, default=2.0, help="down time after phase-1 OK (default 2)")
-    rb.add_argument("--loader-start-seconds", type=_seconds, default=3.0,
-                    help="after the reboot, until the loader listens (default 3)")
-    rb.add_argument("--phase2-reboot-seconds", type=_seconds, default=1.0,
-                    help="down time after phase-2 OK or a watchdog reset (default 1)")
-    rb.add_argument("--no-reboot", action="store_true",
-                    help="after phase-1 OK the device goes down and stays down (to test a device that never returns)")
-    rb.add_argument("--reboot-command", metavar="CMD",
-                    help="shell command run when going down and coming up, with NETOTA_SIM_REBOOT=down|up")
+    rb.add_argument(
+        "--loader-start-seconds",
+        type=_seconds,
+        default=3.0,
+        help="after the reboot, until the loader listens (default 3)",
+    )
+    rb.add_argument(
+        "--phase2-reboot-seconds",
+        type=_seconds,
+        default=1.0,
+        help="down time after phase-2 OK or a watchdog reset (default 1)",
+    )
+    rb.add_argument(
+        "--no-reboot",
+        action="store_true",
+        help="after phase-1 OK the device goes down and stays down (to test a device that never returns)",
+    )
+    rb.add_argument(
+        "--reboot-command",
+        metavar="CMD",
+        help="shell command run when going down and coming up, with NETOTA_SIM_REBOOT=down|up",
+    )
     fl = parser.add_argument_group("faults (each fires as described; --fault-phase limits them to one phase)")
-    fl.add_argument("--drop-after-reads", type=_positive_int, metavar="N",
-                    help="abort the OTA connection after N replies in a session (once overall, so a retry succeeds)")
-    fl.add_argument("--stall-after-reads", type=_stall, metavar="N:SECONDS",
-                    help="after N replies, wait SECONDS before the next request (once overall)")
-    fl.add_argument("--corrupt-header-every", type=_positive_int, metavar="N",
-                    help="every Nth READ header goes out with a wrong sum; the device asks again after 5 s")
-    fl.add_argument("--corrupt-reply-check", action="store_true",
-                    help="treat the next reply as corrupt (once): dropped, then the 5 s wait fails the session")
+    fl.add_argument(
+        "--drop-after-reads",
+        type=_positive_int,
+        metavar="N",
+        help="abort the OTA connection after N replies in a session (once overall, so a retry succeeds)",
+    )
+    fl.add_argument(
+        "--stall-after-reads",
+        type=_stall,
+        metavar="N:SECONDS",
+        help="after N replies, wait SECONDS before the next request (once overall)",
+    )
+    fl.add_argument(
+        "--corrupt-header-every",
+        type=_positive_int,
+        metavar="N",
+        help="every Nth READ header goes out with a wrong sum; the device asks again after 5 s",
+    )
+    fl.add_argument(
+        "--corrupt-reply-check",
+        action="store_true",
+        help="treat the next reply as corrupt (once): dropped, then the 5 s wait fails the session",
+    )
     fl.add_argument("--fault-phase", type=int, choices=(1, 2), help="apply the faults only in this phase")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event to stderr")
     parser.set_defaults(func=run_sim)
@@ -192,7 +241,13 @@ def run_make_image(args: argparse.Namespace) -> int:
 
 def run_sim(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver, LogLevel, FilteringLogObserver, LogLevelFilterPredicate
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     from netota_daemon.sim.device import SimulatedDevice
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -73,7 +74,7 @@ class EventStream:
         self._unsubscribe: Callable[[], None] | None = None
         self._keepalive = LoopingCall(self._ping)
         self._keepalive.clock = clock
-        self.on_close: Callable[["EventStream"], None] | None = None
+        self.on_close: Callable[[EventStream], None] | None = None
 
     def open(self, subscribe: Callable[[Callable[[QueueEvent], None]], Callable[[], None]]) -> None:
         self.request.setResponseCode(200)
@@ -88,7 +89,7 @@ class EventStream:
         if self._closed:
             return
         payload = json.dumps(data, sort_keys=True)
-        self.request.write(f"event: {event_type}\ndata: {payload}\n\n".encode("utf-8"))
+        self.request.write(f"event: {event_type}\ndata: {payload}\n\n".encode())
 
     def deliver(self, event: QueueEvent) -> None:
         if self._closed or not self._accept(event):
@@ -146,7 +147,11 @@ class ControlResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, queue: JobQueue, registry: DeviceRegistry, clock: IReactorTime, token: str | None = None,
+        self,
+        queue: JobQueue,
+        registry: DeviceRegistry,
+        clock: IReactorTime,
+        token: str | None = None,
         prober: DeviceProber | None = None,
     ) -> None:
         super().__init__()
@@ -182,8 +187,12 @@ class ControlResource(Resource):
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise ApiError(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer TOKEN)",
-                           {"www-authenticate": 'Bearer realm="netota"'})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid bearer token is required (Authorization: Bearer TOKEN)",
+                {"www-authenticate": 'Bearer realm="netota"'},
+            )
 
     def _error(self, request: Request, error: ApiError) -> bytes:
         request.setResponseCode(error.status)
@@ -203,7 +212,9 @@ class ControlResource(Resource):
             raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes")
         if not raw.strip():
             if required:
-                raise ApiError(400, "bad_json", f"a JSON object body is required (fields: {', '.join(sorted(allowed))})")
+                raise ApiError(
+                    400, "bad_json", f"a JSON object body is required (fields: {', '.join(sorted(allowed))})"
+                )
             return {}
         try:
             body = json.loads(raw)
@@ -213,8 +224,9 @@ class ControlResource(Resource):
             raise ApiError(400, "bad_json", "the request body must be a JSON object")
         unknown = sorted(set(body) - allowed)
         if unknown:
-            raise ApiError(400, "unknown_field",
-                           f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+            raise ApiError(
+                400, "unknown_field", f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+            )
         missing = sorted(required - set(body))
         if missing:
             raise ApiError(400, "missing_field", f"missing field(s) {', '.join(missing)}")
@@ -226,8 +238,12 @@ class ControlResource(Resource):
         if method == "HEAD" and "GET" in allowed:
             method = "GET"
         if method not in allowed:
-            raise ApiError(405, "method_not_allowed", f"{method} is not allowed here (allowed: {', '.join(allowed)})",
-                           {"allow": ", ".join(allowed)})
+            raise ApiError(
+                405,
+                "method_not_allowed",
+                f"{method} is not allowed here (allowed: {', '.join(allowed)})",
+                {"allow": ", ".join(allowed)},
+            )
         return method
 
     def _route(self, request: Request) -> bytes | int:
@@ -235,7 +251,9 @@ class ControlResource(Resource):
         while parts and parts[-1] == "":
             parts.pop()
         if not parts or parts[0] != API_PREFIX:
-            raise ApiError(404, "not_found", f"no such resource {request.path.decode('utf-8', 'replace')} (the API is under /v1/)")
+            raise ApiError(
+                404, "not_found", f"no such resource {request.path.decode('utf-8', 'replace')} (the API is under /v1/)"
+            )
         rest = parts[1:]
         if rest in ([], ["status"]):
             self._method(request, ("GET",))
@@ -322,8 +340,11 @@ class ControlResource(Resource):
                 raise ApiError(400, "bad_field", "devices must be a non-empty list of device names")
             unknown = [n for n in dict.fromkeys(names) if n not in self.registry]
             if unknown:
-                raise ApiError(404, "unknown_device",
-                               f"no such device(s) {', '.join(unknown)} (known: {', '.join(self.registry.names())})")
+                raise ApiError(
+                    404,
+                    "unknown_device",
+                    f"no such device(s) {', '.join(unknown)} (known: {', '.join(self.registry.names())})",
+                )
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
@@ -341,15 +362,19 @@ class ControlResource(Resource):
         def failed(failure: Any) -> None:
             log.failure("control API: probe failed", failure)
             if not gone:
-                request.write(self._error(request, ApiError(500, "internal_error",
-                                                            f"internal error: {failure.getErrorMessage()}")))
+                request.write(
+                    self._error(
+                        request, ApiError(500, "internal_error", f"internal error: {failure.getErrorMessage()}")
+                    )
+                )
                 request.finish()
 
         ensureDeferred(self.prober.probe(names)).addCallbacks(answer, failed)
         return NOT_DONE_YET
 
-    def _open_stream(self, request: Request, accept: Callable[[QueueEvent], bool],
-                     last: Callable[[QueueEvent], bool]) -> EventStream:
+    def _open_stream(
+        self, request: Request, accept: Callable[[QueueEvent], bool], last: Callable[[QueueEvent], bool]
+    ) -> EventStream:
         stream = EventStream(request, accept, last, self.clock)
         self.streams.add(stream)
         stream.on_close = self.streams.discard
@@ -370,7 +395,9 @@ class ControlResource(Resource):
 
     def _all_events(self, request: Request) -> int:
         stream = self._open_stream(request, accept=lambda e: True, last=lambda e: False)
-        stream.send("snapshot", {"type": "snapshot", "jobs": self.queue.active_jobs(), "devices": self.registry.to_json()})
+        stream.send(
+            "snapshot", {"type": "snapshot", "jobs": self.queue.active_jobs(), "devices": self.registry.to_json()}
+        )
         return NOT_DONE_YET
 
     def close_streams(self, reason: str) -> None:

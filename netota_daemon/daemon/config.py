@@ -12,9 +12,10 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 
@@ -139,9 +140,7 @@ def check_timeout(source: str, key: str, name: str, value: Any) -> Any:
     return float(value)
 
 
-def parse_timeouts(
-    source: str, prefix: str, table: Any, base: UpgradeTimeouts
-) -> UpgradeTimeouts:
+def parse_timeouts(source: str, prefix: str, table: Any, base: UpgradeTimeouts) -> UpgradeTimeouts:
     """``base`` with the overrides of a ``timeouts`` table applied (each checked)."""
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, "must be a table")
@@ -164,8 +163,9 @@ def _interface_name(source: str, key: str, name: str) -> None:
     """A Linux interface name: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace. Whether
     it exists is checked when a job starts (it may come up later)."""
     if len(name.encode()) > 15 or any(c in name for c in "/: \t\n") or name in (".", ".."):
-        raise ConfigError(source, key, f"{name!r} is not a network interface name (at most 15 characters, "
-                                       "no '/', ':' or spaces)")
+        raise ConfigError(
+            source, key, f"{name!r} is not a network interface name (at most 15 characters, no '/', ':' or spaces)"
+        )
 
 
 def _ipv4_address(source: str, key: str, address: str) -> None:
@@ -187,9 +187,7 @@ def _parse_device(source: str, name: str, table: Any, timeouts: UpgradeTimeouts)
             device_timeouts = parse_timeouts(source, full, value, timeouts)
             continue
         if key not in _DEVICE_KEYS:
-            raise ConfigError(
-                source, full, f"unknown key (known: {', '.join(sorted(_DEVICE_KEYS))}, timeouts)"
-            )
+            raise ConfigError(source, full, f"unknown key (known: {', '.join(sorted(_DEVICE_KEYS))}, timeouts)")
         value = check_value(source, full, value, _DEVICE_KEYS[key])
         if key.endswith("_port"):
             _port(source, full, value)
@@ -201,7 +199,7 @@ def _parse_device(source: str, name: str, table: Any, timeouts: UpgradeTimeouts)
             _ipv4_address(source, full, value)
         values[key] = value
     if "host" not in values:
-        raise ConfigError(source, f"{prefix}.host", "missing (the device's address, e.g. \"192.168.1.1\")")
+        raise ConfigError(source, f"{prefix}.host", 'missing (the device\'s address, e.g. "192.168.1.1")')
     return DeviceConfig(target=DeviceTarget(name=name, **values), timeouts=device_timeouts)
 
 
@@ -263,7 +261,8 @@ def check_control_endpoint(source: str, description: str, token: str | None) -> 
         domain = kwargs.get("domain", "").upper()
         if domain != "UNIX" and token is None:
             raise ConfigError(
-                source, key,
+                source,
+                key,
                 f"{description!r}: a systemd socket with domain={domain or '?'} may be reachable from the "
                 "network; use domain=UNIX or set daemon.control_token",
             )
@@ -272,14 +271,16 @@ def check_control_endpoint(source: str, description: str, token: str | None) -> 
         interface = kwargs.get("interface", args[1] if len(args) > 1 else "")
         if token is None and not _is_loopback(interface):
             raise ConfigError(
-                source, key,
+                source,
+                key,
                 f"{description!r} listens on {interface or 'every address'}: a TCP control endpoint must "
                 "bind loopback (interface=127.0.0.1) unless daemon.control_token is set",
             )
         return description
     if token is None:
         raise ConfigError(
-            source, key,
+            source,
+            key,
             f"{description!r}: only unix:, systemd:domain=UNIX and loopback tcp: endpoints are allowed "
             "without daemon.control_token",
         )
@@ -317,7 +318,9 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
     control = check_control_endpoint(source, values["control"], token)
     grace = float(values.get("shutdown_grace", 15.0))
     if not math.isfinite(grace) or grace < 0:
-        raise ConfigError(source, "daemon.shutdown_grace", f"must be a finite number of seconds, at least 0, not {grace!r}")
+        raise ConfigError(
+            source, "daemon.shutdown_grace", f"must be a finite number of seconds, at least 0, not {grace!r}"
+        )
 
     timeouts = UpgradeTimeouts()
     if "timeouts" in data:
@@ -329,7 +332,9 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
     devices: dict[str, DeviceConfig] = {}
     for name, table in devices_table.items():
         if not name or "/" in name or name.strip() != name:
-            raise ConfigError(source, f"devices.{name}", "a device name must be non-empty, without '/' or spaces around it")
+            raise ConfigError(
+                source, f"devices.{name}", "a device name must be non-empty, without '/' or spaces around it"
+            )
         devices[name] = _parse_device(source, name, table, timeouts)
 
     return DaemonConfig(
@@ -372,7 +377,9 @@ def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
 
 
 _TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_LINE = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+_KEY_LINE = re.compile(
+    r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
+)
 
 
 def _dotted(path: str) -> str:

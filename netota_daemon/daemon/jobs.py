@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -110,9 +111,7 @@ class FirmwareInvalid(JobError):
 
 
 def _firmware_error(e: FirmwareRefused) -> JobError:
-    return {"outside": FirmwareNotAllowed, "not_found": FirmwareNotFound}.get(e.reason, FirmwareInvalid)(
-        e.message
-    )
+    return {"outside": FirmwareNotAllowed, "not_found": FirmwareNotFound}.get(e.reason, FirmwareInvalid)(e.message)
 
 
 def _progress_json(progress: Progress) -> dict[str, Any]:
@@ -293,7 +292,10 @@ class JobQueue:
         self._waiting.append(record.id)
         log.info(
             "job {job} on {device}: accepted, firmware {firmware} ({size} bytes)",
-            job=record.id, device=device, firmware=firmware, size=image.size,
+            job=record.id,
+            device=device,
+            firmware=firmware,
+            size=image.size,
         )
         self._registry.queued(device, record.id, self.position(record.id) or 0)
         self._publish_state(record)
@@ -319,7 +321,9 @@ class JobQueue:
             )
             raise NotResumable(f"job {job_id} can't be resumed: {why}")
         verify_only = record.phase in (Phase.VERIFY, Phase.DONE)
-        started = self.start(record.device, record.firmware, record.options, resumed_from=job_id, verify_only=verify_only)
+        started = self.start(
+            record.device, record.firmware, record.options, resumed_from=job_id, verify_only=verify_only
+        )
         self._journal.update(job_id, note=f"resumed by {started['id']}", resumed_by=started["id"])
         return started
 
@@ -386,8 +390,15 @@ class JobQueue:
         except JournalError as e:
             # Not journaled, so not acted on: the job ends without touching the device.
             log.failure("job {job} on {device}: can't record it as running", job=record.id, device=record.device)
-            self._finish(active, Outcome(kind=OutcomeKind.FAILED, message=f"not started: {e}", phase=Phase.DETECT,
-                                         advice="The job never started, so the device was not touched."))
+            self._finish(
+                active,
+                Outcome(
+                    kind=OutcomeKind.FAILED,
+                    message=f"not started: {e}",
+                    phase=Phase.DETECT,
+                    advice="The job never started, so the device was not touched.",
+                ),
+            )
             return
         self._registry.running(record.device, record.id)
         context = {"job": record.id, "device": record.device}
@@ -400,8 +411,13 @@ class JobQueue:
             log.failure("job {job} on {device}: the engine job could not be made", job=record.id, device=record.device)
             self._finish(
                 active,
-                Outcome(kind=OutcomeKind.FAILED, message=f"internal error: {e}", phase=Phase.DETECT,
-                        failure=FailureClass.PROTOCOL_ERROR, advice="The device was not touched."),
+                Outcome(
+                    kind=OutcomeKind.FAILED,
+                    message=f"internal error: {e}",
+                    phase=Phase.DETECT,
+                    failure=FailureClass.PROTOCOL_ERROR,
+                    advice="The device was not touched.",
+                ),
             )
             return
         active.engine = engine
@@ -414,7 +430,9 @@ class JobQueue:
         d.addErrback(lambda f: log.failure("job {job}: finishing failed", f, job=record.id))
 
     def _engine_failed(self, failure: Failure, active: ActiveJob) -> Outcome:
-        log.failure("job {job} on {device}: the engine failed", failure, job=active.record.id, device=active.record.device)
+        log.failure(
+            "job {job} on {device}: the engine failed", failure, job=active.record.id, device=active.record.device
+        )
         engine = active.engine
         phase = engine.phase if engine else Phase.DETECT
         point_of_no_return = bool(engine and engine.point_of_no_return)
@@ -437,7 +455,10 @@ class JobQueue:
             self._registry.phase(record.device, event.phase)
             log.info(
                 "job {job} on {device}: phase {phase} {message}",
-                job=record.id, device=record.device, phase=event.phase.value, message=event.message,
+                job=record.id,
+                device=record.device,
+                phase=event.phase.value,
+                message=event.message,
             )
             self._publish({**event.to_json(), **base})
         elif isinstance(event, Progress):
@@ -516,7 +537,10 @@ class JobQueue:
         self._registry.idle(record.device, record.id, outcome)
         log.info(
             "job {job} on {device}: {state} with outcome {kind}: {message}",
-            job=record.id, device=record.device, state=final.state.value, kind=outcome.kind.value,
+            job=record.id,
+            device=record.device,
+            state=final.state.value,
+            kind=outcome.kind.value,
             message=outcome.message,
         )
         self._publish(
@@ -545,23 +569,40 @@ class JobQueue:
         for job_id in list(self._waiting):
             active = self._active[job_id]
             active.record = self._journal.save(
-                replace(active.record, state=JobState.INTERRUPTED, finished=self._reactor.seconds(),
-                        message=reason, advice=interrupted_advice(active.record.phase, False, False)),
+                replace(
+                    active.record,
+                    state=JobState.INTERRUPTED,
+                    finished=self._reactor.seconds(),
+                    message=reason,
+                    advice=interrupted_advice(active.record.phase, False, False),
+                ),
                 f"interrupted: {reason}",
             )
             self._waiting.remove(job_id)
             del self._active[job_id]
             self._by_device.pop(active.record.device, None)
             self._registry.idle(active.record.device, job_id, None)
-            self._publish({"type": "outcome", "job": job_id, "device": active.record.device,
-                           "state": JobState.INTERRUPTED.value, "outcome": None, "advice": active.record.advice})
+            self._publish(
+                {
+                    "type": "outcome",
+                    "job": job_id,
+                    "device": active.record.device,
+                    "state": JobState.INTERRUPTED.value,
+                    "outcome": None,
+                    "advice": active.record.advice,
+                }
+            )
             for waiter in active.waiters:
                 waiter.callback(active.record)
         for active in list(self._active.values()):
             record = active.record
             active.record = self._journal.save(
-                replace(record, state=JobState.INTERRUPTED, message=reason,
-                        advice=interrupted_advice(record.phase, record.point_of_no_return, True)),
+                replace(
+                    record,
+                    state=JobState.INTERRUPTED,
+                    message=reason,
+                    advice=interrupted_advice(record.phase, record.point_of_no_return, True),
+                ),
                 f"interrupted: {reason}",
             )
             log.info("job {job} on {device}: stopping ({reason})", job=record.id, device=record.device, reason=reason)
@@ -576,8 +617,11 @@ class JobQueue:
         done.addTimeout(self._config.shutdown_grace, self._reactor)
 
         def timed_out(failure: Failure) -> None:
-            log.warn("{count} job(s) did not stop within {grace} s; the journal has them as interrupted",
-                     count=len(self._active), grace=self._config.shutdown_grace)
+            log.warn(
+                "{count} job(s) did not stop within {grace} s; the journal has them as interrupted",
+                count=len(self._active),
+                grace=self._config.shutdown_grace,
+            )
 
         done.addCallbacks(lambda _: None, timed_out)
         return done

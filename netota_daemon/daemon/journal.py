@@ -11,9 +11,10 @@ import enum
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -141,8 +142,21 @@ CREATE INDEX IF NOT EXISTS job_history_job ON job_history (job_id);
 """
 
 _COLUMNS = (
-    "id", "device", "firmware", "state", "phase", "point_of_no_return", "created", "started",
-    "finished", "outcome", "message", "advice", "resumed_from", "resumed_by", "options",
+    "id",
+    "device",
+    "firmware",
+    "state",
+    "phase",
+    "point_of_no_return",
+    "created",
+    "started",
+    "finished",
+    "outcome",
+    "message",
+    "advice",
+    "resumed_from",
+    "resumed_by",
+    "options",
 )
 
 
@@ -317,7 +331,10 @@ class JobJournal:
             self.save(interrupted, "interrupted: found active at daemon start")
             log.warn(
                 "job {job} on {device} was {state} in phase {phase} when the daemon stopped: marked interrupted",
-                job=record.id, device=record.device, state=record.state.value, phase=record.phase.value,
+                job=record.id,
+                device=record.device,
+                state=record.state.value,
+                phase=record.phase.value,
             )
             recovered.append(interrupted)
         return recovered

@@ -11,8 +11,9 @@ of each, and a firmware version read from the main firmware becomes the device's
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -45,8 +46,14 @@ class ProbeResult:
     def to_json(self) -> dict[str, Any]:
         if not self.ok:
             return {"ok": False, "error": self.error, "time": self.time}
-        return {"ok": True, "firmware_version": self.firmware_version, "ota_type": self.ota_type,
-                "ota_step": self.ota_step, "mode": self.mode, "time": self.time}
+        return {
+            "ok": True,
+            "firmware_version": self.firmware_version,
+            "ota_type": self.ota_type,
+            "ota_step": self.ota_step,
+            "mode": self.mode,
+            "time": self.time,
+        }
 
 
 def description_mode(description: DeviceDescription) -> str:
@@ -61,8 +68,14 @@ def result_from_description(description: DeviceDescription, time: float) -> Prob
     mode = description_mode(description)
     # The loader's fixed document always says 1.0.1: it tells nothing of the installed firmware.
     version = None if mode == "loader" else description.firmware_version
-    return ProbeResult(ok=True, time=time, firmware_version=version, ota_type=description.ota_type,
-                       ota_step=description.ota_step, mode=mode)
+    return ProbeResult(
+        ok=True,
+        time=time,
+        firmware_version=version,
+        ota_type=description.ota_type,
+        ota_step=description.ota_step,
+        mode=mode,
+    )
 
 
 def probe_error_message(exc: BaseException, url: str, via: str) -> str:
@@ -77,8 +90,13 @@ def probe_error_message(exc: BaseException, url: str, via: str) -> str:
 class DeviceProber:
     """Probes configured devices; ``fetch`` and ``clock`` are replaceable for tests."""
 
-    def __init__(self, registry: DeviceRegistry, reactor: Any, fetch: DescriptionFetcher = fetch_description,
-                 clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        reactor: Any,
+        fetch: DescriptionFetcher = fetch_description,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.registry = registry
         self.reactor = reactor
         self.clock = clock or reactor
@@ -94,7 +112,7 @@ class DeviceProber:
             self.registry.get(name)  # KeyError for an unknown name, before anything is contacted
         probes = [defer.ensureDeferred(self._probe_one(name)) for name in wanted]
         results = await defer.gatherResults(probes, consumeErrors=True)
-        return dict(zip(wanted, results))
+        return dict(zip(wanted, results, strict=False))
 
     async def _probe_one(self, name: str) -> ProbeResult:
         status = self.registry.get(name)

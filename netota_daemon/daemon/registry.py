@@ -7,8 +7,9 @@ and firmware version), the prober adds each device's last probe; the control API
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from netota_daemon.daemon.config import DeviceConfig
 from netota_daemon.engine.events import Progress

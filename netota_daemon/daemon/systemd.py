@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -49,12 +49,17 @@ class SystemdNotifier:
             self._socket.sendto(message.encode("utf-8"), self.address)
             return True
         except BlockingIOError:
-            log.warn("systemd notify {message!r} dropped: {address!r} is not reading", message=message,
-                     address=self.address)
+            log.warn(
+                "systemd notify {message!r} dropped: {address!r} is not reading", message=message, address=self.address
+            )
             return False
         except OSError as e:
-            log.warn("systemd notify {message!r} to {address!r} failed: {error}", message=message,
-                     address=self.address, error=e)
+            log.warn(
+                "systemd notify {message!r} to {address!r} failed: {error}",
+                message=message,
+                address=self.address,
+                error=e,
+            )
             return False
 
     def ready(self, status: str = "") -> bool:

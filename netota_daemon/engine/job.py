@@ -17,7 +17,8 @@ cancels whatever step is running (the OTA stream sends STOP) and the outcome is 
 from __future__ import annotations
 
 import os
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
@@ -223,7 +224,9 @@ class UpgradeJob:
             raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
         if self.verify_only:
             return await self._verify_outcome()
-        description = await self._fetch_description_retrying(self.timeouts.connect_window, "reading the device description")
+        description = await self._fetch_description_retrying(
+            self.timeouts.connect_window, "reading the device description"
+        )
         # The loader's fixed document always says 1.0.1: it tells nothing of the installed firmware.
         self._version_before = None if description.in_loader else description.firmware_version
         if not description.single_backup:
@@ -289,9 +292,7 @@ class UpgradeJob:
         self._set_phase(Phase.REBOOT, "the device reboots into its update loader")
         await self._run_reconnect_hook()
         try:
-            await self._poll_description(
-                lambda d: d.in_loader, self.timeouts.reboot, "waiting for the update loader"
-            )
+            await self._poll_description(lambda d: d.in_loader, self.timeouts.reboot, "waiting for the update loader")
         except RetriesExhausted as e:
             raise UpgradeFailed(
                 FailureClass.TIMEOUT,
@@ -340,7 +341,9 @@ class UpgradeJob:
             await self._ctp_step(ctp.app_access(self.timeouts.ctp_reply), "APP_ACCESS")
         finally:
             await self._close_ctp(ctp)  # the loader answers one frame per connection, then ignores it
-        description = await self._fetch_description_retrying(self.timeouts.connect_window, "reading the loader's description")
+        description = await self._fetch_description_retrying(
+            self.timeouts.connect_window, "reading the loader's description"
+        )
         if description.single_backup and description.ota_step == "0":
             if not self.point_of_no_return:
                 # No phase-2 stream got as far as the all_size notice, so the loader never began to
@@ -439,8 +442,14 @@ class UpgradeJob:
         result = await stream.done
         self._streams.discard(stream)
         self._stream_results.append(
-            {"phase": phase.value, "end": result.end.value, "bytes_served": result.bytes_served,
-             "requests": result.requests, "bad_headers": result.bad_headers, "all_size": result.all_size}
+            {
+                "phase": phase.value,
+                "end": result.end.value,
+                "bytes_served": result.bytes_served,
+                "requests": result.requests,
+                "bad_headers": result.bad_headers,
+                "all_size": result.all_size,
+            }
         )
         log.info(
             "{phase} stream ended {end}: {served} bytes in {requests} replies, {bad} bad headers",
@@ -607,9 +616,7 @@ class UpgradeJob:
                     advice=ADVICE_UNVERIFIED,
                 )
             detail = f" (last problem: {self._last_problem})" if self._last_problem else ""
-            return self._failed(
-                FailureClass.TIMEOUT, f"{self._cancel_reason} during {self.phase.value}{detail}"
-            )
+            return self._failed(FailureClass.TIMEOUT, f"{self._cancel_reason} during {self.phase.value}{detail}")
         reason = self._cancel_reason or "cancelled"
         if self.phase is Phase.VERIFY:
             return self._outcome(

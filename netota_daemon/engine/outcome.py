@@ -26,12 +26,35 @@ class FailureClass(str, enum.Enum):
 
 
 class Phase(str, enum.Enum):
+    """Where a job is. The values are the API's identifiers; :func:`phase_label` is how a person reads them."""
+
     DETECT = "detect"  # reading the description document
-    PHASE1 = "phase1"  # main firmware streams the loader's image forward
-    REBOOT = "reboot"  # waiting for the loader to come up
-    PHASE2 = "phase2"  # the loader rewrites flash (point of no return at all_size)
+    PHASE1 = "phase1"  # single backup: the main firmware streams the loader's image forward
+    REBOOT = "reboot"  # waiting for the device to come back (the loader, or the new firmware's bank)
+    PHASE2 = "phase2"  # single backup: the loader rewrites flash (point of no return at all_size)
+    UPLOAD = "upload"  # double backup: the image is uploaded over FTP into the inactive bank
     VERIFY = "verify"  # waiting for the new firmware, reading its version
     DONE = "done"
+
+
+#: How every phase is written for a person, the same in every bar, table, log line and message.
+PHASE_LABELS = {
+    Phase.DETECT: "detect",
+    Phase.PHASE1: "phase 1",
+    Phase.REBOOT: "reboot",
+    Phase.PHASE2: "phase 2",
+    Phase.UPLOAD: "upload",
+    Phase.VERIFY: "verify",
+    Phase.DONE: "done",
+}
+
+
+def phase_label(phase: Phase | str) -> str:
+    """``Phase.PHASE2`` (or ``"phase2"``) -> ``"phase 2"``; unknown text is returned as it is."""
+    try:
+        return PHASE_LABELS[Phase(phase)]
+    except ValueError:
+        return str(phase)
 
 
 ADVICE_RESET = "The old firmware is intact: reset the device and try again."
@@ -95,7 +118,7 @@ class Outcome:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Outcome":
+    def from_json(cls, data: dict[str, Any]) -> Outcome:
         return cls(
             kind=OutcomeKind(data["kind"]),
             message=data.get("message", ""),

@@ -42,7 +42,7 @@ class UpgradeTimeouts:
     hook: float = 60.0  # the reconnect command may run this long before it is killed
     phase2_error_retries: int = 1  # phase 2 starts again this many times after the loader's ERR
 
-    def replaced(self, **changes: Any) -> "UpgradeTimeouts":
+    def replaced(self, **changes: Any) -> UpgradeTimeouts:
         return replace(self, **changes)
 
     @classmethod

@@ -84,7 +84,9 @@ async def fetch_description(
     connection errors and ``defer.TimeoutError`` pass through (the caller decides on retries).
     """
     clock = clock or connector.reactor
-    return await bounded(clock, defer.ensureDeferred(_fetch(connector, port, timeout)), timeout, "the description document")
+    return await bounded(
+        clock, defer.ensureDeferred(_fetch(connector, port, timeout)), timeout, "the description document"
+    )
 
 
 async def _fetch(connector: DeviceConnector, port: int, timeout: float) -> DeviceDescription:
@@ -116,9 +118,7 @@ async def _bounded_body(response: Any) -> bytes:
         nonlocal received
         received += len(data)
         if received > MAX_DOCUMENT_SIZE:
-            raise DescriptionFetchError(
-                f"the description document is over {MAX_DOCUMENT_SIZE} bytes; refusing it"
-            )
+            raise DescriptionFetchError(f"the description document is over {MAX_DOCUMENT_SIZE} bytes; refusing it")
         chunks.append(data)
 
     await treq.collect(response, collect)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, error, tcp
@@ -204,9 +205,7 @@ def connection_error_message(exc: BaseException) -> str:
         return "no route to host"
     reasons = getattr(exc, "reasons", None)  # twisted.web's ResponseFailed & co. wrap failures
     if isinstance(reasons, list) and reasons:
-        inner = "; ".join(
-            connection_error_message(r.value) if hasattr(r, "value") else str(r) for r in reasons
-        )
+        inner = "; ".join(connection_error_message(r.value) if hasattr(r, "value") else str(r) for r in reasons)
         if isinstance(exc, ResponseNeverReceived):
             return f"no HTTP answer ({inner})"
         if isinstance(exc, ResponseFailed):

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -42,8 +43,8 @@ from netota_daemon.wire.ota import (
     OtaHeader,
     OtaHeaderReader,
     Status,
-    notice_echo,
     clamp_read,
+    notice_echo,
     reply_header,
 )
 
@@ -192,7 +193,9 @@ class OtaStreamProtocol(Protocol):
         elif status == Status.DOING:
             self._notice(header)
         else:
-            log.warn("OTA header with unexpected status {status} ignored", status=header.status_name(), **self.log_context)
+            log.warn(
+                "OTA header with unexpected status {status} ignored", status=header.status_name(), **self.log_context
+            )
 
     def _notice(self, header: OtaHeader) -> None:
         self.device_percent = header.percent
@@ -355,4 +358,3 @@ class OtaStreamFactory(Factory):
         protocol = OtaStreamProtocol(**self.protocol_kwargs)
         protocol.factory = self
         return protocol
-

@@ -25,7 +25,7 @@ class StallFault:
     seconds: float
 
     @classmethod
-    def parse(cls, text: str) -> "StallFault":
+    def parse(cls, text: str) -> StallFault:
         try:
             reads, seconds = text.split(":", 1)
             fault = cls(int(reads), float(seconds))

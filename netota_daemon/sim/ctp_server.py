@@ -43,7 +43,7 @@ LOADER_DEFAULT_VER = 20906
 _VER_PATTERN = re.compile(rb'ver":"([0-9]*)')
 
 
-def device_info(device: "SimulatedDevice") -> dict[str, dict[str, str]]:
+def device_info(device: SimulatedDevice) -> dict[str, dict[str, str]]:
     """The GET topics the main firmware pushes after APP_ACCESS, in order, with their values."""
     interval_ms = max(1, int(device.config.ctp_idle_timeout * device.config.time_scale * 1000))
     return {
@@ -57,7 +57,7 @@ def device_info(device: "SimulatedDevice") -> dict[str, dict[str, str]]:
 class MainCtpProtocol(Protocol):
     """One CTP connection to the main firmware."""
 
-    def __init__(self, device: "SimulatedDevice") -> None:
+    def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
         self.decoder = CtpDecoder()
         self.timers = device.new_timers()
@@ -161,7 +161,7 @@ def loader_access_reply(chunk: bytes) -> bytes:
 class LoaderCtpProtocol(Protocol):
     """One CTP connection to the phase-2 loader."""
 
-    def __init__(self, device: "SimulatedDevice") -> None:
+    def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
         self.first_chunk_seen = False
         self.counted = False
@@ -187,7 +187,7 @@ class LoaderCtpProtocol(Protocol):
 
 
 class CtpFactory(Factory):
-    def __init__(self, device: "SimulatedDevice", loader: bool) -> None:
+    def __init__(self, device: SimulatedDevice, loader: bool) -> None:
         self.device = device
         self.loader = loader
 

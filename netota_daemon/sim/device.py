@@ -18,7 +18,8 @@ Every event goes to :attr:`events` and ``events.jsonl``; each OTA session's byte
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, error, utils
 from twisted.internet.defer import Deferred
@@ -41,7 +42,7 @@ PORT_NAMES = ("ctp", "http", "ota")
 class OtaFactory(Factory):
     """3335: one session at a time; the loader serves only after some HTTP request reached 8080."""
 
-    def __init__(self, device: "SimulatedDevice") -> None:
+    def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
 
     def buildProtocol(self, addr: Any) -> Protocol:

@@ -51,7 +51,7 @@ def main_response(method: str, path: str, document: bytes) -> tuple[int | None, 
 
 
 class MainHttpProtocol(Protocol):
-    def __init__(self, device: "SimulatedDevice") -> None:
+    def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
         self.buffer = b""
         self.answered = False
@@ -69,7 +69,9 @@ class MainHttpProtocol(Protocol):
         parts = line.split(" ")
         method, path = (parts[0], parts[1]) if len(parts) >= 2 else (line, "")
         document = main_firmware_document(
-            self.device.firmware_version, single_backup=not self.device.config.double_backup, uuid=self.device.config.uuid
+            self.device.firmware_version,
+            single_backup=not self.device.config.double_backup,
+            uuid=self.device.config.uuid,
         )
         status, response = main_response(method, path, document)
         self._answer(method, path, status, response)
@@ -82,7 +84,7 @@ class MainHttpProtocol(Protocol):
 
 
 class LoaderHttpProtocol(Protocol):
-    def __init__(self, device: "SimulatedDevice") -> None:
+    def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
 
     def dataReceived(self, data: bytes) -> None:
@@ -93,7 +95,7 @@ class LoaderHttpProtocol(Protocol):
 
 
 class HttpFactory(Factory):
-    def __init__(self, device: "SimulatedDevice", loader: bool) -> None:
+    def __init__(self, device: SimulatedDevice, loader: bool) -> None:
         self.device = device
         self.loader = loader
 

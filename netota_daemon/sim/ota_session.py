@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -70,11 +71,11 @@ class OtaHost(TypingProtocol):
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]: ...
 
-    def ota_session_started(self, session: "OtaDeviceSession") -> None: ...
+    def ota_session_started(self, session: OtaDeviceSession) -> None: ...
 
-    def ota_progress(self, session: "OtaDeviceSession") -> None: ...
+    def ota_progress(self, session: OtaDeviceSession) -> None: ...
 
-    def ota_session_ended(self, session: "OtaDeviceSession") -> None: ...
+    def ota_session_ended(self, session: OtaDeviceSession) -> None: ...
 
 
 @dataclass
@@ -266,7 +267,11 @@ class OtaDeviceSession(Protocol):
             return False
         payload = bytes(self._buffer[HEADER_SIZE:end])
         del self._buffer[:end]
-        if self.config.corrupt_reply_check and self.config.faults_apply(self.phase) and not self.host.faults.corrupt_reply_used:
+        if (
+            self.config.corrupt_reply_check
+            and self.config.faults_apply(self.phase)
+            and not self.host.faults.corrupt_reply_used
+        ):
             self.host.faults.corrupt_reply_used = True
             self._checksum_error(header, injected=True)
             return True

@@ -26,9 +26,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 DEVICE_ADDRESS = "192.168.1.1"
 DEVICE_INTERFACE = "wlan0"
@@ -132,11 +132,13 @@ class SimulatedRack:
         self._namespaces: list[str] = []
         self._env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
-        self._env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in self._env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._env["PYTHONPATH"] = os.pathsep.join(
+            [root] + [p for p in self._env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         self._env["PYTHONUNBUFFERED"] = "1"
 
     # -- building ---------------------------------------------------------------------------------
-    def __enter__(self) -> "SimulatedRack":
+    def __enter__(self) -> SimulatedRack:
         try:
             self.build()
         except BaseException:
@@ -176,24 +178,46 @@ class SimulatedRack:
             device.state_dir.mkdir(parents=True, exist_ok=True)
             (device.state_dir / "ports.json").unlink(missing_ok=True)
             command = [
-                "ip", "netns", "exec", device.namespace,
-                self.python, "-m", "netota_daemon", "sim",
-                "--listen", DEVICE_ADDRESS, "--ctp-port", "3333", "--http-port", "8080", "--ota-port", "3335",
-                "--state-dir", str(device.state_dir), "--time-scale", str(self.time_scale),
+                "ip",
+                "netns",
+                "exec",
+                device.namespace,
+                self.python,
+                "-m",
+                "netota_daemon",
+                "sim",
+                "--listen",
+                DEVICE_ADDRESS,
+                "--ctp-port",
+                "3333",
+                "--http-port",
+                "8080",
+                "--ota-port",
+                "3335",
+                "--state-dir",
+                str(device.state_dir),
+                "--time-scale",
+                str(self.time_scale),
                 # The device's WiFi goes away while it reboots, as on real hardware.
-                "--reboot-command", f'ip link set {DEVICE_INTERFACE} "$NETOTA_SIM_REBOOT"',
+                "--reboot-command",
+                f'ip link set {DEVICE_INTERFACE} "$NETOTA_SIM_REBOOT"',
                 *extra,
             ]
             log = open(device.state_dir / "sim.log", "wb")
             device.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env)
             device.sim_args = extra
         for device in self.devices:
-            _wait_for(lambda d=device: (d.state_dir / "ports.json").exists() or d.process.poll() is not None, 30,
-                      f"simulator {device.name} to listen")
+            _wait_for(
+                lambda d=device: (d.state_dir / "ports.json").exists() or d.process.poll() is not None,
+                30,
+                f"simulator {device.name} to listen",
+            )
             if device.process.poll() is not None:
                 raise RackError(f"simulator {device.name} exited: {(device.state_dir / 'sim.log').read_text()[-2000:]}")
 
-    def write_config(self, firmware_dir: Path, timeouts: dict[str, float] | None = None, max_parallel: int | None = None) -> Path:
+    def write_config(
+        self, firmware_dir: Path, timeouts: dict[str, float] | None = None, max_parallel: int | None = None
+    ) -> Path:
         """The daemon's config: one device per rack interface."""
         state_dir = self.workdir / "daemon-state"
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -224,12 +248,29 @@ class SimulatedRack:
         self.control_path.unlink(missing_ok=True)
         log = open(self.workdir / "daemon.log", "wb")
         self.daemon = subprocess.Popen(
-            ["ip", "netns", "exec", self.rack_namespace, self.python, "-c",
-             "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile", "", "netota", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, env=self._env, cwd=self.workdir,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.rack_namespace,
+                self.python,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--nodaemon",
+                "--pidfile",
+                "",
+                "netota",
+                "--config",
+                str(config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env,
+            cwd=self.workdir,
         )
-        _wait_for(lambda: self.control_path.exists() or self.daemon.poll() is not None, 30, "the daemon's control socket")
+        _wait_for(
+            lambda: self.control_path.exists() or self.daemon.poll() is not None, 30, "the daemon's control socket"
+        )
         if self.daemon.poll() is not None:
             raise RackError(f"the daemon exited: {(self.workdir / 'daemon.log').read_text()[-3000:]}")
 
@@ -237,7 +278,9 @@ class SimulatedRack:
         """Run ``netota ARGS`` against this rack's daemon (from the host namespace)."""
         return subprocess.run(
             [self.python, "-m", "netota_daemon", *args],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             env=dict(self._env, NETOTA_CONTROL=f"unix:{self.control_path}"),
         )
 

@@ -22,7 +22,6 @@ counting it, ``max(previous, bytes_read * 100 // all_size)`` capped at 99.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from netota_daemon.sim.image import image_length_from_head
 from netota_daemon.wire.ota import PHASE1_WINDOW, PHASE2_WINDOW
@@ -68,7 +67,7 @@ class TransferFailed:
     reason: str
 
 
-Step = Union[ReadRequest, SizeNotice, TransferDone, TransferFailed]
+Step = ReadRequest | SizeNotice | TransferDone | TransferFailed
 
 
 class DeviceReader:

@@ -83,4 +83,4 @@ def main_firmware_document(firmware_version: str, single_backup: bool = True, uu
         ' "device_type": "1","net_type": "1","rts_type": "0","product_type": "AC79x_wifi_camera",'
         f' "support_projection":"0","ota_type": "{ota_type}","ota_step": "0",'
         f' "firmware_version": {version},"match_app_type": "DVRunning 2","uuid": {uuid}}}'
-    ).encode("utf-8")
+    ).encode()

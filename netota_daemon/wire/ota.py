@@ -79,7 +79,7 @@ class OtaHeader:
 
     # -- decoding -------------------------------------------------------------------------------
     @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview) -> "OtaHeader":
+    def decode(cls, data: bytes | bytearray | memoryview) -> OtaHeader:
         if len(data) != HEADER_SIZE:
             raise OtaHeaderError(f"an OTA header is {HEADER_SIZE} bytes, got {len(data)}")
         sum_check, seek, size, all_size, status, percent, resv = _LAYOUT.unpack(data)
@@ -170,9 +170,7 @@ class OtaHeaderReader:
     def feed(self, data: bytes) -> list[OtaHeader]:
         self._buffer += data
         count = len(self._buffer) // HEADER_SIZE
-        headers = [
-            OtaHeader.decode(self._buffer[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]) for i in range(count)
-        ]
+        headers = [OtaHeader.decode(self._buffer[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]) for i in range(count)]
         del self._buffer[: count * HEADER_SIZE]
         return headers
 
