@@ -90,7 +90,7 @@ class FirmwareImage:
         return f"<FirmwareImage {self.path} {self.size} bytes>"
 
 
-_cache: weakref.WeakValueDictionary[tuple, FirmwareImage] = weakref.WeakValueDictionary()
+_cache: weakref.WeakValueDictionary[tuple[object, ...], FirmwareImage] = weakref.WeakValueDictionary()
 _cache_lock = threading.Lock()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +50,25 @@ async def one_reactor_turn(reactor) -> None:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, 0, lambda: None)
+
+
+class _NoSockets(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("this test must not open a socket")
+
+
+@pytest.fixture
+def no_sockets_or_processes(monkeypatch):
+    """Tests of decisions run on a Clock with fakes: opening a socket or starting a process fails them."""
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("this test must not start a process")
+
+    monkeypatch.setattr(socket, "socket", _NoSockets)
+    monkeypatch.setattr(socket, "create_connection", no_process)
+    monkeypatch.setattr(os, "fork", no_process)
+    monkeypatch.setattr(os, "posix_spawn", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
 
 
 @pytest.fixture(autouse=True)

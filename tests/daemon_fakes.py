@@ -26,12 +26,14 @@ class FakeJob:
         log_context: dict | None = None,
         factory: FakeJobFactory | None = None,
         verify_only: bool = False,
+        behaviour: Any = None,
     ) -> None:
         self.reactor = reactor
         self.verify_only = verify_only
         self.target = target
         self.image = image
         self.timeouts = timeouts
+        self.behaviour = behaviour
         self.job_id = job_id
         self.log_context = log_context
         self.events = EventPublisher()
@@ -102,8 +104,19 @@ class FakeJobFactory:
         job_id: str,
         log_context: dict | None = None,
         verify_only: bool = False,
+        behaviour: Any = None,
     ) -> FakeJob:
-        job = FakeJob(reactor, target, image, timeouts, job_id, log_context, factory=self, verify_only=verify_only)
+        job = FakeJob(
+            reactor,
+            target,
+            image,
+            timeouts,
+            job_id,
+            log_context,
+            factory=self,
+            verify_only=verify_only,
+            behaviour=behaviour,
+        )
         self.jobs[job_id] = job
         self.order.append(job)
         return job

@@ -89,8 +89,8 @@ host = "127.0.0.2"
         )
     )
     a, b = config.devices["a"], config.devices["b"]
-    assert (a.timeouts.receive, a.timeouts.deadline, a.timeouts.echo_final_notice) == (1.5, 60.5, True)
-    assert (b.timeouts.receive, b.timeouts.deadline, b.timeouts.echo_final_notice) == (2.0, 60.5, False)
+    assert (a.timeouts.receive, a.timeouts.deadline, a.behaviour.echo_final_notice) == (1.5, 60.5, True)
+    assert (b.timeouts.receive, b.timeouts.deadline, b.behaviour.echo_final_notice) == (2.0, 60.5, False)
     assert a.target.ctp_port == 4333 and a.target.http_port == 8080
     assert a.target.name == "a"
 

@@ -298,7 +298,7 @@ def test_flash_command_opens_the_firmware_once(tmp_path, monkeypatch):
         flash_module.run_flash_command(args)
     assert exit_info.value.code == 0
     assert opened == [str(image)]
-    target, prepared_image, _ = seen["prepared"]
+    target, prepared_image, _, _ = seen["prepared"]
     assert target.host == "127.0.0.1" and prepared_image.path == Path(image)
 
 

@@ -128,3 +128,48 @@ def test_keepalive_every_interval_until_closed(session):
     assert transport.disconnecting
     protocol.connectionLost(None)
     assert clock.getDelayedCalls() == []
+
+
+def keepalive_times(clock, transport, until: float) -> list[float]:
+    times = []
+    while clock.seconds() < until:
+        clock.advance(0.5)
+        if any(f.topic == "CTP_KEEP_ALIVE" for f in sent_frames(transport)):
+            times.append(clock.seconds())
+    return times
+
+
+@pytest.mark.parametrize(
+    ("announced_ms", "expected_interval"),
+    [(6000, 2.0), (1500, 1.0), (600000, 10.0)],  # a third of the device's idle timeout, never under 1 s
+)
+def test_the_keepalive_follows_a_short_idle_timeout_the_device_announces(session, announced_ms, expected_interval):
+    clock, protocol, transport = session
+    protocol.start_keepalive(10.0)
+    protocol.dataReceived(ctp.notify("KEEP_ALIVE_INTERVAL", {"timeout": str(announced_ms)}))
+    assert protocol.keepalive_interval == expected_interval
+    times = keepalive_times(clock, transport, 20.0)
+    assert times[:2] == [expected_interval, 2 * expected_interval]
+
+
+def test_an_announcement_that_is_not_a_number_changes_nothing(session):
+    clock, protocol, transport = session
+    protocol.start_keepalive(10.0)
+    protocol.dataReceived(ctp.notify("KEEP_ALIVE_INTERVAL", {"timeout": "soon"}))
+    assert protocol.keepalive_interval == 10.0
+
+
+def test_unsolicited_frames_are_counted_not_kept_without_bound_and_logged_at_a_bounded_rate(session):
+    from twisted.logger import capturedLogs
+
+    from netota_daemon.protocols.ctp_client import MAX_UNSOLICITED_TOPICS
+
+    clock, protocol, transport = session
+    with capturedLogs() as events:
+        protocol.dataReceived(b"".join(ctp.notify(f"TOPIC_{i}", {"n": str(i)}) for i in range(5000)))
+        protocol.connectionLost(None)
+    assert protocol.unsolicited_count == 5000
+    assert len(protocol.unsolicited) == MAX_UNSOLICITED_TOPICS
+    assert len([e for e in events if e.get("log_format") == "CTP unsolicited {topic}"]) == 3
+    (summary,) = [e for e in events if e.get("log_format", "").startswith("skipped {count}")]
+    assert summary["count"] == 4997

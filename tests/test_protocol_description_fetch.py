@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, capturedLogs
 
 from netota_daemon.protocols.description_fetch import DescriptionFetchError, fetch_description
 from netota_daemon.protocols.endpoints import DeviceConnector
@@ -132,3 +133,38 @@ async def test_http_error_status_with_a_body_leaves_nothing_open(reactor, raw_se
     with pytest.raises(DescriptionFetchError, match="500"):
         await fetch_description(DeviceConnector(reactor, "127.0.0.1"), raw_server.port_number, 5.0)
     await raw_server.all_closed.addTimeout(10, reactor)
+
+
+class EndlessBody(Protocol):
+    """Answers with a body delimited by the connection's end, and never ends it."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        self.writer = task.LoopingCall(lambda: self.transport.write(b"x" * 8192))
+        self.writer.clock = self.factory.reactor
+        self.writer.start(0.01)
+
+    def connectionLost(self, reason):
+        if getattr(self, "writer", None) is not None and self.writer.running:
+            self.writer.stop()
+        self.factory.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endless_body_is_refused_without_twisteds_critical_errors(reactor):
+    factory = Factory.forProtocol(EndlessBody)
+    factory.reactor = reactor
+    factory.lost = defer.Deferred()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        with capturedLogs() as events:
+            d = defer.ensureDeferred(
+                fetch_description(DeviceConnector(reactor, "127.0.0.1"), port.getHost().port, 60.0)
+            )
+            with pytest.raises(DescriptionFetchError, match="over 65536 bytes"):
+                await d.addTimeout(30, reactor)  # the test's own bound: the fetch ends at the 64 KiB bound
+            await factory.lost.addTimeout(30, reactor)  # and its connection is gone
+        noisy = [e for e in events if e.get("log_level") in (LogLevel.critical, LogLevel.error)]
+        assert noisy == []
+    finally:
+        await port.stopListening()

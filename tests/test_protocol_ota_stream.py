@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from netota_daemon.firmware import FirmwareImage
-from netota_daemon.protocols.ota_stream import OtaStreamProtocol, StreamEnd, StreamSettings
+from netota_daemon.protocols.ota_stream import DeviceActivity, OtaStreamProtocol, StreamEnd, StreamSettings
 from netota_daemon.wire.ota import (
     HEADER_SIZE,
     MAX_READ_SIZE,
@@ -153,10 +153,12 @@ def test_all_size_notice_is_recorded_and_never_answered(image):
     assert s.take() == b""
     assert s.all_sizes == [IMAGE_SIZE]
     assert s.protocol.all_size == IMAGE_SIZE
-    # percent now counts against all_size, from the notice on
+    assert s.progress[-1].activity is DeviceActivity.PREPARING  # the device waits, then erases
+    # the bytes asked for are counted from the notice on
     s.send(Status.READ, seek=IMAGE_SIZE - 40916, size=40916, percent=1)
-    assert s.progress[-1].total_bytes == IMAGE_SIZE
-    assert s.progress[-1].percent == pytest.approx(100 * 40916 / IMAGE_SIZE)
+    last = s.progress[-1]
+    assert (last.all_size, last.requested_since_all_size, last.bytes_served) == (IMAGE_SIZE, 40916, 100 + 40916)
+    assert last.furthest == IMAGE_SIZE and last.activity is None
 
 
 @pytest.mark.parametrize("echo", [False, True])
@@ -298,3 +300,106 @@ def test_replies_do_not_depend_on_how_headers_are_split(tmp_path_factory, reques
         assert verify_reply(reply, payload)
         data = data[HEADER_SIZE + sent :]
     assert data == b""
+
+
+class FillingTransport(StringTransport):
+    """A transport whose write buffer holds ``limit`` bytes: past that it pauses its producer, as
+    Twisted's TCP transports do, until :meth:`drain` (the peer read everything)."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        super().__init__()
+        self.limit = limit
+        self.reading_paused = 0
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) > self.limit and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def pauseProducing(self):
+        self.reading_paused += 1
+        super().pauseProducing()
+
+    def drain(self):
+        data = self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return data
+
+
+def filling_session(image, limit=65536, **settings) -> Session:
+    s = Session.__new__(Session)
+    s.clock = Clock()
+    s.progress, s.all_sizes, s.results = [], [], []
+    s.protocol = OtaStreamProtocol(image, s.clock, StreamSettings(**settings), on_progress=s.progress.append)
+    s.transport = FillingTransport(limit)
+    s.protocol.makeConnection(s.transport)
+    s.protocol.done.addBoth(s.results.append)
+    return s
+
+
+def reads(count: int, size: int = 20436) -> bytes:
+    return b"".join(
+        encode_device_header(Status.READ, (i * size) % (IMAGE_SIZE - size), size, 0, 1) for i in range(count)
+    )
+
+
+def test_replies_wait_while_the_transport_is_full_and_requests_stay_unread(image):
+    s = filling_session(image, limit=50_000)
+    s.protocol.dataReceived(reads(5))
+    # three replies fill the buffer; the other two requests wait, and reading from the device pauses
+    assert len(s.transport.value()) == 3 * (HEADER_SIZE + 20436)
+    assert s.transport.reading_paused == 1 and s.protocol.requests == 3
+    data = s.transport.drain()
+    assert len(data) == 3 * (HEADER_SIZE + 20436)
+    assert s.protocol.requests == 5  # answered once the buffer drained
+    assert s.results == []
+
+
+def test_a_device_asking_without_reading_is_a_protocol_error_and_memory_stays_bounded(image):
+    s = filling_session(image, limit=65536)
+    s.protocol.dataReceived(reads(5000))  # 5000 requests in one chunk, none of our replies read
+    buffered = len(s.transport.value())
+    assert buffered <= 65536 + HEADER_SIZE + 20436 + HEADER_SIZE  # a full buffer, one reply over, and STOP
+    assert s.transport.value().endswith(STOP_BYTES)
+    s.close_from_app_side()
+    (result,) = s.results
+    assert result.end is StreamEnd.PROTOCOL_ERROR
+    assert "without reading our replies" in result.message and result.requests <= 4
+
+
+def test_garbage_on_the_stream_ends_it_and_is_logged_at_a_bounded_rate(image):
+    from twisted.logger import capturedLogs
+
+    s = Session(image)
+    garbage = bytes(range(1, 21)) * 300  # 300 headers with a wrong checksum
+    with capturedLogs() as events:
+        s.protocol.dataReceived(garbage)
+        s.close_from_app_side()
+    assert s.take().endswith(STOP_BYTES)
+    (result,) = s.results
+    assert result.end is StreamEnd.PROTOCOL_ERROR and "in a row with a bad checksum" in result.message
+    bad = [e for e in events if "bad checksum skipped" in e.get("log_format", "")]
+    summary = [e for e in events if e.get("log_format", "").startswith("skipped {count}")]
+    assert len(bad) == 3  # the first few, then a count
+    assert summary and summary[0]["count"] == result.bad_headers - 3
+
+
+def test_a_device_that_stops_asking_after_a_reply_is_shown_as_working(image):
+    s = Session(image)
+    s.send(Status.READ, seek=0, size=1000)
+    assert s.progress[-1].activity is None
+    s.clock.advance(1.0)
+    assert s.progress[-1].activity is DeviceActivity.QUIET  # writing what it got
+    s.send(Status.READ, seek=1000, size=1000)
+    assert s.progress[-1].activity is None and s.progress[-1].furthest == 2000
+
+
+def test_the_final_notice_and_ok_are_told_as_device_work_then_done(image):
+    s = Session(image)
+    s.send(Status.READ, seek=0, size=1000)
+    s.send(Status.DOING, percent=100)
+    assert s.progress[-1].activity is DeviceActivity.FINISHING
+    s.send(Status.OK, percent=100)
+    assert s.progress[-1].ok

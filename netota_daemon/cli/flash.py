@@ -34,7 +34,7 @@ from netota_daemon.engine.outcome import (
     OutcomeKind,
     exit_code,
 )
-from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareError, FirmwareImage, open_image
 from netota_daemon.protocols.endpoints import EndpointError, check_interface
 
@@ -139,7 +139,10 @@ class UsageError(Exception):
     """A bad argument found before anything was sent."""
 
 
-def prepare(args: argparse.Namespace) -> tuple[DeviceTarget, FirmwareImage, UpgradeTimeouts]:
+Prepared = tuple[DeviceTarget, FirmwareImage, UpgradeTimeouts, UpgradeBehaviour]
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
     """Everything ``netota flash`` needs, checked; raises :class:`UsageError` (nothing sent yet)."""
     if not args.host or not args.host.strip():
         raise UsageError("--host is empty")
@@ -171,9 +174,8 @@ def prepare(args: argparse.Namespace) -> tuple[DeviceTarget, FirmwareImage, Upgr
         verify=args.verify_timeout,
         receive=args.receive_timeout,
         max_receive_timeouts=args.max_receive_timeouts,
-        echo_final_notice=args.echo_final_notice,
     )
-    return target, image, timeouts
+    return target, image, timeouts, UpgradeBehaviour(echo_final_notice=args.echo_final_notice)
 
 
 def result_json(outcome: Outcome, code: int) -> str:
@@ -202,7 +204,7 @@ async def flash(
     out: TextIO | None = None,
     err: TextIO | None = None,
     on_job: Any = None,
-    prepared: tuple[DeviceTarget, FirmwareImage, UpgradeTimeouts] | None = None,
+    prepared: Prepared | None = None,
 ) -> int:
     """Run one flash job on ``reactor`` and print its result; returns the exit code.
     ``on_job(job)`` is called once the job exists (the command uses it to hook signals);
@@ -217,8 +219,8 @@ async def flash(
         except UsageError as e:
             err.write(f"netota flash: error: {e}\n")
             return EXIT_USAGE
-    target, image, timeouts = prepared
-    job = UpgradeJob(reactor, target, image, timeouts, job_id=f"flash-{uuid.uuid4().hex[:8]}")
+    target, image, timeouts, behaviour = prepared
+    job = UpgradeJob(reactor, target, image, timeouts, job_id=f"flash-{uuid.uuid4().hex[:8]}", behaviour=behaviour)
     if not args.quiet:
         job.events.subscribe(ProgressRenderer(err))
     if on_job is not None:

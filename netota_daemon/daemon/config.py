@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 
 DEFAULT_CONFIG_PATH = "/etc/netota/netota.toml"
 DEFAULT_CONTROL = "unix:/run/netota/control.sock:mode=660:lockfile=1"
@@ -43,6 +43,7 @@ class DeviceConfig:
 
     target: DeviceTarget
     timeouts: UpgradeTimeouts
+    behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
 
     @property
     def name(self) -> str:
@@ -61,6 +62,7 @@ class DaemonConfig:
     control_token: str | None = None  # bearer token required on the control API when set
     shutdown_grace: float = 15.0  # seconds to wait for running jobs to stop (STOP sent) on shutdown
     timeouts: UpgradeTimeouts = field(default_factory=UpgradeTimeouts)
+    behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
 
 
@@ -91,9 +93,9 @@ _DEVICE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def _timeout_keys() -> dict[str, tuple[tuple[type, ...], str]]:
+def _keys_of(cls: type[UpgradeTimeouts] | type[UpgradeBehaviour]) -> dict[str, tuple[tuple[type, ...], str]]:
     keys: dict[str, tuple[tuple[type, ...], str]] = {}
-    for f in dataclasses.fields(UpgradeTimeouts):
+    for f in dataclasses.fields(cls):
         default = f.default
         if isinstance(default, bool):
             keys[f.name] = _BOOL
@@ -104,7 +106,23 @@ def _timeout_keys() -> dict[str, tuple[tuple[type, ...], str]]:
     return keys
 
 
-TIMEOUT_KEYS = _timeout_keys()
+#: The engine's behaviour switches (``[behaviour]``, ``[devices.NAME.behaviour]``).
+BEHAVIOUR_KEYS = _keys_of(UpgradeBehaviour)
+#: Keys a ``[timeouts]`` table and a job's options take: every duration, and (their old place,
+#: still read) the behaviour switches.
+TIMEOUT_KEYS = {**_keys_of(UpgradeTimeouts), **BEHAVIOUR_KEYS}
+
+
+def split_settings(
+    changes: dict[str, Any], timeouts: UpgradeTimeouts, behaviour: UpgradeBehaviour
+) -> tuple[UpgradeTimeouts, UpgradeBehaviour]:
+    """``timeouts`` and ``behaviour`` with checked ``changes`` (of either kind) applied."""
+    behaviour_changes = {k: v for k, v in changes.items() if k in BEHAVIOUR_KEYS}
+    timeout_changes = {k: v for k, v in changes.items() if k not in BEHAVIOUR_KEYS}
+    return (
+        timeouts.replaced(**timeout_changes) if timeout_changes else timeouts,
+        behaviour.replaced(**behaviour_changes) if behaviour_changes else behaviour,
+    )
 
 
 def check_value(source: str, key: str, value: Any, spec: tuple[tuple[type, ...], str]) -> Any:
@@ -140,8 +158,10 @@ def check_timeout(source: str, key: str, name: str, value: Any) -> Any:
     return float(value)
 
 
-def parse_timeouts(source: str, prefix: str, table: Any, base: UpgradeTimeouts) -> UpgradeTimeouts:
-    """``base`` with the overrides of a ``timeouts`` table applied (each checked)."""
+def parse_timeouts(
+    source: str, prefix: str, table: Any, base: UpgradeTimeouts, behaviour: UpgradeBehaviour
+) -> tuple[UpgradeTimeouts, UpgradeBehaviour]:
+    """``base`` and ``behaviour`` with the overrides of a ``timeouts`` table applied (each checked)."""
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, "must be a table")
     changes: dict[str, Any] = {}
@@ -149,6 +169,19 @@ def parse_timeouts(source: str, prefix: str, table: Any, base: UpgradeTimeouts) 
         full = f"{prefix}.{key}"
         if key not in TIMEOUT_KEYS:
             raise ConfigError(source, full, f"unknown key (known: {', '.join(sorted(TIMEOUT_KEYS))})")
+        changes[key] = check_timeout(source, full, key, value)
+    return split_settings(changes, base, behaviour)
+
+
+def parse_behaviour(source: str, prefix: str, table: Any, base: UpgradeBehaviour) -> UpgradeBehaviour:
+    """``base`` with the switches of a ``behaviour`` table applied (each checked)."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, prefix, "must be a table")
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}"
+        if key not in BEHAVIOUR_KEYS:
+            raise ConfigError(source, full, f"unknown key (known: {', '.join(sorted(BEHAVIOUR_KEYS))})")
         changes[key] = check_timeout(source, full, key, value)
     return base.replaced(**changes)
 
@@ -175,19 +208,27 @@ def _ipv4_address(source: str, key: str, address: str) -> None:
         raise ConfigError(source, key, f"{address!r} is not an IPv4 address") from None
 
 
-def _parse_device(source: str, name: str, table: Any, timeouts: UpgradeTimeouts) -> DeviceConfig:
+def _parse_device(
+    source: str, name: str, table: Any, timeouts: UpgradeTimeouts, behaviour: UpgradeBehaviour
+) -> DeviceConfig:
     prefix = f"devices.{name}"
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, "must be a table ([devices.NAME])")
     values: dict[str, Any] = {}
-    device_timeouts = timeouts
+    device_timeouts, device_behaviour = timeouts, behaviour
+    if "behaviour" in table:
+        device_behaviour = parse_behaviour(source, f"{prefix}.behaviour", table["behaviour"], behaviour)
     for key, value in table.items():
         full = f"{prefix}.{key}"
+        if key == "behaviour":
+            continue
         if key == "timeouts":
-            device_timeouts = parse_timeouts(source, full, value, timeouts)
+            device_timeouts, device_behaviour = parse_timeouts(source, full, value, timeouts, device_behaviour)
             continue
         if key not in _DEVICE_KEYS:
-            raise ConfigError(source, full, f"unknown key (known: {', '.join(sorted(_DEVICE_KEYS))}, timeouts)")
+            raise ConfigError(
+                source, full, f"unknown key (known: {', '.join(sorted(_DEVICE_KEYS))}, timeouts, behaviour)"
+            )
         value = check_value(source, full, value, _DEVICE_KEYS[key])
         if key.endswith("_port"):
             _port(source, full, value)
@@ -200,7 +241,7 @@ def _parse_device(source: str, name: str, table: Any, timeouts: UpgradeTimeouts)
         values[key] = value
     if "host" not in values:
         raise ConfigError(source, f"{prefix}.host", 'missing (the device\'s address, e.g. "192.168.1.1")')
-    return DeviceConfig(target=DeviceTarget(name=name, **values), timeouts=device_timeouts)
+    return DeviceConfig(target=DeviceTarget(name=name, **values), timeouts=device_timeouts, behaviour=device_behaviour)
 
 
 def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
@@ -291,8 +332,8 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
     """A :class:`DaemonConfig` from parsed TOML ``data``; relative paths are taken from ``base_dir``."""
     base_dir = base_dir or Path.cwd()
     for key in data:
-        if key not in ("daemon", "timeouts", "devices"):
-            raise ConfigError(source, key, "unknown section (known: daemon, timeouts, devices)")
+        if key not in ("daemon", "timeouts", "behaviour", "devices"):
+            raise ConfigError(source, key, "unknown section (known: daemon, timeouts, behaviour, devices)")
     daemon = data.get("daemon")
     if daemon is None:
         raise ConfigError(source, "daemon", "missing section [daemon]")
@@ -322,9 +363,11 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
             source, "daemon.shutdown_grace", f"must be a finite number of seconds, at least 0, not {grace!r}"
         )
 
-    timeouts = UpgradeTimeouts()
+    timeouts, behaviour = UpgradeTimeouts(), UpgradeBehaviour()
+    if "behaviour" in data:
+        behaviour = parse_behaviour(source, "behaviour", data["behaviour"], behaviour)
     if "timeouts" in data:
-        timeouts = parse_timeouts(source, "timeouts", data["timeouts"], timeouts)
+        timeouts, behaviour = parse_timeouts(source, "timeouts", data["timeouts"], timeouts, behaviour)
 
     devices_table = data.get("devices", {})
     if not isinstance(devices_table, dict):
@@ -335,7 +378,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
             raise ConfigError(
                 source, f"devices.{name}", "a device name must be non-empty, without '/' or spaces around it"
             )
-        devices[name] = _parse_device(source, name, table, timeouts)
+        devices[name] = _parse_device(source, name, table, timeouts, behaviour)
 
     return DaemonConfig(
         source=source,
@@ -346,6 +389,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         control_token=token,
         shutdown_grace=grace,
         timeouts=timeouts,
+        behaviour=behaviour,
         devices=devices,
     )
 

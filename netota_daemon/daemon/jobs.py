@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, DaemonConfig, check_timeout
+from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, DaemonConfig, check_timeout, split_settings
 from netota_daemon.daemon.firmware_store import FirmwareRefused, FirmwareStore
 from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState, JournalError, interrupted_advice
 from netota_daemon.daemon.registry import DeviceRegistry
@@ -29,7 +29,7 @@ from netota_daemon.engine.outcome import (
     Phase,
     recovery_advice,
 )
-from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
 
 log = Logger()
@@ -134,6 +134,7 @@ class ActiveJob:
     image: FirmwareImage
     target: DeviceTarget
     timeouts: UpgradeTimeouts
+    behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
     verify_only: bool = False  # resumes a job whose phase 2 completed: only read the version back
     engine: EngineJob | None = None
     done: Deferred | None = None  # fires (with the record) when the job left the queue for good
@@ -274,7 +275,7 @@ class JobQueue:
         except FirmwareRefused as e:
             raise _firmware_error(e) from None
         device_config = self._registry.get(device).config
-        timeouts = device_config.timeouts.replaced(**checked) if checked else device_config.timeouts
+        timeouts, behaviour = split_settings(checked, device_config.timeouts, device_config.behaviour)
         record = JobRecord(
             id=uuid.uuid4().hex[:12],
             device=device,
@@ -285,7 +286,12 @@ class JobQueue:
         )
         self._journal.create(record, note=f"created (resumes {resumed_from})" if resumed_from else "created")
         active = ActiveJob(
-            record=record, image=image, target=device_config.target, timeouts=timeouts, verify_only=verify_only
+            record=record,
+            image=image,
+            target=device_config.target,
+            timeouts=timeouts,
+            behaviour=behaviour,
+            verify_only=verify_only,
         )
         self._active[record.id] = active
         self._by_device[device] = record.id
@@ -405,7 +411,14 @@ class JobQueue:
         try:
             extra = {"verify_only": True} if active.verify_only else {}
             engine = self._job_factory(
-                self._reactor, active.target, active.image, active.timeouts, record.id, log_context=context, **extra
+                self._reactor,
+                active.target,
+                active.image,
+                active.timeouts,
+                record.id,
+                log_context=context,
+                behaviour=active.behaviour,
+                **extra,
             )
         except Exception as e:
             log.failure("job {job} on {device}: the engine job could not be made", job=record.id, device=record.device)

@@ -1,4 +1,4 @@
-"""``UpgradeJob``: one single-backup upgrade of one device, from detection to the new version.
+"""``UpgradeJob``: one upgrade of one device, from detection to the new version.
 
 The flow, as one readable coroutine (``docs/engine.md`` draws it)::
 
@@ -9,62 +9,53 @@ The flow, as one readable coroutine (``docs/engine.md`` draws it)::
             dropped session or a timeout (the loader allows it) until the overall deadline
     VERIFY  optional reconnect hook; poll until the main firmware answers; read firmware_version
 
-Every step has its own timeout (:class:`~netota_daemon.engine.settings.UpgradeTimeouts`) inside one
-overall deadline. ``run()`` never fails: every error becomes an :class:`Outcome`. ``cancel()``
-cancels whatever step is running (the OTA stream sends STOP) and the outcome is ABORTED.
+The job talks to its device only through a :class:`~netota_daemon.engine.link.DeviceLink` (the real
+one by default; tests pass a scripted fake). Its lifecycle (created, running, stopping, finishing,
+finished) is one explicit :class:`~netota_daemon.engine.lifecycle.JobLifecycle`; every wait goes
+through it, so a cancel or the deadline always wins over whatever the step was doing. Every step has
+its own timeout (:class:`~netota_daemon.engine.settings.UpgradeTimeouts`) inside one overall
+deadline. ``run()`` never fails: every error becomes an :class:`Outcome`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from netota_daemon.engine.events import EventPublisher, Finished, PhaseChanged, Progress
+from netota_daemon.engine.events import EventPublisher, Finished, JobEvent, PhaseChanged, Waiting
+from netota_daemon.engine.lifecycle import JobLifecycle, JobStopped, LifecycleState, StopKind
+from netota_daemon.engine.link import CtpSession, DeviceLink, OtaSession
 from netota_daemon.engine.outcome import (
-    ADVICE_DOUBLE_BACKUP,
-    ADVICE_NOTHING_SENT,
-    ADVICE_RESET,
-    ADVICE_UNVERIFIED,
     FailureClass,
+    Happened,
     Outcome,
     OutcomeKind,
     Phase,
     UpgradeFailed,
-    recovery_advice,
+    advice,
+    phase_label,
 )
-from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+from netota_daemon.engine.progress import ProgressMeter
+from netota_daemon.engine.retry import RetriesExhausted, retry_until_deadline
+from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
-from netota_daemon.protocols.ctp_client import (
-    CtpClientFactory,
-    CtpClientProtocol,
-    CtpConnectionLost,
-    CtpErrorReply,
-    CtpReplyTimeout,
-)
-from netota_daemon.protocols.description_fetch import DescriptionFetchError, fetch_description
+from netota_daemon.protocols.ctp_client import CtpConnectionLost, CtpErrorReply, CtpReplyTimeout
+from netota_daemon.protocols.description_fetch import DescriptionFetchError
+from netota_daemon.protocols.device_link import DevicePorts, TwistedDeviceLink
 from netota_daemon.protocols.endpoints import (
+    RETRYABLE_ERRORS,
     DeviceConnector,
     EndpointError,
-    RetriesExhausted,
     connection_error_message,
-    retry_until_deadline,
 )
-from netota_daemon.protocols.ota_stream import (
-    OtaStreamFactory,
-    OtaStreamProtocol,
-    StreamEnd,
-    StreamProgress,
-    StreamResult,
-    StreamSettings,
-)
+from netota_daemon.protocols.ota_stream import StreamEnd, StreamProgress, StreamResult, StreamSettings
 from netota_daemon.wire.ctp import CtpProtocolError
 from netota_daemon.wire.description import DeviceDescription
 
@@ -80,74 +71,75 @@ class _NotYet(Exception):
     """A poll reached the device, but not in the wanted state yet."""
 
 
-class _HookProcess(ProcessProtocol):
-    """The reconnect hook's process: collects a little output, fires ``ended`` with the exit code."""
+@dataclass
+class JobFacts:
+    """What the job has learnt so far: the data its outcome and advice are made from."""
 
-    def __init__(self) -> None:
-        self.ended: defer.Deferred[int | None] = defer.Deferred()
-        self.output = bytearray()
+    version_before: str | None = None
+    phase1_completed: bool = False  # phase 1 ended OK: the device reboots into its loader
+    old_firmware_back: bool = False  # phase 2 found the main firmware before any all_size notice
+    phase2_attempts: int = 0
+    last_problem: str = ""  # the last failed attempt's error, for a deadline's message
+    streams: list[dict[str, Any]] = field(default_factory=list)
 
-    def outReceived(self, data: bytes) -> None:
-        self.output += data[: max(0, 4096 - len(self.output))]
 
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(getattr(reason.value, "exitCode", None))
+def default_link(
+    reactor: Any, target: DeviceTarget, image: FirmwareImage, log_context: dict[str, Any]
+) -> TwistedDeviceLink:
+    """The real link to ``target``: sockets through its interface and source address."""
+    connector = DeviceConnector(reactor, target.host, target.interface, target.source_address)
+    ports = DevicePorts(ctp=target.ctp_port, http=target.http_port, ota=target.ota_port)
+    return TwistedDeviceLink(reactor, connector, ports, image, log_context)
 
 
 class UpgradeJob:
-    """One upgrade of one device. See the module docstring."""
+    """One upgrade of one device. See the module docstring.
+
+    ``reactor`` is the job's clock (``IReactorTime``); the default link also uses it for its
+    connections and processes. ``verify_only`` resumes a job that ended while its device rebooted
+    into the new firmware: phase 2 is done, so only the version is read back.
+    """
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         target: DeviceTarget,
         image: FirmwareImage,
         timeouts: UpgradeTimeouts,
         job_id: str,
         log_context: dict[str, Any] | None = None,
         verify_only: bool = False,
+        behaviour: UpgradeBehaviour | None = None,
+        link: DeviceLink | None = None,
     ) -> None:
-        self.reactor = reactor
-        # Resuming a job that ended while its device rebooted into the new firmware: phase 2 is
-        # done, so only read the version back (flashing again would only be refused as the same image).
-        self.verify_only = verify_only
         self.clock = reactor
         self.target = target
         self.image = image
         self.timeouts = timeouts
+        self.behaviour = behaviour or UpgradeBehaviour()
         self.job_id = job_id
+        self.verify_only = verify_only
         self.log_context: dict[str, Any] = {**(log_context or {}), "job": job_id, "device": target.name}
-        self.events = EventPublisher()
+        self.link: DeviceLink = link or default_link(reactor, target, image, self.log_context)
+        self.events: EventPublisher[JobEvent] = EventPublisher()
+        self.lifecycle = JobLifecycle(reactor)
         self.phase = Phase.DETECT
         self.point_of_no_return = False
         self.outcome: Outcome | None = None
-        self.connector = DeviceConnector(reactor, target.host, target.interface, target.source_address)
+        self.facts = JobFacts()
+        self._meters = {phase: ProgressMeter(phase) for phase in (Phase.PHASE1, Phase.PHASE2)}
         self._task: defer.Deferred[Outcome] | None = None
         self._waiters: list[defer.Deferred[Outcome]] = []
-        self._cancel_reason: str | None = None
-        self._deadline_passed = False
         self._deadline_call: IDelayedCall | None = None
-        self._cancel_call: IDelayedCall | None = None
-        self._finishing = False
-        self._started = False
-        self._ctp_sessions: set[CtpClientProtocol] = set()
-        self._streams: set[OtaStreamProtocol] = set()
-        self._hooks: set[_HookProcess] = set()
-        self._version_before: str | None = None
-        self._last_problem = ""
-        self._phase2_attempts = 0
-        self._old_firmware_answers = False  # phase 2 found the main firmware before any all_size
-        self._phase1_completed = False  # phase 1 ended OK (the job may still be closing its CTP session)
-        self._stream_results: list[dict[str, Any]] = []
+        self._ctp_sessions: set[CtpSession] = set()
+        self._streams: set[OtaSession] = set()
 
     # -- public API ----------------------------------------------------------------------------
     def run(self) -> defer.Deferred[Outcome]:
         """Start the job (once); fires with its :class:`Outcome` and never fails."""
-        if not self._started:
-            self._started = True
-            self._deadline_call = self.clock.callLater(self.timeouts.deadline, self._on_deadline)
+        if self.lifecycle.state is LifecycleState.CREATED:
+            self.lifecycle.start()
+            self._deadline_call = self.clock.callLater(self.timeouts.deadline, self._deadline_passed)
             self._task = defer.Deferred.fromCoroutine(self._run())
             self._task.addCallback(self._deliver)
         # Cancelling this Deferred cancels the job (it then fails with CancelledError, as Twisted
@@ -160,52 +152,45 @@ class UpgradeJob:
         return d
 
     def cancel(self, reason: str = "cancelled by user") -> None:
-        """Abort the job: the running step is cancelled (STOP on an open stream); ``run()`` then
-        fires with an ABORTED outcome. A no-op once the job is done."""
-        if not self._started or self.outcome is not None or self._cancel_reason is not None:
-            return
-        self._cancel_reason = reason
-        log.info("cancelling: {reason}", reason=reason, **self.log_context)
-        # Cancel from the reactor, not from inside whatever called us: cancel() is often called
-        # by an event subscriber while the job's own code is running.
-        self._cancel_call = self.clock.callLater(0, self._cancel_now)
+        """Abort the job: the running step is stopped (STOP on an open stream); ``run()`` then fires
+        with an ABORTED outcome. A no-op before the job runs and once its outcome is known."""
+        if self.lifecycle.request_stop(StopKind.CANCEL, reason):
+            log.info("cancelling: {reason}", reason=reason, **self.log_context)
 
-    def _cancel_now(self) -> None:
-        self._cancel_call = None
-        if self._task is not None and not self._task.called and not self._finishing:
-            self._task.cancel()
+    def _deadline_passed(self) -> None:
+        self._deadline_call = None
+        reason = f"the job's deadline of {self.timeouts.deadline:g} s passed"
+        if self.lifecycle.request_stop(StopKind.DEADLINE, reason):
+            log.info("{reason}: stopping", reason=reason, **self.log_context)
 
     # -- the flow ------------------------------------------------------------------------------
     async def _run(self) -> Outcome:
         try:
             outcome = await self._upgrade()
-        except defer.CancelledError:
-            outcome = self._interrupted_outcome()
+        except JobStopped:
+            outcome = self._stopped_outcome()
         except UpgradeFailed as e:
-            outcome = self._failed(e.failure, e.message)
+            outcome = self._stopped_outcome() if self.lifecycle.stop else self._failed(e.failure, e.message)
         except Exception as e:
-            if self._cancel_reason is not None:  # a cancellation reported as another error
-                outcome = self._interrupted_outcome()
+            if self.lifecycle.stop is not None:  # a stop that a step reported as another error
+                outcome = self._stopped_outcome()
             else:  # a bug: still an outcome, never an errback
                 log.failure("the upgrade job failed unexpectedly", **self.log_context)
                 outcome = self._failed(FailureClass.PROTOCOL_ERROR, f"internal error: {type(e).__name__}: {e}")
-        self._finishing = True  # a cancel from now on has nothing left to cancel
-        try:
-            await self._cleanup()
-        except defer.CancelledError:
-            pass
+        self.lifecycle.finishing()
+        await self._cleanup()
         return outcome
 
     def _deliver(self, outcome: Outcome) -> Outcome:
         self.outcome = outcome
-        for call in (self._deadline_call, self._cancel_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._deadline_call = self._cancel_call = None
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
+        self.lifecycle.finished()
         log.info(
             "upgrade ended: {kind} in {phase}: {message}",
             kind=outcome.kind.value,
-            phase=outcome.phase.value,
+            phase=phase_label(outcome.phase),
             message=outcome.message,
             **self.log_context,
         )
@@ -217,9 +202,9 @@ class UpgradeJob:
         return outcome
 
     async def _upgrade(self) -> Outcome:
-        self._set_phase(Phase.DETECT, f"reading the description document of {self.connector.describe()}")
+        self._set_phase(Phase.DETECT, f"reading the description document of {self.link.describe()}")
         try:
-            self.connector.check()
+            self.link.check()
         except EndpointError as e:
             raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
         if self.verify_only:
@@ -228,13 +213,13 @@ class UpgradeJob:
             self.timeouts.connect_window, "reading the device description"
         )
         # The loader's fixed document always says 1.0.1: it tells nothing of the installed firmware.
-        self._version_before = None if description.in_loader else description.firmware_version
+        self.facts.version_before = None if description.in_loader else description.firmware_version
         if not description.single_backup:
             return self._outcome(
                 OutcomeKind.NOT_APPLICABLE,
                 f"the device runs a double-backup build (ota_type {description.ota_type or 'absent'}); "
                 "this single-backup flow does not apply",
-                advice=ADVICE_DOUBLE_BACKUP,
+                Happened.NOT_APPLICABLE,
             )
         if description.in_loader:
             log.info("the device is already in its update loader: resuming at phase 2", **self.log_context)
@@ -242,8 +227,7 @@ class UpgradeJob:
             if await self._phase1() is StreamEnd.SAME:
                 return self._already_current()
             await self._wait_for_loader()
-        if await self._phase2() is StreamEnd.SAME:
-            return self._already_current()
+        await self._phase2()
         return await self._verify_outcome()
 
     async def _verify_outcome(self) -> Outcome:
@@ -252,13 +236,13 @@ class UpgradeJob:
             return self._outcome(
                 OutcomeKind.UNVERIFIED,
                 f"the device was flashed but its new firmware did not answer within {self.timeouts.verify:g} s",
-                advice=ADVICE_UNVERIFIED,
+                Happened.UNVERIFIED,
             )
         self._set_phase(Phase.DONE, f"the device runs firmware {version}")
-        message = f"upgraded: the device now runs firmware {version}"
-        if version == self._version_before:
+        message = f"the device now runs firmware {version}"
+        if version == self.facts.version_before:
             message += " (the same version it reported before)"
-        return self._outcome(OutcomeKind.SUCCEEDED, message, after=version)
+        return self._outcome(OutcomeKind.SUCCEEDED, message, Happened.SUCCEEDED, after=version)
 
     # -- phase 1 -------------------------------------------------------------------------------
     async def _phase1(self) -> StreamEnd:
@@ -274,7 +258,7 @@ class UpgradeJob:
                 )
             ctp.start_keepalive(self.timeouts.keepalive_interval)
             result = await self._stream(Phase.PHASE1)
-            self._phase1_completed = result.end is StreamEnd.OK  # the device now reboots into its loader
+            self.facts.phase1_completed = result.end is StreamEnd.OK  # the device now reboots into its loader
         finally:
             await self._close_ctp(ctp)
         if result.end is StreamEnd.OK or result.end is StreamEnd.SAME:
@@ -297,43 +281,59 @@ class UpgradeJob:
             raise UpgradeFailed(
                 FailureClass.TIMEOUT,
                 f"the device did not come back in its update loader within {self.timeouts.reboot:g} s "
-                f"({_last_error_text(e)})",
+                f"(last: {connection_error_message(e.last_error)})",
             ) from None
 
     # -- phase 2 -------------------------------------------------------------------------------
-    async def _phase2(self) -> StreamEnd:
+    async def _phase2(self) -> None:
         self._set_phase(Phase.PHASE2, "update loader: the second stream rewrites flash")
-        errors_left = self.timeouts.phase2_error_retries
+        errors_left = self.behaviour.phase2_error_retries
         while True:
-            self._raise_if_cancelled()
-            self._phase2_attempts += 1
+            self._raise_if_stopping()
+            self.facts.phase2_attempts += 1
+            if self.facts.phase2_attempts > 1:
+                self._meters[Phase.PHASE2].new_attempt()
+                self._set_phase(
+                    Phase.PHASE2,
+                    f"attempt {self.facts.phase2_attempts}: the loader reads the image again from the start "
+                    f"(the last attempt: {self.facts.last_problem})",
+                )
             try:
                 result = await self._phase2_attempt()
             except UpgradeFailed as e:
                 if e.failure not in (FailureClass.CONNECTION, FailureClass.TIMEOUT):
                     raise
-                self._last_problem = e.message
+                self.facts.last_problem = e.message
             else:
-                if result.end is StreamEnd.OK or result.end is StreamEnd.SAME:
-                    return result.end
+                if result.end is StreamEnd.OK:
+                    return
+                if result.end is StreamEnd.SAME:
+                    # The loader's code never sends SAME (a zero-length update is its ERR): whatever it
+                    # means here, the device stays in its loader, so it is no "already current".
+                    when = "after the all_size notice" if self.point_of_no_return else "before rewriting flash"
+                    raise UpgradeFailed(
+                        FailureClass.DEVICE_ERROR,
+                        f"the update loader answered SAME {when}, which its code never sends; the device "
+                        "stays in its loader",
+                    )
                 if result.end is StreamEnd.ERR:
                     if errors_left <= 0:
                         raise UpgradeFailed(
                             FailureClass.DEVICE_ERROR,
-                            f"the update loader ended phase 2 with ERR ({self._phase2_attempts} attempt(s)): "
+                            f"the update loader ended phase 2 with ERR ({self.facts.phase2_attempts} attempt(s)): "
                             "it rejected the image",
                         )
                     errors_left -= 1
                 elif result.end is StreamEnd.PROTOCOL_ERROR:
                     raise UpgradeFailed(FailureClass.PROTOCOL_ERROR, f"phase 2: {result.message}")
-                self._last_problem = result.message
+                self.facts.last_problem = result.message
             log.info(
                 "phase 2 attempt {attempt} failed ({problem}); starting again",
-                attempt=self._phase2_attempts,
-                problem=self._last_problem,
+                attempt=self.facts.phase2_attempts,
+                problem=self.facts.last_problem,
                 **self.log_context,
             )
-            await deferLater(self.clock, self.timeouts.poll_interval, lambda: None)
+            await self._sleep(self.timeouts.poll_interval)
 
     async def _phase2_attempt(self) -> StreamResult:
         ctp = await self._open_ctp()
@@ -348,7 +348,7 @@ class UpgradeJob:
             if not self.point_of_no_return:
                 # No phase-2 stream got as far as the all_size notice, so the loader never began to
                 # rewrite flash: the device fell back to its old firmware, nothing was upgraded.
-                self._old_firmware_answers = True
+                self.facts.old_firmware_back = True
                 raise UpgradeFailed(
                     FailureClass.DEVICE_ERROR,
                     "the device left its update loader before phase 2 began rewriting flash: it runs its main "
@@ -379,40 +379,89 @@ class UpgradeJob:
             return None
         return description.firmware_version or "unknown"
 
-    # -- steps ---------------------------------------------------------------------------------
-    async def _connect(self, port: int, factory: Any, what: str) -> Any:
-        """Connect ``factory`` to the device's ``port``, retried within the connection window;
-        a window with no connection is a CONNECTION failure."""
-        endpoint = self.connector.endpoint(port, self.timeouts.connect)
-        try:
-            return await retry_until_deadline(
+    # -- waits ---------------------------------------------------------------------------------
+    async def _wait(self, d: defer.Deferred[T], on_late: Callable[[T], object] | None = None) -> T:
+        """Await ``d``; a stop of the job ends the wait at once (``d`` is cancelled; a result it still
+        gives goes to ``on_late``)."""
+        return await self.lifecycle.guard(d, on_late)
+
+    async def _sleep(self, seconds: float) -> None:
+        await self._wait(deferLater(self.clock, seconds, lambda: None))
+
+    def _raise_if_stopping(self) -> None:
+        stop = self.lifecycle.stop
+        if stop is not None and self.lifecycle.state is LifecycleState.STOPPING:
+            raise JobStopped(stop)
+
+    async def _retry(
+        self,
+        attempt: Callable[[], Coroutine[Any, Any, T] | defer.Deferred[T]],
+        window: float,
+        attempt_timeout: float,
+        what: str,
+        policy: Callable[[int], float] | None = None,
+        retryable: tuple[type[BaseException], ...] = RETRYABLE_ERRORS,
+        on_late: Callable[[T], object] | None = None,
+    ) -> T:
+        """``attempt`` retried within ``window`` (:func:`retry_until_deadline`), stopped by a stop of
+        the job; each failed attempt is published as a :class:`Waiting` event."""
+
+        def failed(number: int, e: BaseException) -> None:
+            problem = connection_error_message(e)
+            self.facts.last_problem = f"{what}: {problem}"
+            self.events.publish(Waiting(self.phase, what, attempt=number, last_error=problem))
+
+        retrying = defer.Deferred.fromCoroutine(
+            retry_until_deadline(
                 self.clock,
-                lambda: endpoint.connect(factory),
+                attempt,
+                window,
+                attempt_timeout,
+                what,
+                policy=policy,
+                retryable=retryable,
+                log_context=self.log_context,
+                stop_check=self._raise_if_stopping,
+                on_attempt_failed=failed,
+            )
+        )
+        return await self._wait(retrying, on_late)
+
+    # -- steps ---------------------------------------------------------------------------------
+    async def _connect(
+        self, connect: Callable[[float], defer.Deferred[T]], what: str, on_late: Callable[[T], object]
+    ) -> T:
+        """One connection, retried within the connection window; a window with no connection is a
+        CONNECTION failure."""
+        try:
+            return await self._retry(
+                lambda: connect(self.timeouts.connect),
                 self.timeouts.connect_window,
                 self.timeouts.connect,
-                f"connecting to {what} port {port}",
-                log_context=self.log_context,
+                what,
+                on_late=on_late,
             )
         except RetriesExhausted as e:
             raise UpgradeFailed(FailureClass.CONNECTION, str(e)) from None
 
-    async def _open_ctp(self) -> CtpClientProtocol:
-        factory = CtpClientFactory(self.clock, self.log_context)
-        ctp: CtpClientProtocol = await self._connect(self.target.ctp_port, factory, "CTP")
+    async def _open_ctp(self) -> CtpSession:
+        ctp = await self._connect(
+            self.link.connect_ctp,
+            f"connecting to the CTP port {self.target.ctp_port}",
+            on_late=lambda late: late.close(CLEANUP_GRACE),
+        )
         self._ctp_sessions.add(ctp)
         return ctp
 
-    async def _close_ctp(self, ctp: CtpClientProtocol) -> None:
-        """Close a CTP session and wait (bounded) until it is closed; abort it if that takes too long."""
-        closed = ctp.close()
-        if not closed.called:
-            await _bounded(closed, CLEANUP_GRACE, self.clock, ctp.transport.abortConnection)
+    async def _close_ctp(self, ctp: CtpSession) -> None:
+        """Close a CTP session (bounded: aborted after CLEANUP_GRACE); not cut short by a stop."""
+        await ctp.close(CLEANUP_GRACE)
         self._ctp_sessions.discard(ctp)
 
-    async def _ctp_step(self, awaitable: Awaitable[T], what: str) -> T:
+    async def _ctp_step(self, request: defer.Deferred[T], what: str) -> T:
         """Await a CTP request, turning its errors into :class:`UpgradeFailed`."""
         try:
-            return await awaitable
+            return await self._wait(request)
         except CtpErrorReply as e:
             raise UpgradeFailed(FailureClass.DEVICE_REFUSED, str(e)) from None
         except CtpReplyTimeout as e:
@@ -427,21 +476,24 @@ class UpgradeJob:
             first_header_timeout=self.timeouts.ota_accept,
             receive_timeout=self.timeouts.receive,
             max_receive_timeouts=self.timeouts.max_receive_timeouts,
-            echo_final_notice=self.timeouts.echo_final_notice,
+            echo_final_notice=self.behaviour.echo_final_notice,
         )
-        factory = OtaStreamFactory(
-            image=self.image,
-            clock=self.clock,
-            settings=settings,
-            on_progress=lambda p: self._on_progress(phase, p),
-            on_all_size=lambda size: self._on_all_size(phase, size),
-            log_context=self.log_context,
+        meter = self._meters[phase]
+
+        def on_progress(facts: StreamProgress) -> None:
+            self.events.publish(meter.from_stream(facts, self.point_of_no_return))
+
+        stream = await self._connect(
+            lambda timeout: self.link.connect_ota(
+                timeout, settings, on_progress, lambda size: self._on_all_size(phase, size)
+            ),
+            f"connecting to the OTA port {self.target.ota_port}",
+            on_late=lambda late: late.abort(StreamEnd.ABORTED, "the job is stopping"),
         )
-        stream: OtaStreamProtocol = await self._connect(self.target.ota_port, factory, "OTA")
         self._streams.add(stream)
-        result = await stream.done
+        result = await self._wait(stream.done)  # a stop cancels done: STOP, then close
         self._streams.discard(stream)
-        self._stream_results.append(
+        self.facts.streams.append(
             {
                 "phase": phase.value,
                 "end": result.end.value,
@@ -453,7 +505,7 @@ class UpgradeJob:
         )
         log.info(
             "{phase} stream ended {end}: {served} bytes in {requests} replies, {bad} bad headers",
-            phase=phase.value,
+            phase=phase_label(phase),
             end=result.end.value,
             served=result.bytes_served,
             requests=result.requests,
@@ -478,26 +530,22 @@ class UpgradeJob:
         self, wanted: Callable[[DeviceDescription], bool], window: float, what: str
     ) -> DeviceDescription:
         """Fetch the description document until ``wanted`` holds, for at most ``window`` seconds."""
-        seen: list[DeviceDescription] = []
 
         async def attempt() -> DeviceDescription:
-            description = await fetch_description(self.connector, self.target.http_port, self.timeouts.http, self.clock)
+            description = await self.link.fetch_description(self.timeouts.http)
             if not wanted(description):
-                seen.append(description)
                 raise _NotYet(
                     f"the device answered ota_type {description.ota_type!r} ota_step {description.ota_step!r}"
                 )
             return description
 
-        return await retry_until_deadline(
-            self.clock,
+        return await self._retry(
             attempt,
             window,
             self.timeouts.http,
             what,
             policy=lambda attempt_number: min(self.timeouts.poll_interval, 0.2 * 1.5**attempt_number),
             retryable=(Exception,),
-            log_context=self.log_context,
         )
 
     async def _run_reconnect_hook(self) -> None:
@@ -513,83 +561,54 @@ class UpgradeJob:
             NETOTA_SSID=self.target.expected_ssid or "",
             NETOTA_PHASE=self.phase.value,
         )
-        process = _HookProcess()
-        self._hooks.add(process)
         log.info("running the reconnect command {command!r}", command=command, **self.log_context)
-        try:
-            self.reactor.spawnProcess(process, "/bin/sh", ["/bin/sh", "-c", command], env=env)
-        except Exception as e:  # no /bin/sh, no process support: the poll that follows decides
-            self._hooks.discard(process)
-            log.warn("the reconnect command could not start: {error}", error=str(e), **self.log_context)
-            return
-        try:
-            ended = process.ended
-            code = await _bounded(ended, self.timeouts.hook, self.clock, lambda: _kill(process))
-        finally:
-            if not process.ended.called:
-                _kill(process)
-                await _bounded(process.ended, CLEANUP_GRACE, self.clock, lambda: None)
-            self._hooks.discard(process)
-        if code == 0:
+        result = await self._wait(self.link.run_hook(command, env, self.timeouts.hook))
+        if result.ok:
             log.info("reconnect command succeeded", **self.log_context)
+        elif result.error:
+            log.warn("the reconnect command {error}", error=result.error, **self.log_context)
+        elif result.timed_out:
+            log.warn(
+                "reconnect command killed after {seconds:g} s: {output}",
+                seconds=self.timeouts.hook,
+                output=result.output,
+                **self.log_context,
+            )
         else:
             log.warn(
                 "reconnect command ended with {code}: {output}",
-                code=code,
-                output=bytes(process.output).decode("utf-8", "replace").strip(),
+                code=result.exit_code,
+                output=result.output,
                 **self.log_context,
             )
 
     async def _cleanup(self) -> None:
-        """Close whatever the job still holds (after a cancel or a failure), STOP on open streams."""
-        waits: list[defer.Deferred[Any]] = []
+        """Close whatever the job still holds (after a stop or a failure), STOP on open streams."""
+        reason = self.lifecycle.stop.reason if self.lifecycle.stop else "the job ended"
+        waits: list[defer.Deferred[None]] = []
         for stream in list(self._streams):
-            stream.abort(StreamEnd.ABORTED, self._cancel_reason or "the job ended")
+            stream.abort(StreamEnd.ABORTED, reason)
             waits.append(stream.closed)
         for ctp in list(self._ctp_sessions):
-            waits.append(ctp.close())
-        for process in list(self._hooks):
-            _kill(process)
-            waits.append(process.ended)
+            waits.append(ctp.close(CLEANUP_GRACE))
         pending = [d for d in waits if not d.called]
         if pending:
             together = defer.DeferredList(pending, consumeErrors=True)
-            together.addTimeout(CLEANUP_GRACE, self.clock)
+            together.addTimeout(2 * CLEANUP_GRACE, self.clock)
             try:
                 await together
             except defer.TimeoutError:
-                for ctp in self._ctp_sessions:
-                    if ctp.connected:
-                        ctp.transport.abortConnection()
+                log.warn("some connections did not close in time", **self.log_context)
         self._streams.clear()
         self._ctp_sessions.clear()
-        self._hooks.clear()
 
     # -- events and outcomes -------------------------------------------------------------------
     def _set_phase(self, phase: Phase, message: str = "") -> None:
-        if phase is not Phase.DONE:  # the result is known: a late cancel changes nothing
-            self._raise_if_cancelled()
+        if phase is not Phase.DONE:  # the result is known: a late stop changes nothing
+            self._raise_if_stopping()
         self.phase = phase
-        log.info("phase {phase}: {message}", phase=phase.value, message=message, **self.log_context)
+        log.info("{phase}: {message}", phase=phase_label(phase), message=message, **self.log_context)
         self.events.publish(PhaseChanged(phase, message))
-
-    def _raise_if_cancelled(self) -> None:
-        """A cancel that arrived while a step was finishing anyway is honoured at the next step."""
-        if self._cancel_reason is not None and not self._finishing:
-            raise defer.CancelledError(self._cancel_reason)
-
-    def _on_progress(self, phase: Phase, progress: StreamProgress) -> None:
-        self.events.publish(
-            Progress(
-                phase=phase,
-                bytes_served=progress.bytes_served,
-                total_bytes=progress.total_bytes,
-                percent=progress.percent,
-                device_percent=progress.device_percent,
-                rate=progress.rate,
-                point_of_no_return=self.point_of_no_return,
-            )
-        )
 
     def _on_all_size(self, phase: Phase, size: int) -> None:
         if phase is Phase.PHASE2 and not self.point_of_no_return:
@@ -600,80 +619,68 @@ class UpgradeJob:
                 **self.log_context,
             )
 
-    def _on_deadline(self) -> None:
-        self._deadline_call = None
-        if self._task is not None and not self._task.called and self._cancel_reason is None and not self._finishing:
-            self._deadline_passed = True
-            self._cancel_reason = f"the job's deadline of {self.timeouts.deadline:g} s passed"
-            self._task.cancel()
-
-    def _interrupted_outcome(self) -> Outcome:
-        if self._deadline_passed:
+    def _stopped_outcome(self) -> Outcome:
+        stop = self.lifecycle.stop
+        assert stop is not None
+        if stop.kind is StopKind.DEADLINE:
             if self.phase is Phase.VERIFY:
                 return self._outcome(
                     OutcomeKind.UNVERIFIED,
                     "the device was flashed; the job's deadline passed before its new firmware answered",
-                    advice=ADVICE_UNVERIFIED,
+                    Happened.UNVERIFIED,
                 )
-            detail = f" (last problem: {self._last_problem})" if self._last_problem else ""
-            return self._failed(FailureClass.TIMEOUT, f"{self._cancel_reason} during {self.phase.value}{detail}")
-        reason = self._cancel_reason or "cancelled"
+            detail = f" (last: {self.facts.last_problem})" if self.facts.last_problem else ""
+            return self._failed(FailureClass.TIMEOUT, f"{stop.reason} during {phase_label(self.phase)}{detail}")
         if self.phase is Phase.VERIFY:
             return self._outcome(
-                OutcomeKind.ABORTED, f"aborted while waiting for the new firmware: {reason}", advice=ADVICE_UNVERIFIED
+                OutcomeKind.ABORTED, f"{stop.reason}, while waiting for the new firmware", Happened.ABORTED
             )
-        return self._outcome(
-            OutcomeKind.ABORTED,
-            f"aborted during {self.phase.value}: {reason}",
-            advice=self._advice(),
-        )
+        return self._outcome(OutcomeKind.ABORTED, f"{stop.reason}, during {phase_label(self.phase)}", Happened.ABORTED)
 
     def _already_current(self) -> Outcome:
         self._set_phase(Phase.DONE, "the device already runs this firmware")
         return self._outcome(
             OutcomeKind.ALREADY_CURRENT,
-            "the device already runs this firmware (SAME): nothing was changed",
-            advice="Nothing to do.",
+            "the device already runs this firmware (it answered SAME): nothing was changed",
+            Happened.ALREADY_CURRENT,
         )
 
     def _failed(self, failure: FailureClass, message: str) -> Outcome:
-        return self._outcome(OutcomeKind.FAILED, message, failure=failure, advice=self._advice())
+        return self._outcome(OutcomeKind.FAILED, message, Happened.FAILED, failure=failure)
 
-    def _advice(self) -> str:
-        """The recovery advice for a job that ends now without success."""
-        if self.phase is Phase.DETECT:  # only the description document was read
-            return ADVICE_NOTHING_SENT
-        if self._old_firmware_answers:  # the device is back in its old firmware, not in its loader
-            return ADVICE_RESET
-        if self.phase is Phase.PHASE1 and self._phase1_completed:  # ended while closing phase 1's CTP
-            return recovery_advice(self.point_of_no_return, Phase.REBOOT)
-        return recovery_advice(self.point_of_no_return, self.phase)
+    def _advice(self, happened: Happened) -> str:
+        """The advice for an outcome that ends the job now."""
+        if happened in (Happened.FAILED, Happened.ABORTED) and self.facts.old_firmware_back:
+            happened = Happened.OLD_FIRMWARE_BACK  # the device is back in its old firmware, not its loader
+        phase = self.phase
+        if phase is Phase.PHASE1 and self.facts.phase1_completed:
+            phase = Phase.REBOOT  # it ended while closing phase 1's session: the device reboots into its loader
+        return advice(happened, phase, self.point_of_no_return)
 
     def _outcome(
         self,
         kind: OutcomeKind,
         message: str,
+        happened: Happened,
         failure: FailureClass | None = None,
-        advice: str = "",
         after: str | None = None,
     ) -> Outcome:
-        phase = self.phase
         return Outcome(
             kind=kind,
             message=message,
-            phase=phase,
+            phase=self.phase,
             failure=failure,
-            advice=advice,
+            advice=self._advice(happened),
             point_of_no_return=self.point_of_no_return,
-            firmware_version_before=self._version_before,
+            firmware_version_before=self.facts.version_before,
             firmware_version_after=after,
             details={
                 "job": self.job_id,
                 "device": self.target.name,
                 "image": str(self.image.path),
                 "image_size": self.image.size,
-                "phase2_attempts": self._phase2_attempts,
-                "streams": list(self._stream_results),
+                "phase2_attempts": self.facts.phase2_attempts,
+                "streams": list(self.facts.streams),
             },
         )
 
@@ -689,33 +696,3 @@ def _stream_failure_class(end: StreamEnd) -> FailureClass:
 
 def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (defer.TimeoutError, error.TimeoutError, _NotYet))
-
-
-def _last_error_text(e: RetriesExhausted) -> str:
-    return f"last: {connection_error_message(e.last_error)}"
-
-
-def _kill(process: _HookProcess) -> None:
-    try:
-        process.transport.signalProcess("KILL")
-    except Exception:  # already gone
-        pass
-
-
-async def _bounded(d: defer.Deferred[T], seconds: float, clock: Any, on_timeout: Callable[[], None]) -> T | None:
-    """Await ``d`` for at most ``seconds``; on timeout call ``on_timeout`` and return None.
-    ``d`` itself is not cancelled (it is a process's end, which only the process decides)."""
-    waiter: defer.Deferred[T] = defer.Deferred()
-
-    def relay(result: T) -> T:
-        if not waiter.called:
-            waiter.callback(result)
-        return result
-
-    d.addCallback(relay)
-    waiter.addTimeout(seconds, clock)
-    try:
-        return await waiter
-    except defer.TimeoutError:
-        on_timeout()
-        return None

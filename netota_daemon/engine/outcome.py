@@ -57,10 +57,35 @@ def phase_label(phase: Phase | str) -> str:
         return str(phase)
 
 
+class Route(str, enum.Enum):
+    """How a device is upgraded: by its build (``ota_type`` in the description document)."""
+
+    SINGLE_BACKUP = "single_backup"  # ota_type "1": two phases over the 3335 stream, a loader between
+    DOUBLE_BACKUP = "double_backup"  # ota_type "0" or absent: one FTP upload into the inactive bank
+
+
+class Happened(str, enum.Enum):
+    """What happened to a job, as far as the advice is concerned."""
+
+    SUCCEEDED = "succeeded"
+    ALREADY_CURRENT = "already_current"
+    NOT_APPLICABLE = "not_applicable"
+    UNVERIFIED = "unverified"  # flashed, but the new firmware did not answer in time
+    FAILED = "failed"
+    ABORTED = "aborted"
+    OLD_FIRMWARE_BACK = "old_firmware_back"  # phase 2 found the main firmware before the point of no return
+    NEVER_STARTED = "never_started"  # the job never reached the device
+    INTERRUPTED = "interrupted"  # the daemon stopped or died while the job ran
+
+
 ADVICE_RESET = "The old firmware is intact: reset the device and try again."
 ADVICE_LOADER = (
     "The device is waiting in its update loader and can't boot its old firmware: do not power it off. "
     "Rejoin its WiFi (an open AP named WIFI_OTA_XXXXXX after a power cut) and upgrade again."
+)
+ADVICE_AFTER_PHASE1 = (
+    "Phase 1 completed, so the device reboots into its update loader: rejoin its WiFi "
+    "(WIFI_OTA_XXXXXX after a power cut) and upgrade again to finish."
 )
 ADVICE_UNVERIFIED = (
     "The device reported success but its new firmware did not answer in time: check that it rejoined "
@@ -70,26 +95,69 @@ ADVICE_NOTHING_SENT = (
     "Nothing was sent to the device; its firmware is unchanged. Check that this host reaches it "
     "(joined to its WiFi, or bound to the right interface) and try again."
 )
+ADVICE_NEVER_STARTED = "The job never started, so the device was not touched: resume it or start it again."
+ADVICE_NOTHING_TO_DO = "Nothing to do."
 ADVICE_DOUBLE_BACKUP = (
     "This device runs a double-backup build (ota_type 0): it is upgraded over FTP, not by this flow. "
     "Single- and double-backup images can't be swapped."
 )
+ADVICE_UPLOAD_INCOMPLETE = (
+    "The upload did not complete, so the device keeps booting its old firmware (the new bank was not "
+    "switched to): try again."
+)
+ADVICE_NOT_ACCEPTED = (
+    "The device took the whole upload but did not reboot into it: it did not accept the image (wrong "
+    "kind, another board's image, or a corrupt file). Its old firmware is intact; check the image and try again."
+)
+ADVICE_RESUME = " Resume the job to continue (netota resume JOB)."
+ADVICE_RESUME_CHECKS = (
+    " Resuming the job (netota resume JOB) checks it: it reads the device's firmware version back and flashes nothing."
+)
+
+
+def advice(
+    happened: Happened,
+    phase: Phase,
+    point_of_no_return: bool = False,
+    route: Route = Route.SINGLE_BACKUP,
+) -> str:
+    """What a person should do now: the vendor's recovery advice, as one pure function of what
+    happened, the phase the job reached and whether the point of no return was passed.
+
+    Used by the engine for every outcome, by the daemon's queue and journal for jobs that never
+    started or were interrupted. ``phase`` is the phase that decides: a job that ended while closing
+    phase 1's session after the device's OK passes ``Phase.REBOOT`` (the device reboots into its loader).
+    """
+    if happened is Happened.SUCCEEDED:
+        return ""
+    if happened is Happened.ALREADY_CURRENT:
+        return ADVICE_NOTHING_TO_DO
+    if happened is Happened.NOT_APPLICABLE:
+        return ADVICE_DOUBLE_BACKUP
+    if happened is Happened.NEVER_STARTED:
+        return ADVICE_NEVER_STARTED
+    if happened is Happened.OLD_FIRMWARE_BACK:
+        return ADVICE_RESET
+    if happened is Happened.UNVERIFIED or phase in (Phase.VERIFY, Phase.DONE):
+        if happened is Happened.INTERRUPTED:
+            return ADVICE_UNVERIFIED + ADVICE_RESUME_CHECKS
+        return ADVICE_UNVERIFIED
+    if phase is Phase.DETECT:
+        text = ADVICE_NOTHING_SENT
+    elif route is Route.DOUBLE_BACKUP:
+        text = ADVICE_NOT_ACCEPTED if phase is Phase.REBOOT else ADVICE_UPLOAD_INCOMPLETE
+    elif point_of_no_return or phase is Phase.PHASE2:
+        text = ADVICE_LOADER
+    elif phase is Phase.REBOOT:
+        text = ADVICE_AFTER_PHASE1
+    else:
+        text = ADVICE_RESET
+    return text + ADVICE_RESUME if happened is Happened.INTERRUPTED else text
 
 
 def recovery_advice(point_of_no_return: bool, phase: Phase | None = None) -> str:
-    """The vendor's advice for a failed or aborted upgrade.
-
-    Before any all_size notice the old firmware is intact; after it (or anywhere in phase 2, where
-    the loader is already running) the device waits in its loader.
-    """
-    if point_of_no_return or phase in (Phase.PHASE2,):
-        return ADVICE_LOADER
-    if phase is Phase.REBOOT:
-        return (
-            "Phase 1 completed, so the device reboots into its update loader: rejoin its WiFi "
-            "(WIFI_OTA_XXXXXX after a power cut) and upgrade again to finish."
-        )
-    return ADVICE_RESET
+    """The advice for a failed single-backup job (kept for callers that predate :func:`advice`)."""
+    return advice(Happened.FAILED, phase or Phase.PHASE1, point_of_no_return)
 
 
 @dataclass(frozen=True)

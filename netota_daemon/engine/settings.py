@@ -1,4 +1,9 @@
-"""What the engine needs to know about a device and how long each step may take."""
+"""What the engine needs to know about a device, how long each step may take, and how it behaves.
+
+- :class:`DeviceTarget`: where a device is reached.
+- :class:`UpgradeTimeouts`: every wait, in seconds (durations only).
+- :class:`UpgradeBehaviour`: the switches that change what the engine does (not how long it waits).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ class DeviceTarget:
 
 @dataclass(frozen=True)
 class UpgradeTimeouts:
-    """Every wait of an upgrade, in seconds. Defaults fit the real device (protocol-research §4.2)."""
+    """Every wait of an upgrade, in seconds (counts of waits too). Defaults fit the real device
+    (protocol-research §4.2)."""
 
     deadline: float = 900.0  # the whole job
     connect: float = 10.0  # one TCP connection attempt
@@ -33,16 +39,29 @@ class UpgradeTimeouts:
     ota_accept: float = 30.0  # the device's first header after connecting to 3335
     receive: float = 5.0  # one receive timeout on the OTA stream
     max_receive_timeouts: int = 10  # give up after more than this many in a row
-    reboot: float = 120.0  # after phase 1, until the loader answers
+    reboot: float = 120.0  # after phase 1 (or the upload), until the device answers again
     verify: float = 120.0  # after phase 2, until the new firmware answers
-    poll_interval: float = 1.0  # longest wait between polls during a reboot, and between phase-2 attempts
-    keepalive_interval: float = 10.0  # CTP keep-alive while a session is held
-    echo_final_notice: bool = False  # answer the final 100 % notice (PROTOCOL.md decision)
+    poll_interval: float = 1.0  # longest wait between polls during a reboot, and between attempts
+    keepalive_interval: float = 10.0  # CTP keep-alive while a session is held (shorter if the device asks)
     connect_window: float = 30.0  # connection attempts to a present device are retried this long
     hook: float = 60.0  # the reconnect command may run this long before it is killed
-    phase2_error_retries: int = 1  # phase 2 starts again this many times after the loader's ERR
 
     def replaced(self, **changes: Any) -> UpgradeTimeouts:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class UpgradeBehaviour:
+    """Switches that change what the engine does."""
+
+    echo_final_notice: bool = False  # answer the final 100 % notice (PROTOCOL.md decision)
+    phase2_error_retries: int = 1  # phase 2 starts again this many times after the loader's ERR
+
+    def replaced(self, **changes: Any) -> UpgradeBehaviour:
         return replace(self, **changes)
 
     @classmethod

@@ -2,6 +2,12 @@
 tolerated at any time, error replies (``errno``) raised as typed errors, and a keep-alive while a
 session is held.
 
+A device may push any unsolicited frame at any time; they are counted, and the last one of each
+topic is kept for at most :data:`MAX_UNSOLICITED_TOPICS` topics (a device inventing a new topic per
+frame can't grow our memory), and logged at a bounded rate. The keep-alive runs at the configured
+interval, or faster when the device announces a short idle timeout (``KEEP_ALIVE_INTERVAL``
+``{"timeout": ms}``): a third of it, never under :data:`MIN_KEEPALIVE_INTERVAL`.
+
 The framing lives in :mod:`netota_daemon.wire.ctp`; this module only moves frames between the
 transport and the callers' Deferreds.
 """
@@ -18,6 +24,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from netota_daemon.protocols.log_limit import LogLimiter
+from netota_daemon.protocols.transport import StreamTransport
 from netota_daemon.wire import ctp
 from netota_daemon.wire.ctp import CtpDecoder, CtpFrame, CtpProtocolError
 
@@ -51,6 +59,12 @@ ERRNO_NAMES = {
 ERRNO_ACCESS_REFUSED = 3
 
 KEEPALIVE_TOPIC = "CTP_KEEP_ALIVE"
+#: The device's announcement of its idle timeout (ms): the session is dropped after that long without a frame.
+KEEPALIVE_INTERVAL_TOPIC = "KEEP_ALIVE_INTERVAL"
+#: The keep-alive is never sent more often than this, whatever the device announces.
+MIN_KEEPALIVE_INTERVAL = 1.0
+#: Unsolicited frames: the last of each topic is kept for at most this many topics.
+MAX_UNSOLICITED_TOPICS = 32
 
 
 class CtpError(Exception):
@@ -89,14 +103,24 @@ class CtpClientProtocol(Protocol):
         self._decoder = CtpDecoder()
         self._pending: dict[str, deque[defer.Deferred[CtpFrame]]] = defaultdict(deque)
         self._keepalive: LoopingCall | None = None
-        self.unsolicited: dict[str, CtpFrame] = {}  # the last unsolicited frame of each topic
+        self._keepalive_wanted: float | None = None  # the interval asked for by start_keepalive
+        self.device_idle_timeout: float | None = None  # seconds, from the device's KEEP_ALIVE_INTERVAL
+        self.unsolicited: dict[str, CtpFrame] = {}  # the last unsolicited frame of each (bounded) topic
+        self.unsolicited_count = 0
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.connected = False
         self.log_context: dict[str, Any] = {}
+        self._limiter: LogLimiter | None = None
+
+    @property
+    def _tcp(self) -> StreamTransport:
+        assert self.transport is not None
+        return self.transport  # type: ignore[return-value]  # a TCP transport
 
     # -- transport side -------------------------------------------------------------------------
     def connectionMade(self) -> None:
         self.connected = True
+        self._limiter = LogLimiter(self.clock, log, self.log_context)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -104,16 +128,26 @@ class CtpClientProtocol(Protocol):
         except CtpProtocolError as e:
             log.warn("CTP protocol error: {error}", error=str(e), **self.log_context)
             self._fail_pending(e)
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             return
         for frame in frames:
             self._frame_received(frame)
 
     def _frame_received(self, frame: CtpFrame) -> None:
+        if frame.topic == KEEPALIVE_INTERVAL_TOPIC:
+            self._device_announced_timeout(frame)
         waiting = self._pending.get(frame.topic)
         if not waiting:
-            self.unsolicited[frame.topic] = frame
-            log.debug("CTP unsolicited {topic} {param}", topic=frame.topic, param=frame.param, **self.log_context)
+            self.unsolicited_count += 1
+            if frame.topic in self.unsolicited or len(self.unsolicited) < MAX_UNSOLICITED_TOPICS:
+                self.unsolicited[frame.topic] = frame
+            if self._limiter is not None:
+                self._limiter.warn(
+                    "unsolicited",
+                    "unsolicited CTP frames",
+                    "CTP unsolicited {topic}",
+                    topic=frame.topic[:64],
+                )
             return
         d = waiting.popleft()
         errno = frame.errno
@@ -123,9 +157,11 @@ class CtpClientProtocol(Protocol):
         else:
             d.callback(frame)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False
         self._stop_keepalive()
+        if self._limiter is not None:
+            self._limiter.flush()
         message = reason.getErrorMessage() if reason is not None else "closed"
         self._fail_pending(CtpConnectionLost(f"the CTP connection closed: {message}"))
         if not self.closed.called:
@@ -152,10 +188,10 @@ class CtpClientProtocol(Protocol):
 
         d: defer.Deferred[CtpFrame] = defer.Deferred(forget)
         queue.append(d)
-        self.transport.write(ctp.request(topic, op, **param))
+        self._tcp.write(ctp.request(topic, op, **param))
 
         def timed_out(failure: Failure) -> Failure:
-            if failure.check(defer.TimeoutError):
+            if failure.check(defer.TimeoutError):  # type: ignore[no-untyped-call]
                 raise CtpReplyTimeout(f"no reply to {topic} within {timeout:g} s")
             return failure
 
@@ -163,26 +199,58 @@ class CtpClientProtocol(Protocol):
         d.addErrback(timed_out)
         return d
 
-    async def app_access(self, timeout: float, version: str = APP_VERSION) -> CtpFrame:
-        """APP_ACCESS, which must be the session's first frame; returns the device's echo."""
-        return await self.request("APP_ACCESS", "PUT", timeout, type=APP_TYPE_ANDROID, ver=version)
+    def app_access(self, timeout: float, version: str = APP_VERSION) -> defer.Deferred[CtpFrame]:
+        """APP_ACCESS, which must be the session's first frame; fires with the device's echo."""
+        return self.request("APP_ACCESS", "PUT", timeout, type=APP_TYPE_ANDROID, ver=version)
 
-    async def net_ota_single(self, timeout: float) -> str:
-        """NET_OTA_SINGLE ``{"status":"1"}``; returns the device's status ("1": port 3335 is open)."""
-        reply = await self.request("NET_OTA_SINGLE", "PUT", timeout, status="1")
-        return str(reply.param.get("status", ""))
+    def net_ota_single(self, timeout: float) -> defer.Deferred[str]:
+        """NET_OTA_SINGLE ``{"status":"1"}``; fires with the device's status ("1": port 3335 is open)."""
+
+        def status(reply: CtpFrame) -> str:
+            return str(reply.param.get("status", ""))
+
+        return self.request("NET_OTA_SINGLE", "PUT", timeout, status="1").addCallback(status)
 
     def start_keepalive(self, interval: float) -> None:
-        """Send CTP_KEEP_ALIVE every ``interval`` seconds until the session ends (replies, if any,
-        are accepted as unsolicited frames: the loader never answers them)."""
-        if self._keepalive is None and interval > 0:
+        """Send CTP_KEEP_ALIVE every ``interval`` seconds until the session ends, or more often when
+        the device announced a short idle timeout (replies, if any, are accepted as unsolicited
+        frames: the loader never answers them). ``interval`` 0 turns it off."""
+        self._keepalive_wanted = interval if interval > 0 else None
+        self._restart_keepalive()
+
+    @property
+    def keepalive_interval(self) -> float | None:
+        """The interval the keep-alive runs at (None: off)."""
+        wanted = self._keepalive_wanted
+        if wanted is None:
+            return None
+        if self.device_idle_timeout is not None:
+            return min(wanted, max(MIN_KEEPALIVE_INTERVAL, self.device_idle_timeout / 3))
+        return wanted
+
+    def _device_announced_timeout(self, frame: CtpFrame) -> None:
+        try:
+            milliseconds = float(str(frame.param.get("timeout", "")))
+        except ValueError:
+            return
+        if not 0 < milliseconds < float("inf"):
+            return
+        before = self.keepalive_interval
+        self.device_idle_timeout = milliseconds / 1000.0
+        if self._keepalive is not None and self.keepalive_interval != before:
+            self._restart_keepalive()
+
+    def _restart_keepalive(self) -> None:
+        self._stop_keepalive()
+        interval = self.keepalive_interval
+        if interval is not None and self.connected:
             self._keepalive = LoopingCall(self._send_keepalive)
             self._keepalive.clock = self.clock
             self._keepalive.start(interval, now=False)
 
     def _send_keepalive(self) -> None:
         if self.connected:
-            self.transport.write(ctp.encode_frame(KEEPALIVE_TOPIC, {"op": "PUT", "param": {}}))
+            self._tcp.write(ctp.encode_frame(KEEPALIVE_TOPIC, {"op": "PUT", "param": {}}))
 
     def _stop_keepalive(self) -> None:
         if self._keepalive is not None:
@@ -190,12 +258,27 @@ class CtpClientProtocol(Protocol):
                 self._keepalive.stop()
             self._keepalive = None
 
-    def close(self) -> defer.Deferred[None]:
-        """End the session; fires once the connection is closed."""
+    def close(self, grace: float | None = None) -> defer.Deferred[None]:
+        """End the session; fires once the connection is closed. With ``grace``, a connection that
+        is not closed within that many seconds is aborted."""
+        self._keepalive_wanted = None
         self._stop_keepalive()
         if self.connected:
-            self.transport.loseConnection()
+            self._tcp.loseConnection()
+            if grace is not None and not self.closed.called:
+                timer = self.clock.callLater(grace, self._abort_if_open)
+
+                def stop_timer(result: None) -> None:
+                    if timer.active():
+                        timer.cancel()
+                    return result
+
+                self.closed.addBoth(stop_timer)
         return self.closed
+
+    def _abort_if_open(self) -> None:
+        if self.connected:
+            self._tcp.abortConnection()
 
 
 class CtpClientFactory(Factory):

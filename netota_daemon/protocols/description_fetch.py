@@ -17,14 +17,13 @@ from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from netota_daemon.protocols.endpoints import DeviceConnector, bounded
 from netota_daemon.wire.description import DESCRIPTION_PATH, DescriptionError, DeviceDescription, parse_description
 
-#: How long closing a fetch's connection may take before it is aborted.
-CLOSE_GRACE = 2.0
 #: The document is small (454 bytes from the loader, about 600 from the main firmware).
 MAX_DOCUMENT_SIZE = 64 * 1024
 
@@ -33,24 +32,18 @@ class DescriptionFetchError(Exception):
     """The device answered, but not with a usable description document."""
 
 
-class _QuietConnectionPool(HTTPConnectionPool):
-    """A pool whose connections don't log "Starting factory" / "Stopping factory": a reboot wait
-    polls the device every second. (``_factory`` is the pool's hook for its protocol factory.)"""
-
-    class _factory(HTTPConnectionPool._factory):  # type: ignore[name-defined,misc]
-        noisy = False
-
-
 class _TrackingEndpoint:
     """Connects through the device's endpoint and remembers each connection's protocol, so that a
-    fetch can wait until its connection is really closed."""
+    fetch can wait until its connection is really closed. Its factory is made quiet: no "Starting
+    factory" / "Stopping factory" lines while a reboot wait polls the device every second."""
 
     def __init__(self, endpoint: Any, protocols: list[Any]) -> None:
         self._endpoint = endpoint
         self._protocols = protocols
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
-        d = self._endpoint.connect(factory)
+        factory.noisy = False
+        d: defer.Deferred[Any] = self._endpoint.connect(factory)
 
         def remember(protocol: Any) -> Any:
             self._protocols.append(protocol)
@@ -90,13 +83,13 @@ async def fetch_description(
 
 
 async def _fetch(connector: DeviceConnector, port: int, timeout: float) -> DeviceDescription:
-    pool = _QuietConnectionPool(connector.reactor, persistent=False)
+    pool = HTTPConnectionPool(connector.reactor, persistent=False)  # type: ignore[no-untyped-call]
     endpoints = _DeviceEndpointFactory(connector, port, timeout)
-    agent = Agent.usingEndpointFactory(connector.reactor, endpoints, pool=pool)
+    agent = Agent.usingEndpointFactory(connector.reactor, endpoints, pool=pool)  # type: ignore[no-untyped-call]
     client = HTTPClient(agent)
     url = description_url(connector.host, port)
     try:
-        response = await client.get(url, headers={"Connection": "close"})
+        response = await client.get(url, headers=Headers({b"Connection": [b"close"]}))
         if response.code != 200:
             raise DescriptionFetchError(f"GET {url} answered HTTP {response.code}")
         body = await _bounded_body(response)
@@ -130,13 +123,18 @@ async def _close_connections(reactor: Any, protocols: list[Any]) -> None:
     side), so that a finished fetch leaves no connection behind.
 
     One reactor turn first: the fetch's Deferreds fire from inside the HTTP protocol's own
-    callbacks, before it has updated its state, and ``abort()`` must see the settled state.
+    callbacks, before it has updated its state. Then each connection still open is aborted at the
+    transport, not with the HTTP protocol's ``abort()``: that one closes gracefully in a state where
+    a body delimited by the connection's end (a device sending without end) makes Twisted's client
+    log a critical error when the connection finally goes. The transport's abort takes effect one
+    reactor turn later.
     """
     await deferLater(reactor, 0, lambda: None)
+    aborted = False
     for protocol in protocols:
         transport = getattr(protocol, "transport", None)
         if transport is not None and not transport.disconnected:
-            try:
-                await bounded(reactor, protocol.abort(), CLOSE_GRACE, "closing the HTTP connection")
-            except defer.TimeoutError:
-                transport.abortConnection()
+            transport.abortConnection()
+            aborted = True
+    if aborted:
+        await deferLater(reactor, 0, lambda: None)

@@ -1,5 +1,5 @@
 """Reaching a device: client endpoints that can carry a local interface and source address, and
-connection attempts retried with backoff up to a deadline.
+a bound on how long one attempt may take.
 
 Every device of a test rack lives at 192.168.1.1, one per WiFi interface, so every connection to a
 device (CTP, HTTP, OTA) is made through :class:`DeviceConnector`, which binds the socket to the
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, error, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
@@ -106,10 +103,10 @@ class _InterfaceBoundClient(tcp.Client):
 
     def __init__(self, host: str, port: int, bindAddress: Any, connector: Any, reactor: Any, interface: str) -> None:
         self._interface = interface
-        super().__init__(host, port, bindAddress, connector, reactor)
+        super().__init__(host, port, bindAddress, connector, reactor)  # type: ignore[no-untyped-call]
 
     def createInternetSocket(self) -> socket.socket:
-        sock = super().createInternetSocket()
+        sock: socket.socket = super().createInternetSocket()  # type: ignore[no-untyped-call]
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self._interface.encode() + b"\0")
         except OSError:
@@ -219,21 +216,6 @@ def connection_error_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-class RetriesExhausted(Exception):
-    """Every attempt failed before the deadline; ``last_error`` is the last attempt's error."""
-
-    def __init__(self, what: str, attempts: int, last_error: BaseException) -> None:
-        super().__init__(f"{what}: {attempts} attempt(s) failed, last: {connection_error_message(last_error)}")
-        self.what = what
-        self.attempts = attempts
-        self.last_error = last_error
-
-
-def default_backoff() -> Callable[[int], float]:
-    """0.2 s, then growing by 1.5 up to 5 s (no jitter: one app talks to one device)."""
-    return backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.5, jitter=lambda: 0.0)
-
-
 def is_cancellation(exc: BaseException) -> bool:
     """Whether ``exc`` is what a cancelled Deferred turned into: CancelledError itself, a cancelled
     connection attempt, or an HTTP client error wrapping a CancelledError."""
@@ -271,53 +253,3 @@ async def bounded(clock: IReactorTime, d: defer.Deferred[T], seconds: float, wha
     finally:
         if call.active():
             call.cancel()
-
-
-async def retry_until_deadline(
-    clock: IReactorTime,
-    attempt: Callable[[], Awaitable[T] | defer.Deferred[T]],
-    deadline: float,
-    attempt_timeout: float,
-    what: str,
-    policy: Callable[[int], float] | None = None,
-    retryable: tuple[type[BaseException], ...] = RETRYABLE_ERRORS,
-    log_context: dict[str, Any] | None = None,
-) -> T:
-    """Run ``attempt`` until it succeeds, with backoff between attempts, for at most ``deadline``
-    seconds from now; each attempt gets ``attempt_timeout`` seconds (less near the deadline).
-
-    Errors that are not ``retryable`` (e.g. :class:`EndpointError`) end it at once. When time runs
-    out, raises :class:`RetriesExhausted` carrying the last error; an attempt that the deadline cut
-    short (it had less than ``attempt_timeout``) and then timed out says only that time ran out, so
-    the error of the attempt before it is kept as the one that tells what went wrong. Cancelling the
-    returned coroutine's Deferred cancels the running attempt or the wait (and raises
-    CancelledError, never a retry).
-    """
-    policy = policy or default_backoff()
-    end = clock.seconds() + deadline
-    attempts = 0
-    last_error: BaseException | None = None
-    while True:
-        remaining = end - clock.seconds()
-        budget = min(attempt_timeout, remaining)
-        attempts += 1
-        try:
-            return await bounded(clock, defer.ensureDeferred(attempt()), budget, what)
-        except defer.CancelledError:
-            raise
-        except retryable as e:
-            cut_short = budget < attempt_timeout and isinstance(e, defer.TimeoutError)
-            if not (cut_short and last_error is not None):
-                last_error = e
-            log.debug(
-                "{what}: attempt {attempts} failed: {error}",
-                what=what,
-                attempts=attempts,
-                error=connection_error_message(e),
-                **(log_context or {}),
-            )
-        delay = policy(attempts - 1)
-        if clock.seconds() + delay >= end:
-            assert last_error is not None
-            raise RetriesExhausted(what, attempts, last_error)
-        await deferLater(clock, delay, lambda: None)

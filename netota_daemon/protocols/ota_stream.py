@@ -6,15 +6,23 @@ The device sends only 20-byte ``net_ota`` headers. This protocol:
   ``all_size`` 0, checksum over header and payload) and the bytes, in one ``write``. The bytes come
   from the shared, in-memory :class:`~netota_daemon.firmware.FirmwareImage` (read once when the job
   opened it): no file read per request and no copy of the image; the one copy per reply is the
-  concatenation of header and window (at most 42 KiB) that Twisted's transports need, as they accept
-  ``bytes`` only;
-- skips headers whose checksum is wrong;
+  concatenation of header and window (at most 42 KiB) that Twisted's transports need;
+- answers only as fast as the device reads: it is its transport's push producer, and while the
+  transport's buffer is full it stops reading the device's requests (so a device that asks without
+  reading our replies fills its own socket, not our memory); more than
+  :data:`MAX_PENDING_REQUESTS` requests waiting is a protocol error (a real device asks once and
+  waits for the answer);
+- skips headers whose checksum is wrong (logged at a bounded rate); more than
+  :data:`MAX_BAD_HEADERS_IN_A_ROW` in a row is a protocol error (garbage, not a device);
 - ends the session with a protocol error (STOP, then close) on a READ of 0 bytes, of more than
   42 KiB, or starting at or past the end of the image; a READ running past the end is clamped;
 - records the all_size notice (the point of no return in phase 2) and never answers it; optionally
   answers the final 100 % notice with a 20-byte echo (PROTOCOL.md decision, off by default);
 - counts receive timeouts: the timer restarts on every header, and more than ``max_receive_timeouts``
   consecutive timeouts end the session (STOP, then close);
+- reports facts for progress (:class:`StreamProgress`): bytes served, the furthest byte asked for,
+  the bytes asked for since all_size, the device's percent, the rate, and what the device is doing
+  when it is not asking (:class:`DeviceActivity`); the engine turns them into progress events;
 - maps OK / ERR / SAME / a dropped connection to a :class:`StreamResult`.
 
 Whenever the app ends the session (abort, cancellation, its own error) it sends STOP first.
@@ -31,12 +39,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netota_daemon.firmware import FirmwareImage
+from netota_daemon.protocols.log_limit import LogLimiter
+from netota_daemon.protocols.transport import StreamTransport
 from netota_daemon.wire.ota import (
     MAX_READ_SIZE,
     STOP_BYTES,
@@ -56,6 +67,12 @@ CLOSE_GRACE = 2.0
 RATE_WINDOW = 3.0
 #: At most one rate sample is kept per this many seconds (memory stays bounded per job).
 RATE_SAMPLE_INTERVAL = 0.1
+#: After a reply, a device that asks for nothing more for this long is busy (writing flash).
+DEVICE_QUIET_AFTER = 1.0
+#: Requests the device may send before it has read our replies; more is a protocol error.
+MAX_PENDING_REQUESTS = 16
+#: Headers with a bad checksum in a row before the stream is treated as garbage.
+MAX_BAD_HEADERS_IN_A_ROW = 256
 
 
 class StreamEnd(str, enum.Enum):
@@ -66,6 +83,15 @@ class StreamEnd(str, enum.Enum):
     TIMEOUT = "timeout"  # no header for too long
     PROTOCOL_ERROR = "protocol_error"  # a request the app can't serve, or garbage
     ABORTED = "aborted"  # the app stopped it (cancel / abort)
+
+
+class DeviceActivity(str, enum.Enum):
+    """What the device is doing while it is not asking for bytes."""
+
+    STARTING = "starting"  # connected; the device has not asked for anything yet
+    QUIET = "quiet"  # answered, and no new request for a while: the device writes what it got
+    PREPARING = "preparing"  # after the all_size notice: it waits, then erases flash for the image
+    FINISHING = "finishing"  # after the final 100 % notice: it checks and writes, then says OK
 
 
 @dataclass(frozen=True)
@@ -82,17 +108,23 @@ class StreamResult:
 
 @dataclass(frozen=True)
 class StreamProgress:
-    bytes_served: int
-    total_bytes: int
-    percent: float
+    """Facts about a running stream (the engine computes percent and ETA from them)."""
+
+    bytes_served: int  # every byte sent, re-reads included
+    image_size: int
+    furthest: int  # the end of the furthest range the device asked for
+    all_size: int  # 0 until the all_size notice
+    requested_since_all_size: int  # bytes asked for (and sent) since the all_size notice
     device_percent: int
-    rate: float
-    all_size: int
+    rate: float  # bytes per second over the last RATE_WINDOW seconds
+    rate_span: float  # how many seconds ``rate`` is measured over
+    activity: DeviceActivity | None  # None: the device is asking for bytes
+    ok: bool = False  # the device said OK
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """The waits of one session, in seconds."""
+    """The waits of one session, in seconds, and whether the final notice is echoed."""
 
     first_header_timeout: float = 30.0
     receive_timeout: float = 5.0
@@ -100,6 +132,7 @@ class StreamSettings:
     echo_final_notice: bool = False
 
 
+@implementer(IPushProducer)
 class OtaStreamProtocol(Protocol):
     """One OTA session. ``done`` fires with a :class:`StreamResult` after the connection closed;
     cancelling ``done`` sends STOP and closes (and ``done`` then fails with CancelledError)."""
@@ -124,9 +157,13 @@ class OtaStreamProtocol(Protocol):
         self._reader = OtaHeaderReader()
         self._result: StreamResult | None = None
         self._timer: IDelayedCall | None = None
+        self._quiet_timer: IDelayedCall | None = None
         self._close_timer: IDelayedCall | None = None
         self._timeouts = 0
         self._headers_seen = 0
+        self._bad_in_a_row = 0
+        self._paused = False  # the transport's buffer is full: don't answer until it drains
+        self._limiter = LogLimiter(clock, log, self.log_context)
         self.connected = False
         self.bytes_served = 0
         self.requests = 0
@@ -134,31 +171,53 @@ class OtaStreamProtocol(Protocol):
         self.all_size = 0
         self.device_percent = 0
         self.stop_sent = False
+        self.furthest = 0
+        self.activity: DeviceActivity | None = DeviceActivity.STARTING
         self._served_after_all_size = 0
+        self._ok = False
         self._rate_samples: deque[tuple[float, int]] = deque()
+
+    @property
+    def _tcp(self) -> StreamTransport:
+        assert self.transport is not None
+        return self.transport  # type: ignore[return-value]  # a TCP transport: also a consumer and producer
 
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self) -> None:
         self.connected = True
+        self._tcp.registerProducer(self, True)
         self._arm_timer(self.settings.first_header_timeout)
         log.debug("OTA stream open", **self.log_context)
+        self._report_progress()
 
     def dataReceived(self, data: bytes) -> None:
         if self._result is not None:
             return  # closing: the session is over
-        for header in self._reader.feed(data):
-            if self._result is not None:
+        self._reader.push(data)
+        self._take_headers()
+
+    def _take_headers(self) -> None:
+        while self._result is None and not self._paused:
+            header = self._reader.next()
+            if header is None:
                 return
             self._timeouts = 0
             self._arm_timer(self.settings.receive_timeout)
             self._header_received(header)
+        if self._result is None and self._reader.headers_pending > MAX_PENDING_REQUESTS:
+            self.abort(
+                StreamEnd.PROTOCOL_ERROR,
+                f"the device sent more than {MAX_PENDING_REQUESTS} requests without reading our replies",
+            )
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False
         self._cancel_timer()
+        self._cancel_quiet()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
+        self._limiter.flush()
         if self._result is None:
             message = reason.getErrorMessage() if reason is not None else "closed"
             self._result = self._make_result(StreamEnd.DROPPED, f"the device closed the OTA connection ({message})")
@@ -167,24 +226,53 @@ class OtaStreamProtocol(Protocol):
         if not self.done.called:
             self.done.callback(self._result)
 
+    # -- IPushProducer: the transport's write buffer is full / has drained ----------------------
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._tcp.pauseProducing()  # stop reading requests: the device's own socket holds them
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._result is None and self.connected:
+            self._tcp.resumeProducing()
+            self._take_headers()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going away; connectionLost ends the session
+
     # -- headers -------------------------------------------------------------------------------
     def _header_received(self, header: OtaHeader) -> None:
         if not header.is_valid():
             self.bad_headers += 1
-            log.warn(
+            self._bad_in_a_row += 1
+            self._limiter.warn(
+                "bad_header",
+                "OTA headers with a bad checksum",
                 "OTA header with a bad checksum skipped (sum {got:#x}, expected {expected:#x})",
                 got=header.sum_check,
                 expected=header.computed_sum(),
-                **self.log_context,
             )
+            if self._bad_in_a_row > MAX_BAD_HEADERS_IN_A_ROW:
+                self.abort(
+                    StreamEnd.PROTOCOL_ERROR,
+                    f"the device sent {self._bad_in_a_row} headers in a row with a bad checksum: not an OTA stream",
+                )
             return
+        self._bad_in_a_row = 0
         self._headers_seen += 1
+        self._cancel_quiet()
         status = header.status
         if status == Status.READ:
             self.device_percent = header.percent
+            self.activity = None
             self._serve(header)
         elif status == Status.OK:
             self.device_percent = header.percent
+            self._ok = True
+            self.activity = None
+            self._report_progress()
             self._finish(StreamEnd.OK, "the device reported success (OK)")
         elif status == Status.ERR:
             self._finish(StreamEnd.ERR, "the device reported failure (ERR)")
@@ -193,8 +281,11 @@ class OtaStreamProtocol(Protocol):
         elif status == Status.DOING:
             self._notice(header)
         else:
-            log.warn(
-                "OTA header with unexpected status {status} ignored", status=header.status_name(), **self.log_context
+            self._limiter.warn(
+                "unknown_status",
+                "OTA headers with an unknown status",
+                "OTA header with unexpected status {status} ignored",
+                status=header.status_name(),
             )
 
     def _notice(self, header: OtaHeader) -> None:
@@ -205,14 +296,16 @@ class OtaStreamProtocol(Protocol):
             first = not self.all_size
             self.all_size = header.all_size
             self._served_after_all_size = 0
+            self.activity = DeviceActivity.PREPARING
             log.info("OTA all_size notice: {all_size} bytes", all_size=header.all_size, **self.log_context)
             if first and self.on_all_size is not None:
                 self.on_all_size(header.all_size)
             self._report_progress()
         elif header.percent >= 100:
             log.debug("OTA final 100 % notice", **self.log_context)
+            self.activity = DeviceActivity.FINISHING
             if self.settings.echo_final_notice:
-                self.transport.write(notice_echo(header))
+                self._tcp.write(notice_echo(header))
             self._report_progress()
 
     def _serve(self, request: OtaHeader) -> None:
@@ -236,12 +329,25 @@ class OtaStreamProtocol(Protocol):
             return
         payload = self.image.read(request.seek_addr, sent)  # a view of the image's buffer, no copy
         header = reply_header(request, sent, self.image.range_sum(request.seek_addr, sent))
-        self.transport.write(header + payload)  # one write; bytes + memoryview -> bytes
         self.requests += 1
         self.bytes_served += len(payload)
+        self.furthest = max(self.furthest, request.seek_addr + sent)
         if self.all_size:
             self._served_after_all_size += len(payload)
+        self._quiet_timer = self.clock.callLater(DEVICE_QUIET_AFTER, self._device_quiet)
         self._report_progress()
+        self._tcp.write(header + payload)  # one write; bytes + memoryview -> bytes (may pause us)
+
+    def _device_quiet(self) -> None:
+        self._quiet_timer = None
+        if self._result is None and self.activity is None:
+            self.activity = DeviceActivity.QUIET
+            self._report_progress()
+
+    def _cancel_quiet(self) -> None:
+        if self._quiet_timer is not None and self._quiet_timer.active():
+            self._quiet_timer.cancel()
+        self._quiet_timer = None
 
     # -- progress ------------------------------------------------------------------------------
     def progress(self) -> StreamProgress:
@@ -251,14 +357,20 @@ class OtaStreamProtocol(Protocol):
             samples.append((now, self.bytes_served))
         while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW:
             samples.popleft()
-        elapsed = now - samples[0][0]
-        rate = (self.bytes_served - samples[0][1]) / elapsed if elapsed > 0 else 0.0
-        if self.all_size:
-            total, counted = self.all_size, self._served_after_all_size
-        else:
-            total, counted = self.image.size, self.bytes_served
-        percent = min(100.0, 100.0 * counted / total) if total else 0.0
-        return StreamProgress(self.bytes_served, total, percent, self.device_percent, rate, self.all_size)
+        span = now - samples[0][0]
+        rate = (self.bytes_served - samples[0][1]) / span if span > 0 else 0.0
+        return StreamProgress(
+            bytes_served=self.bytes_served,
+            image_size=self.image.size,
+            furthest=self.furthest,
+            all_size=self.all_size,
+            requested_since_all_size=self._served_after_all_size,
+            device_percent=self.device_percent,
+            rate=rate,
+            rate_span=span,
+            activity=self.activity,
+            ok=self._ok,
+        )
 
     def _report_progress(self) -> None:
         if self.on_progress is not None:
@@ -290,11 +402,12 @@ class OtaStreamProtocol(Protocol):
             **self.log_context,
         )
         if self._timeouts > self.settings.max_receive_timeouts:
-            self.abort(
-                StreamEnd.TIMEOUT,
-                f"the device went silent: {self._timeouts} receive timeouts of "
-                f"{self.settings.receive_timeout:g} s in a row",
-            )
+            seconds = f"{self._timeouts} receive timeouts of {self.settings.receive_timeout:g} s in a row"
+            if self._paused:
+                message = f"the device stopped reading our replies: {seconds}"
+            else:
+                message = f"the device went silent: {seconds}"
+            self.abort(StreamEnd.TIMEOUT, message)
             return
         self._arm_timer(self.settings.receive_timeout)
 
@@ -322,7 +435,7 @@ class OtaStreamProtocol(Protocol):
         if self._result is not None:
             return
         if self.connected:
-            self.transport.write(STOP_BYTES)
+            self._tcp.write(STOP_BYTES)
             self.stop_sent = True
         log.warn("OTA stream stopped: {message}", message=message, **self.log_context)
         self._result = self._make_result(end, message)
@@ -330,9 +443,11 @@ class OtaStreamProtocol(Protocol):
 
     def _close(self) -> None:
         self._cancel_timer()
+        self._cancel_quiet()
         if not self.connected:
             return
-        self.transport.loseConnection()
+        self._tcp.unregisterProducer()
+        self._tcp.loseConnection()
         if self._close_timer is None:
             # A peer that stopped reading would keep the STOP in our buffer for ever.
             self._close_timer = self.clock.callLater(CLOSE_GRACE, self._force_close)
@@ -340,7 +455,7 @@ class OtaStreamProtocol(Protocol):
     def _force_close(self) -> None:
         self._close_timer = None
         if self.connected:
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
 
     def _cancelled(self, d: defer.Deferred[StreamResult]) -> None:
         self.abort(StreamEnd.ABORTED, "cancelled")

@@ -161,20 +161,44 @@ def verify_reply(header: OtaHeader, payload: bytes | memoryview) -> bool:
 class OtaHeaderReader:
     """Accumulates stream bytes and yields whole 20-byte headers (device -> app direction).
 
-    The device sends only headers on this stream, so framing is a fixed 20 bytes.
+    The device sends only headers on this stream, so framing is a fixed 20 bytes. :meth:`feed`
+    gives every whole header at once; :meth:`push` and :meth:`next` let a reader take them one at a
+    time (and stop while it can't answer), with :attr:`headers_pending` telling how many wait.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._start = 0  # headers before this offset were taken by next()
 
     def feed(self, data: bytes) -> list[OtaHeader]:
-        self._buffer += data
-        count = len(self._buffer) // HEADER_SIZE
-        headers = [OtaHeader.decode(self._buffer[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]) for i in range(count)]
-        del self._buffer[: count * HEADER_SIZE]
+        self.push(data)
+        headers = []
+        while (header := self.next()) is not None:
+            headers.append(header)
         return headers
+
+    def push(self, data: bytes) -> None:
+        """Add received bytes."""
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
+
+    def next(self) -> OtaHeader | None:
+        """The next whole header, or None until more bytes arrive."""
+        end = self._start + HEADER_SIZE
+        if len(self._buffer) < end:
+            return None
+        header = OtaHeader.decode(self._buffer[self._start : end])
+        self._start = end
+        return header
+
+    @property
+    def headers_pending(self) -> int:
+        """Whole headers received and not taken yet."""
+        return (len(self._buffer) - self._start) // HEADER_SIZE
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete header still buffered."""
-        return len(self._buffer)
+        return (len(self._buffer) - self._start) % HEADER_SIZE

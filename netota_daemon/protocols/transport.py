@@ -1,0 +1,23 @@
+"""The transport a device connection is given, typed as what the protocols use of it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class StreamTransport(Protocol):
+    """A TCP transport: ``ITCPTransport`` plus its ``IConsumer`` and ``IPushProducer`` sides."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
