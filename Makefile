@@ -5,7 +5,10 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.netota-installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo rack-demo install benchmark clean
+.PHONY: test lint demo rack-demo install benchmark clean
+
+# The type check covers the protocol core and the engine (strict); the linter and formatter the tree.
+TYPED = netota_daemon/wire netota_daemon/protocols netota_daemon/engine
 
 install: $(STAMP)
 
@@ -17,8 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $(STAMP)
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict $(TYPED)
+
 # Tests run against the source tree (python -m pytest puts it first on sys.path).
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

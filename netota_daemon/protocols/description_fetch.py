@@ -15,6 +15,7 @@ from typing import Any
 import treq
 from treq.client import HTTPClient
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -69,7 +70,7 @@ def description_url(host: str, port: int) -> str:
 
 
 async def fetch_description(
-    connector: DeviceConnector, port: int, timeout: float, clock: Any | None = None
+    connector: DeviceConnector, port: int, timeout: float, clock: IReactorTime | None = None
 ) -> DeviceDescription:
     """GET the description document within ``timeout`` seconds (connect, headers and body).
 
@@ -118,7 +119,7 @@ async def _bounded_body(response: Any) -> bytes:
     return b"".join(chunks)
 
 
-async def _close_connections(reactor: Any, protocols: list[Any]) -> None:
+async def _close_connections(reactor: IReactorTime, protocols: list[Any]) -> None:
     """Close the fetch's connections and wait until they are closed (the loader never closes its
     side), so that a finished fetch leaves no connection behind.
 
