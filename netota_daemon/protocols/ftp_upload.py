@@ -55,7 +55,7 @@ from twisted.internet.interfaces import IPullProducer, IReactorTime, ISystemHand
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.endpoints import DeviceConnector, EndpointError, bounded, connection_error_message
