@@ -16,6 +16,7 @@ import threading
 import weakref
 from pathlib import Path
 
+from netota_daemon.wire.firmware_kind import FirmwareKindInfo, identify_file_bytes
 from netota_daemon.wire.ota import byte_sum
 
 #: The OTA header's offsets and sizes are u32: a larger image can't be addressed.
@@ -62,6 +63,14 @@ class FirmwareImage:
         self.size = size
         self._view = memoryview(data)
         self._range_sums: dict[tuple[int, int], int] = {}
+        self._kind: FirmwareKindInfo | None = None
+
+    @property
+    def kind(self) -> FirmwareKindInfo:
+        """Which kind of image this is, as far as its bytes tell (best effort: ``wire.firmware_kind``)."""
+        if self._kind is None:
+            self._kind = identify_file_bytes(self._view)
+        return self._kind
 
     def read(self, offset: int, length: int) -> memoryview:
         """Bytes ``offset .. offset+length``, clamped at the end of the image (no copy)."""

@@ -28,6 +28,13 @@ from netota_daemon.engine.outcome import Outcome
 from netota_daemon.protocols.ctp_client import CtpConnectionLost, CtpErrorReply, CtpReplyTimeout
 from netota_daemon.protocols.description_fetch import DescriptionFetchError
 from netota_daemon.protocols.endpoints import EndpointError
+from netota_daemon.protocols.ftp_upload import (
+    FtpUploadSettings,
+    UploadCancelled,
+    UploadEnd,
+    UploadProgress,
+    UploadResult,
+)
 from netota_daemon.protocols.ota_stream import (
     DeviceActivity,
     StreamEnd,
@@ -68,6 +75,21 @@ class StreamPlan:
     final_wait: float = 1.0
     hang_after: int | None = None
     end_after: float | None = None  # the session ends with ``end`` this long after connecting, whatever it did
+    message: str = ""
+
+
+@dataclass
+class UploadPlan:
+    """What one FTP upload does: it runs ``seconds``, sends ``fraction`` of the image, and ends with
+    ``end`` (``code`` the reply that decided it). When the whole image went out cleanly (COMPLETE,
+    or ``clean_close``) and ``accepted``, the device reboots into its new bank 2 s later."""
+
+    end: UploadEnd = UploadEnd.COMPLETE
+    code: int | None = 226
+    seconds: float = 4.0
+    fraction: float = 1.0
+    clean_close: bool = False
+    accepted: bool = True
     message: str = ""
 
 
@@ -121,6 +143,8 @@ class FakeDevice:
         self.stays_down = False  # after phase 1's OK it never comes back
         self.new_firmware_silent = False  # after phase 2's OK the new firmware never answers
         self.timers: set[Any] = set()  # the device's own scheduled reboots (not the job's)
+        self.uploads: deque[UploadPlan] = deque([UploadPlan()])
+        self.fixed_version = False  # a double-backup build's dev_desc carries a fixed version string
 
     # -- what it answers -------------------------------------------------------------------------
     def description(self) -> DeviceDescription | BaseException:
@@ -142,6 +166,18 @@ class FakeDevice:
             self.mode = into
 
         call = self.clock.callLater(seconds, up)
+        self.timers.add(call)
+
+    def bank_switched(self) -> None:
+        """A double-backup device took the upload: it reboots into the new bank 2 s later."""
+
+        def go() -> None:
+            self.timers.discard(call)
+            if not self.fixed_version:
+                self.version = self.new_version
+            self.reboot(Mode.MAIN, self.new_firmware_seconds)
+
+        call = self.clock.callLater(2.0, go)
         self.timers.add(call)
 
     def phase_ok(self, phase: int) -> None:
@@ -361,6 +397,8 @@ class FakeLink:
         self.open_sessions: set[Any] = set()
         self.hooks: list[dict[str, str]] = []
         self.ota_phases: list[int] = []
+        self.upload_settings: list[FtpUploadSettings] = []
+        self.upload_resets: list[float] = []  # when an upload was cancelled (its data connection reset)
 
     def record(self, what: str, **detail: Any) -> None:
         self.calls.append(Call(self.device.clock.seconds(), what, detail))
@@ -447,6 +485,69 @@ class FakeLink:
         return d
 
 
+def _upload(
+    link: FakeLink, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
+) -> defer.Deferred[UploadResult]:
+    device = link.device
+    clock = device.clock
+    plans = device.uploads
+    plan = plans.popleft() if len(plans) > 1 else plans[0]
+    link.upload_settings.append(settings)
+    link.record("upload", mode=device.mode.value)
+    total = IMAGE_SIZE
+    timers: list[Any] = []
+    sent = [0]
+
+    def cancel(d: defer.Deferred[UploadResult]) -> None:
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+        link.upload_resets.append(clock.seconds())
+        link.record("upload_reset")
+        d.errback(UploadCancelled(sent[0], total, clean_close=False))
+
+    d: defer.Deferred[UploadResult] = defer.Deferred(cancel)
+    if device.mode is not Mode.MAIN:
+        d.callback(
+            UploadResult(UploadEnd.UNREACHABLE, "the FTP control connection to port 21 failed: connection refused")
+        )
+        return d
+    steps = 4
+    for i in range(1, steps + 1):
+
+        def tick(i: int = i) -> None:
+            sent[0] = int(total * plan.fraction * i / steps)
+            working = i == steps and plan.fraction >= 1.0
+            on_progress(
+                UploadProgress(sent[0], total, total / plan.seconds, "device_working" if working else "transferring")
+            )
+
+        timers.append(clock.callLater(plan.seconds * i / (steps + 1), tick))
+
+    def finish() -> None:
+        clean = plan.end is UploadEnd.COMPLETE or plan.clean_close
+        if clean and plan.accepted:
+            device.bank_switched()
+        link.record("upload_end", end=plan.end.value)
+        d.callback(
+            UploadResult(
+                plan.end,
+                plan.message or f"the upload ended {plan.end.value}",
+                bytes_sent=sent[0],
+                code=plan.code,
+                server="lwip",
+                clean_close=clean,
+                finished_at=clock.seconds() if plan.end is UploadEnd.COMPLETE else None,
+            )
+        )
+
+    timers.append(clock.callLater(plan.seconds, finish))
+    return d
+
+
+FakeLink.upload = _upload  # type: ignore[attr-defined]
+
+
 def run_to_end(clock: Clock, job: Any, limit: float = 10_000.0) -> Outcome:
     """Run ``job`` on ``clock``, jumping from one scheduled call to the next, until it ends (at most
     ``limit`` seconds of clock time); its outcome."""
@@ -485,6 +586,7 @@ __all__ = [
     "FakeLink",
     "Mode",
     "StreamPlan",
+    "UploadPlan",
     "run_to_end",
     "run_until",
 ]

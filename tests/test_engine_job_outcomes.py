@@ -10,7 +10,6 @@ from netota_daemon.engine.events import Finished, PhaseChanged, Progress, Waitin
 from netota_daemon.engine.job import UpgradeJob
 from netota_daemon.engine.outcome import (
     ADVICE_AFTER_PHASE1,
-    ADVICE_DOUBLE_BACKUP,
     ADVICE_LOADER,
     ADVICE_NOTHING_SENT,
     ADVICE_NOTHING_TO_DO,
@@ -166,11 +165,11 @@ def test_a_garbage_description_is_a_protocol_error(world):
 
 
 @pytest.mark.parametrize("ota_type", ["0", None])
-def test_a_double_backup_device_is_not_applicable_to_this_flow(world, ota_type):
+def test_a_double_backup_device_takes_the_upload_route_not_the_3335_stream(world, ota_type):
     world.device.ota_type = ota_type
     outcome = world.run()
-    assert outcome.kind is OutcomeKind.NOT_APPLICABLE and outcome.advice == ADVICE_DOUBLE_BACKUP
-    assert world.link.names() == ["fetch"]
+    assert outcome.kind is OutcomeKind.SUCCEEDED and outcome.details["route"] == "double_backup"
+    assert "upload" in world.link.names() and world.link.ota_phases == []
 
 
 # -- phase 1 -------------------------------------------------------------------------------------

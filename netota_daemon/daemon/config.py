@@ -90,6 +90,9 @@ _DEVICE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "source_address": _STRING,
     "reconnect_command": _STRING,
     "expected_ssid": _STRING,
+    "ftp_port": _INT,
+    "ftp_user": _STRING,
+    "ftp_password": _STRING,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from twisted.internet import defer
 
+from netota_daemon.protocols.ftp_upload import FtpUploadSettings, UploadProgress, UploadResult
 from netota_daemon.protocols.ota_stream import StreamProgress, StreamSettings
 from netota_daemon.protocols.reconnect_hook import HookResult
 from netota_daemon.protocols.sessions import CtpSession, OtaSession
@@ -57,4 +58,11 @@ class DeviceLink(Protocol):
 
     def run_hook(self, command: str, env: Mapping[str, str], timeout: float) -> defer.Deferred[HookResult]:
         """Run the reconnect command (``sh -c``) with ``env``; killed after ``timeout`` seconds."""
+        ...
+
+    def upload(
+        self, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
+    ) -> defer.Deferred[UploadResult]:
+        """Double backup: one FTP upload of the job's image to the device's FTP port; cancelling it
+        resets the data connection (an RST burns nothing) and never sends ABOR."""
         ...

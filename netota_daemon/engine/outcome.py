@@ -13,7 +13,7 @@ class OutcomeKind(str, enum.Enum):
     UNVERIFIED = "unverified"  # flashed (phase 2 OK) but the new firmware did not come back in time
     FAILED = "failed"
     ABORTED = "aborted"  # cancelled by a person or by the daemon's shutdown
-    NOT_APPLICABLE = "not_applicable"  # a double-backup device: this flow does not apply
+    NOT_APPLICABLE = "not_applicable"  # the image's kind is not the device's build: nothing was sent
 
 
 class FailureClass(str, enum.Enum):
@@ -97,9 +97,10 @@ ADVICE_NOTHING_SENT = (
 )
 ADVICE_NEVER_STARTED = "The job never started, so the device was not touched: resume it or start it again."
 ADVICE_NOTHING_TO_DO = "Nothing to do."
-ADVICE_DOUBLE_BACKUP = (
-    "This device runs a double-backup build (ota_type 0): it is upgraded over FTP, not by this flow. "
-    "Single- and double-backup images can't be swapped."
+ADVICE_WRONG_KIND = (
+    "Nothing was sent. Single- and double-backup images can't be swapped: use the image built for this "
+    "device's kind (update.ufw for a single-backup build, update-ota.ufw, the db_update_files_data.bin, "
+    "for a double-backup one)."
 )
 ADVICE_UPLOAD_INCOMPLETE = (
     "The upload did not complete, so the device keeps booting its old firmware (the new bank was not "
@@ -133,7 +134,7 @@ def advice(
     if happened is Happened.ALREADY_CURRENT:
         return ADVICE_NOTHING_TO_DO
     if happened is Happened.NOT_APPLICABLE:
-        return ADVICE_DOUBLE_BACKUP
+        return ADVICE_WRONG_KIND
     if happened is Happened.NEVER_STARTED:
         return ADVICE_NEVER_STARTED
     if happened is Happened.OLD_FIRMWARE_BACK:

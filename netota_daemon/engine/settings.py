@@ -25,6 +25,9 @@ class DeviceTarget:
     source_address: str | None = None
     reconnect_command: str | None = None  # run after each reboot with NETOTA_DEVICE/INTERFACE/SSID/PHASE
     expected_ssid: str | None = None  # the SSID to rejoin, passed to reconnect_command
+    ftp_port: int = 21  # double backup: the device's FTP server
+    ftp_user: str = "FTPX"  # the SDK's defaults (ftpd_server_init("FTPX", "12345678", ...))
+    ftp_password: str = "12345678"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class UpgradeTimeouts:
     keepalive_interval: float = 10.0  # CTP keep-alive while a session is held (shorter if the device asks)
     connect_window: float = 30.0  # connection attempts to a present device are retried this long
     hook: float = 60.0  # the reconnect command may run this long before it is killed
+    ftp_reply: float = 10.0  # double backup: one FTP control reply (and one connection attempt)
+    ftp_stall: float = 30.0  # double backup: the device takes no upload bytes for this long
+    ftp_final_reply: float = 15.0  # double backup: the 226 after the upload's clean close (the device burns first)
+    upload_reboot: float = 20.0  # double backup: after the 226, how long the device may take to reboot
 
     def replaced(self, **changes: Any) -> UpgradeTimeouts:
         return replace(self, **changes)

@@ -19,6 +19,7 @@ from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ctp_client import CtpClientFactory, CtpClientProtocol
 from netota_daemon.protocols.description_fetch import fetch_description
 from netota_daemon.protocols.endpoints import DeviceConnector
+from netota_daemon.protocols.ftp_upload import FtpUploadSettings, UploadProgress, UploadResult, upload_image
 from netota_daemon.protocols.ota_stream import OtaStreamFactory, OtaStreamProtocol, StreamProgress, StreamSettings
 from netota_daemon.protocols.reconnect_hook import HookResult, run_hook
 from netota_daemon.protocols.sessions import CtpSession, OtaSession
@@ -40,6 +41,7 @@ class DevicePorts:
     ctp: int = 3333
     http: int = 8080
     ota: int = 3335
+    ftp: int = 21
 
 
 class TwistedDeviceLink:
@@ -103,3 +105,10 @@ class TwistedDeviceLink:
 
     def run_hook(self, command: str, env: Mapping[str, str], timeout: float) -> defer.Deferred[HookResult]:
         return run_hook(self.reactor, self._clock, command, env, timeout)
+
+    def upload(
+        self, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
+    ) -> defer.Deferred[UploadResult]:
+        return upload_image(
+            self.connector, self.ports.ftp, self.image, settings, self._clock, on_progress, self.log_context
+        )
