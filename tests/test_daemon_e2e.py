@@ -315,7 +315,7 @@ async def test_full_upgrade_through_the_client(rig, reactor):
 
     # JSON log lines; every event the daemon logs about the job names the job and the device.
     log_events = [json.loads(line) for line in rig.daemon.output.decode().splitlines() if line.startswith("{")]
-    job_events = [e for e in log_events if e.get("log_namespace") == "netota_daemon.daemon.jobs"]
+    job_events = [e for e in log_events if e.get("namespace") == "netota_daemon.daemon.jobs"]
     assert len(job_events) >= 5
     assert all(e.get("job") == job["id"] and e.get("device") == "dev1" for e in job_events)
 
