@@ -238,7 +238,7 @@ async def test_socket_activation_with_a_systemd_endpoint(tmp_path, reactor):
         d.addTimeout(30, reactor)
         out, err, code = await d
         assert code == 0, err
-        assert [d["name"] for d in json.loads(out)] == ["x"]
+        assert [d["name"] for d in json.loads(out)["devices"]] == ["x"]
     finally:
         changes.close()
         activator.terminate()
