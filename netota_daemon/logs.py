@@ -26,7 +26,7 @@ import enum
 import json
 import sys
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent
 from twisted.python.failure import Failure
@@ -106,7 +106,7 @@ def format_json_line(event: dict[str, Any]) -> str:
 
 def json_file_log_observer(out: IO[str]) -> ILogObserver:
     """An observer writing this format to ``out``."""
-    return FileLogObserver(out, format_json_line)
+    return cast(ILogObserver, FileLogObserver(out, format_json_line))  # it implements ILogObserver
 
 
 def json_log_observer() -> ILogObserver:

@@ -71,7 +71,7 @@ _count = arguments.whole_number(0)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "flash",
         help="Upgrade one device in the foreground, without the daemon.",
         description="Upgrade one device's firmware with the single-backup network upgrade (both phases), "
