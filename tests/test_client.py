@@ -471,6 +471,21 @@ def test_watch_started_mid_phase_shows_the_current_state_at_once(capsys):
     assert err.splitlines()[-1].startswith("netota: the netota daemon at unix:x went away")
 
 
+def test_watch_of_a_job_waiting_for_its_device_shows_the_attempt_at_once(capsys):
+    waiting = {"phase": "phase1", "message": "connecting", "attempt": 4, "last_error": "connection refused"}
+    client = FakeControl(
+        streams={
+            "/v1/jobs/j1/events": [
+                ("job", {"type": "job", "job": "j1", "snapshot": job(phase="phase1", waiting=waiting)}),
+                DaemonUnavailable("the netota daemon at unix:x went away"),
+            ]
+        }
+    )
+    assert run(client, "watch", "j1") == 69
+    lines = [line[9:] for line in capsys.readouterr().err.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
+    assert lines == ["phase 1", "phase 1  connecting (attempt 4, last: connection refused)"]
+
+
 def test_a_refusal_is_its_message_and_resume_force_sends_force(capsys):
     refusal = ApiRefused(409, "superseded", "device a was upgraded since by job j9: netota resume j1 --force")
     client = FakeControl(answers={("POST", "/v1/jobs/j1/resume"): refusal})

@@ -175,14 +175,18 @@ def _board(client: Any, args: argparse.Namespace, out: Any) -> DeviceBoard:
 
 def _show_snapshot(job: dict[str, Any], draw: Callable[[Any], None]) -> None:
     """A running job's state at once (``watch JOB`` started mid-phase): its phase, and its progress
-    if it has one. A job just started (detect, no progress) shows its events as they come."""
+    or the connection attempt it is waiting on (a job's ``waiting``), if it has one. A job just
+    started (detect, nothing yet) shows its events as they come."""
     progress = job.get("progress")
-    if job.get("phase") in (None, Phase.DETECT.value) and not progress:
+    waiting = event_from_json({**job["waiting"], "type": "waiting"}) if isinstance(job.get("waiting"), dict) else None
+    if job.get("phase") in (None, Phase.DETECT.value) and not progress and waiting is None:
         return
     try:
         draw(PhaseChanged(Phase(job["phase"]), ""))
         if progress:
             draw(progress_from_json(progress))
+        if waiting is not None:
+            draw(waiting)
     except (KeyError, ValueError, TypeError):
         return  # a snapshot this client can't read: the events that follow still draw
 
