@@ -2,8 +2,10 @@
 
 Starts ``netota sim`` (a simulated AC79 on loopback) as a subprocess, the daemon under
 ``twistd -n netota`` with a generated config in a temporary state directory, then runs
-``netota upgrade DEVICE FIRMWARE --wait``, which shows both phases' progress to the end. Every
-process and file it made is removed afterwards, whatever happens.
+``netota upgrade DEVICE FIRMWARE --wait``, which shows both phases' progress to the end: the
+percentage of each phase, the device working after netota's last reply, the point of no return.
+Everything it prints fits the terminal (80 columns too). Every process and file it made is removed
+afterwards, whatever happens.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: Every delay of the simulated device (its reboots, its 5 s waits) is multiplied by this. At 1 the
 #: demo shows the real device's timing and takes about half a minute.
@@ -27,10 +32,14 @@ FIRMWARE = "demo-2.0.0.bin"
 
 
 def _say(text: str) -> None:
-    print(f"demo: {text}", flush=True)
+    """A line of the demo's own, wrapped to the terminal's width."""
+    width = max(40, shutil.get_terminal_size().columns - 1)
+    print(textwrap.fill(text, width, initial_indent="demo: ", subsequent_indent="      "), flush=True)
 
 
-def _wait_for(check, what: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+def _wait_for(
+    check: Callable[[], Any], what: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if process is not None and process.poll() is not None:
@@ -40,7 +49,7 @@ def _wait_for(check, what: str, timeout: float, process: subprocess.Popen | None
         time.sleep(0.05)
 
 
-def _stop(process: subprocess.Popen | None, name: str) -> None:
+def _stop(process: subprocess.Popen[bytes] | None, name: str) -> None:
     if process is None or process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
@@ -59,8 +68,8 @@ def run() -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     work = Path(tempfile.mkdtemp(prefix="netota-demo-", dir="/tmp"))
-    sim: subprocess.Popen | None = None
-    daemon: subprocess.Popen | None = None
+    sim: subprocess.Popen[bytes] | None = None
+    daemon: subprocess.Popen[bytes] | None = None
     try:
         firmware_dir, sim_dir, state_dir = work / "firmware", work / "sim", work / "state"
         firmware_dir.mkdir()
@@ -91,7 +100,9 @@ def run() -> int:
             ],
             env=env,
             check=True,
+            stdout=subprocess.DEVNULL,
         )
+        _say(f"made a {IMAGE_SIZE // 1024} KiB test image, version 2.0.0: {FIRMWARE}")
 
         sim_log = open(work / "sim.log", "wb")
         sim = subprocess.Popen(

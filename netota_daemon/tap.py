@@ -13,7 +13,7 @@ from netota_daemon.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, Daemon
 from netota_daemon.daemon.journal import JournalError
 
 LOG_FORMATS = ("text", "json")
-JSON_LOGGER = "netota_daemon.tap.json_log_observer"
+JSON_LOGGER = "netota_daemon.logs.json_log_observer"
 
 
 def json_log_observer() -> ILogObserver:

@@ -20,7 +20,8 @@ from twisted.python import usage
 from netota_daemon.cli.control_client import ControlClient
 from netota_daemon.daemon.journal import JobJournal, JobRecord, JobState
 from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase
-from netota_daemon.tap import Options, json_log_observer
+from netota_daemon.logs import json_log_observer
+from netota_daemon.tap import Options
 from tests.conftest import ROOT, subprocess_env
 from tests.daemon_fakes import AutoJobFactory, make_service, short_socket_dir
 from tests.waiting import Changes
@@ -104,7 +105,7 @@ def test_json_log_format_installs_twistds_logger():
     options = Options()
     options.parent = parent
     options.parseOptions(["--config", str(ROOT / "etc" / "netota.toml"), "--log-format", "json"])
-    assert parent["logger"] == "netota_daemon.tap.json_log_observer"
+    assert parent["logger"] == "netota_daemon.logs.json_log_observer"
     from twisted.python.reflect import namedAny
 
     assert namedAny(parent["logger"]) is json_log_observer
@@ -237,7 +238,7 @@ async def test_socket_activation_with_a_systemd_endpoint(tmp_path, reactor):
         d.addTimeout(30, reactor)
         out, err, code = await d
         assert code == 0, err
-        assert [d["name"] for d in json.loads(out)] == ["x"]
+        assert [d["name"] for d in json.loads(out)["devices"]] == ["x"]
     finally:
         changes.close()
         activator.terminate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 
+from netota_daemon.cli.exit_codes import EXIT_USAGE
 from netota_daemon.cli.flash import flash
 from netota_daemon.cli.main import build_parser
-from netota_daemon.engine.outcome import EXIT_USAGE
 from netota_daemon.sim.config import SimConfig
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
@@ -105,8 +106,9 @@ def spawn_netota(reactor: Any, args: list[str]) -> Collect:
 async def test_flash_subprocess_succeeds_with_json(reactor, tmp_path):
     image = make_image(tmp_path / "update.ufw", "2.0.0", 150_000)
     device = await start_device(reactor, tmp_path)
+    log_file = tmp_path / "flash.log"
     try:
-        process = spawn_netota(reactor, flash_args(device, image, "--json"))
+        process = spawn_netota(reactor, flash_args(device, image, "--json", "--log-file", str(log_file)))
         code = await process.ended.addTimeout(60, reactor)
     finally:
         await device.stop()
@@ -119,7 +121,17 @@ async def test_flash_subprocess_succeeds_with_json(reactor, tmp_path):
     assert result["point_of_no_return"] is True
     assert (tmp_path / "device" / "phase2-received.bin").read_bytes() == Path(image).read_bytes()
     err = process.err.decode()
-    assert "phase 1/2" in err and "phase 2/2" in err and "ETA" in err  # the progress display
+    # The progress display: not a terminal, so plain timestamped lines, a line per 10 % of each phase.
+    assert "\r" not in err and "\x1b" not in err
+    assert re.search(r"^\d\d:\d\d:\d\d phase 1  100\.0%", err, re.M), err
+    assert re.search(r"^\d\d:\d\d:\d\d phase 2  100\.0%", err, re.M), err
+    assert "point of no return: do not power the device off" in err
+    # --log-file: the daemon's JSON log format, every line about this job and device.
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    engine = [line for line in lines if line["namespace"] == "netota_daemon.engine.job"]
+    assert engine and all(line["job"].startswith("flash-") and line["device"] == "127.0.0.1" for line in engine)
+    assert all({"time", "level", "message", "phase"} <= set(line) for line in lines)
+    assert not [key for line in lines for key in line if key.startswith("log_")]
 
 
 @pytest_twisted.ensureDeferred
@@ -131,7 +143,7 @@ async def test_ctrl_c_aborts_with_stop_and_advice(reactor, tmp_path):
         process = spawn_netota(reactor, flash_args(device, image, "--json", "--max-receive-timeouts", "1000"))
         await device.wait_for_event(lambda e: e["event"] == "fault_stall", timeout=30)
         # the progress display has drawn phase 1: the job (and its signal handler) is running
-        await process.wait_stderr(b"phase 1/2 [").addTimeout(30, reactor)
+        await process.wait_stderr(b"phase 1  ").addTimeout(30, reactor)
         process.transport.signalProcess("INT")
         code = await process.ended.addTimeout(30, reactor)
         stop = await device.wait_for_event(lambda e: e["event"] == "stop_received", timeout=10)
@@ -234,7 +246,7 @@ async def test_already_current_exit_code(reactor, tmp_path, strict, expected):
     finally:
         await device.stop()
     assert code == expected
-    assert out.getvalue().startswith("already_current: ")
+    assert out.getvalue().startswith("already current: ")
     assert err.getvalue() == ""  # --quiet
 
 
@@ -305,7 +317,7 @@ def test_flash_command_opens_the_firmware_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "device_config,extra,code,kind,advice",
     [
-        ({"reject_image": True}, [], 1, "failed [device_error]", "reset the device"),
+        ({"reject_image": True}, [], 1, "failed (device error)", "reset the device"),
         ({"phase2_reboot_seconds": 100_000}, ["--verify-timeout", "0.5"], 2, "unverified", "read its firmware_version"),
     ],
 )

@@ -1,74 +1,115 @@
 """``netota devices|upgrade|jobs|show|watch|cancel|resume``: the daemon's command-line client.
 
-The commands: their arguments, the requests each makes, what each prints and its exit code. The
-talking to the daemon is :mod:`netota_daemon.cli.control_client` (HTTP+JSON to the control API,
-``--control`` or ``$NETOTA_CONTROL``; a UNIX socket by default); a followed job's server-sent events
-are drawn as a progress bar per phase by :mod:`netota_daemon.cli.progress` (one per device,
-:class:`~netota_daemon.cli.progress.DeviceBoard`, when it follows several). Exit codes: the
-outcome's (see ``netota flash``) for a waited job; 64 for a request the daemon refused as bad
-(400/403/404); 75 when the device is busy or the job can't be cancelled or resumed (409); 69 when
-the daemon can't be reached or goes away before the job ends; 70 for an internal error of the client.
+The commands: their arguments, the requests each makes, what each prints and its exit code
+(:mod:`netota_daemon.cli.exit_codes`). The talking to the daemon is
+:mod:`netota_daemon.cli.control_client` (HTTP+JSON to the control API, ``--control`` or
+``$NETOTA_CONTROL``; a UNIX socket by default); a followed job's server-sent events are drawn by
+:mod:`netota_daemon.cli.progress` (one line per device, :class:`~netota_daemon.cli.progress.DeviceBoard`,
+when it follows several); values are written as :mod:`netota_daemon.cli.text` spells them.
+
+``--json`` prints what the API answered, in its own shape: ``{"devices": [...]}``, ``{"jobs": [...]}``,
+``{"job": {...}}``; ``watch --json`` prints the API's events as JSON lines.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 
-from netota_daemon.cli.control_client import ApiRefused, ControlClient, DaemonUnavailable, event_from_json
-from netota_daemon.cli.progress import DeviceBoard, ProgressRenderer, format_bytes
-from netota_daemon.engine.events import Finished
-from netota_daemon.engine.outcome import EXIT_UNAVAILABLE, EXIT_USAGE, Outcome, OutcomeKind, exit_code
+from netota_daemon.cli.control_client import (
+    ApiRefused,
+    ControlClient,
+    DaemonUnavailable,
+    event_from_json,
+    progress_from_json,
+)
+from netota_daemon.cli.exit_codes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_SOFTWARE,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    exit_code,
+)
+from netota_daemon.cli.output import print_json, silence_stdout
+from netota_daemon.cli.progress import DeviceBoard, ProgressRenderer, colour_wanted
+from netota_daemon.cli.text import (
+    dash,
+    format_bytes,
+    format_elapsed,
+    format_short_time,
+    format_time,
+    human_text,
+    kind_label,
+    outcome_text,
+    phase_text,
+    table,
+    yes_no,
+)
+from netota_daemon.engine.events import Finished, PhaseChanged
+from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase
 
 DEFAULT_CONTROL = "unix:/run/netota/control.sock"
-EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal error of the client
-EXIT_INTERRUPTED = 130  # the client was interrupted (Ctrl-C); the daemon's job is not affected
+ACTIVE_STATES = ("queued", "running", "cancelling")
+Command = Callable[[Any, argparse.Namespace], Awaitable[int]]
 
 
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+# ---------------------------------------------------------------- how a job is told
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = (
-        [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
-        if rows
-        else [len(h) for h in headers]
-    )
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
-    for row in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-    return "\n".join(lines)
-
-
-def _dash(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
-
-
-def _outcome_line(job: dict[str, Any]) -> str:
+def outcome_line(job: dict[str, Any]) -> str:
+    """A job in one line (and its advice on a second when it ended badly):
+    ``job 3f2a on shelf1: succeeded: the device now runs firmware 2.0.0``."""
+    head = f"job {job['id']} on {job['device']}"
     outcome = job.get("outcome")
     if job.get("state") == "interrupted":
-        text = f"job {job['id']} on {job['device']}: interrupted in {job.get('phase')}"
+        text = f"{head}: interrupted {_where(job)}"
     elif outcome:
-        text = f"job {job['id']} on {job['device']}: {outcome['kind']}: {outcome.get('message', '')}"
-        if outcome.get("firmware_version_after") and outcome["firmware_version_after"] not in text:
-            text += f" (firmware {outcome['firmware_version_after']})"
+        text = f"{head}: {outcome_text(outcome['kind'], outcome.get('message') or '', outcome.get('failure'))}"
+        after = outcome.get("firmware_version_after")
+        if after and after not in text:
+            text += f" (firmware {after})"
     else:
-        text = f"job {job['id']} on {job['device']}: {job['state']}"
+        text = f"{head}: {job['state']}"
         if job.get("position"):
             text += f" (position {job['position']} in the queue)"
     advice = job.get("advice") or (outcome or {}).get("advice")
     if advice and (
         job.get("state") == "interrupted" or (outcome and outcome.get("kind") not in ("succeeded", "already_current"))
     ):
-        text += f"\n  advice: {advice}"
+        text += f"\n  advice: {human_text(advice)}"
     return text
+
+
+def _where(job: dict[str, Any]) -> str:
+    """'in phase 2', or 'while queued' for a job that never started."""
+    if not job.get("started"):
+        return "while queued"
+    return f"in {phase_text(job.get('phase'))}"
+
+
+def interrupted_line(job: dict[str, Any]) -> str:
+    """The one line for a job the daemon's stop interrupted."""
+    return (
+        f"the daemon stopped; job {job['id']} was interrupted {_where(job)}: resume it with netota resume {job['id']}"
+    )
+
+
+def _short_outcome(job: dict[str, Any]) -> str:
+    """A job's end in a few words, for a device's line on the board."""
+    if job.get("state") == "interrupted":
+        return f"job {job['id']} interrupted {_where(job)}: resume it with netota resume {job['id']}"
+    outcome = job.get("outcome") or {}
+    if outcome:
+        return f"job {job['id']} {outcome_text(outcome.get('kind', '-'), outcome.get('message') or '', outcome.get('failure'))}"
+    return f"job {job['id']} {job.get('state')}"
 
 
 def _job_exit_code(job: dict[str, Any], strict: bool = False) -> int:
@@ -80,73 +121,191 @@ def _job_exit_code(job: dict[str, Any], strict: bool = False) -> int:
     return exit_code(OutcomeKind(outcome["kind"]), strict=strict)
 
 
-# ---------------------------------------------------------------- commands
+def refusal_text(error: ApiRefused) -> str:
+    """A refusal as a person reads it: the daemon's message, then its code (for scripts and searches)."""
+    return f"{error.message} ({error.code})" if error.code and error.code not in error.message else error.message
 
 
-async def _final_job(client: ControlClient, job_id: str, seen: dict[str, Any]) -> dict[str, Any]:
+def _queued_text(position: Any) -> str:
+    return f"queued at position {position}" if position else "queued"
+
+
+# ---------------------------------------------------------------- following jobs
+
+
+class DaemonStopped(DaemonUnavailable):
+    """The daemon said it is shutting down (its ``shutdown`` event) before the job's end was seen."""
+
+
+async def _final_job(client: Any, job_id: str, seen: dict[str, Any]) -> dict[str, Any]:
     """The ended job as the daemon has it; ``seen`` (its snapshot updated by its outcome event) when
     the daemon went away (or stopped, 503) right after that event. :class:`DaemonUnavailable` when
     the end was not seen."""
     try:
-        return (await client.request("GET", f"/v1/jobs/{job_id}"))["job"]
+        return dict((await client.request("GET", f"/v1/jobs/{job_id}"))["job"])
     except (DaemonUnavailable, ApiRefused) as e:
         if isinstance(e, ApiRefused) and e.status < 500:
             raise
-        if seen.get("id") != job_id or seen.get("state") in (None, "queued", "running", "cancelling"):
+        if seen.get("id") != job_id or seen.get("state") in (None, *ACTIVE_STATES):
             raise DaemonUnavailable(
                 f"the netota daemon at {client.control} went away before job {job_id} ended ({e})"
             ) from None
         return seen
 
 
-async def _follow_job(client: ControlClient, job_id: str, args: argparse.Namespace) -> int:
+def _ended_unseen(client: Any, job: dict[str, Any], shutdown: bool) -> DaemonUnavailable:
+    job_id = job.get("id", "?")
+    where = f" (last seen {_where(job)})" if job.get("state") != "queued" else ""
+    if shutdown:
+        return DaemonStopped(
+            f"the daemon stopped before job {job_id} ended{where}: once it is back, resume it with netota resume {job_id}"
+        )
+    return DaemonUnavailable(f"the netota daemon at {client.control} went away before job {job_id} ended{where}")
+
+
+def _renderer(client: Any, args: argparse.Namespace) -> ProgressRenderer:
+    return ProgressRenderer(
+        sys.stderr, colour=colour_wanted(sys.stderr, getattr(args, "no_color", False)), reactor=client.reactor
+    )
+
+
+def _board(client: Any, args: argparse.Namespace, out: Any) -> DeviceBoard:
+    return DeviceBoard(out, colour=colour_wanted(out, getattr(args, "no_color", False)), reactor=client.reactor)
+
+
+def _show_snapshot(job: dict[str, Any], draw: Callable[[Any], None]) -> None:
+    """A running job's state at once (``watch JOB`` started mid-phase): its phase, and its progress
+    or the connection attempt it is waiting on (a job's ``waiting``), if it has one. A job just
+    started (detect, nothing yet) shows its events as they come."""
+    progress = job.get("progress")
+    waiting = event_from_json({**job["waiting"], "type": "waiting"}) if isinstance(job.get("waiting"), dict) else None
+    if job.get("phase") in (None, Phase.DETECT.value) and not progress and waiting is None:
+        return
+    try:
+        draw(PhaseChanged(Phase(job["phase"]), ""))
+        if progress:
+            draw(progress_from_json(progress))
+        if waiting is not None:
+            draw(waiting)
+    except (KeyError, ValueError, TypeError):
+        return  # a snapshot this client can't read: the events that follow still draw
+
+
+async def _follow_job(client: Any, job_id: str, args: argparse.Namespace) -> int:
     """Follow one job to its end, drawing its progress on stderr; the exit code of its outcome."""
-    bars = ProgressRenderer(sys.stderr) if not args.json else None
+    events_json = getattr(args, "events_json", False)
+    bars = _renderer(client, args) if not args.json else None
     final: dict[str, Any] = {}
+    shutdown: list[bool] = []
 
     def on_event(event_type: str, data: dict[str, Any]) -> bool:
-        if getattr(args, "events_json", False):
-            print(json.dumps(data, sort_keys=True), flush=True)
+        if events_json:
+            print_json(data, lines=True)
         if event_type == "job":
             snapshot = data["snapshot"]
             final.update(snapshot)
             if bars and snapshot.get("state") == "queued":
-                sys.stderr.write(f"queued at position {snapshot.get('position')}\n")
-            return snapshot["state"] not in ("queued", "running", "cancelling")
+                sys.stderr.write(_queued_text(snapshot.get("position")) + "\n")
+            elif bars and snapshot.get("state") in ("running", "cancelling"):
+                _show_snapshot(snapshot, bars.handle)
+            return snapshot["state"] not in ACTIVE_STATES
         if event_type == "state":
             final.update(state=data["state"], position=data.get("position"))
             if bars and data["state"] == "queued":
-                sys.stderr.write(f"queued at position {data.get('position')}\n")
+                sys.stderr.write(_queued_text(data.get("position")) + "\n")
             return False
-        if event_type in ("phase", "progress") and bars:
+        if event_type in ("phase", "progress", "waiting"):
+            if "phase" in data:
+                final["phase"] = data["phase"]
             event = event_from_json(data)
-            if event is not None:
+            if bars and event is not None:
                 bars.handle(event)
         elif event_type == "outcome":
             final.update(state=data["state"], outcome=data.get("outcome"), advice=data.get("advice"))
+            if final.get("outcome") and final["outcome"].get("phase"):
+                final["phase"] = final["outcome"]["phase"]
             if bars and data.get("outcome"):
                 bars.handle(Finished(Outcome.from_json(data["outcome"])))
             return True
         elif event_type == "shutdown":
+            shutdown.append(True)
             return True
         return False
 
     try:
         await client.stream(f"/v1/jobs/{job_id}/events", on_event)
     finally:
-        if bars is not None and bars.interactive and not final.get("outcome"):
-            sys.stderr.write("\n")  # end a progress line the stream left open
-    if final.get("state") in ("queued", "running", "cancelling"):
-        raise DaemonUnavailable(f"the netota daemon at {client.control} went away before job {job_id} ended")
+        if bars is not None:
+            bars.close()
+    if final.get("state") in ACTIVE_STATES:
+        raise _ended_unseen(client, {"id": job_id, **final}, bool(shutdown))
     job = await _final_job(client, job_id, final)
     if args.json:
-        _print_json(job)
-    else:
-        print(_outcome_line(job))
+        print_json({"job": job}, lines=events_json)
+    elif job.get("state") != "interrupted":
+        print(outcome_line(job))
+    if job.get("state") == "interrupted":
+        sys.stderr.write(f"netota: {interrupted_line(job)}\n")
     return _job_exit_code(job, strict=getattr(args, "strict", False))
 
 
-async def cmd_devices(client: ControlClient, args: argparse.Namespace) -> int:
+async def _follow_quietly(client: Any, job: dict[str, Any], board: DeviceBoard | None) -> dict[str, Any]:
+    """Follow one job of a batch to its end (its progress on ``board``); its final state. Raises
+    :class:`DaemonUnavailable` when the daemon goes away before the job's end is known."""
+    job_id, device = job["id"], job["device"]
+    ended: dict[str, Any] = {}
+    last: dict[str, Any] = dict(job)
+    shutdown: list[bool] = []
+
+    def on_event(event_type: str, data: dict[str, Any]) -> bool:
+        if event_type == "job":
+            snapshot = data["snapshot"]
+            last.update(snapshot)
+            if board is not None and snapshot.get("state") == "queued":
+                board.set(device, _queued_text(snapshot.get("position")))
+            elif board is not None and snapshot.get("state") in ("running", "cancelling"):
+                _show_snapshot(snapshot, lambda event: board.handle(device, event))
+            return snapshot["state"] not in ACTIVE_STATES
+        if event_type == "state":
+            last.update(state=data.get("state"))
+            if board is not None and data.get("state") == "queued":
+                board.set(device, _queued_text(data.get("position")))
+        if event_type in ("phase", "progress", "waiting"):
+            if "phase" in data:
+                last["phase"] = data["phase"]
+            event = event_from_json(data)
+            if board is not None and event is not None:
+                board.handle(device, event)
+        if event_type == "outcome":
+            ended.update(data)
+            return True
+        if event_type == "shutdown":
+            shutdown.append(True)
+            return True
+        return False
+
+    await client.stream(f"/v1/jobs/{job_id}/events", on_event)
+    if not ended and last.get("state") in ACTIVE_STATES:
+        raise _ended_unseen(client, last, bool(shutdown))
+    seen = (
+        {**last, "state": ended["state"], "outcome": ended.get("outcome"), "advice": ended.get("advice")}
+        if ended
+        else {}
+    )
+    if seen.get("outcome") and seen["outcome"].get("phase"):
+        seen["phase"] = seen["outcome"]["phase"]
+    final = await _final_job(client, job_id, seen)
+    if final["state"] in ACTIVE_STATES:
+        raise _ended_unseen(client, final, bool(shutdown))
+    if board is not None:
+        board.end(device, _short_outcome(final))
+    return final
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def cmd_devices(client: Any, args: argparse.Namespace) -> int:
     names = getattr(args, "names", None) or []
     probe = getattr(args, "probe", False)
     if names and not probe:
@@ -157,7 +316,7 @@ async def cmd_devices(client: ControlClient, args: argparse.Namespace) -> int:
         answer = await client.request("GET", "/v1/devices")
     devices = answer["devices"]
     if args.json:
-        _print_json(answer if probe else devices)
+        print_json(answer)
         return 0
     rows = []
     notes = []
@@ -168,27 +327,29 @@ async def cmd_devices(client: ControlClient, args: argparse.Namespace) -> int:
         row = [
             d["name"],
             state,
-            _dash(d.get("phase")),
+            phase_text(d.get("phase")),
             percent,
             rate,
-            _dash(d.get("job")),
-            _dash(d.get("last_outcome")),
-            _dash(d.get("firmware_version")),
+            dash(d.get("job")),
+            kind_label(d.get("last_outcome")),
+            dash(d.get("firmware_version")),
         ]
         if probe:
             result = d.get("probe") or {}
-            row.append(_dash(result.get("mode")) if result.get("ok") else "?")
+            row.append(dash(result.get("mode")) if result.get("ok") else "?")
             if not result.get("ok"):
                 notes.append(f"{d['name']}: probe failed: {result.get('error') or 'no answer'}")
         rows.append(row)
     headers = ["DEVICE", "STATE", "PHASE", "PERCENT", "RATE", "JOB", "LAST OUTCOME", "FIRMWARE"]
-    print(_table(rows, headers + (["MODE"] if probe else [])))
+    print(table(rows, headers + (["MODE"] if probe else [])))
     for note in notes:
         print(note)
     return 0
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    import json
+
     options: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -201,7 +362,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-async def cmd_upgrade(client: ControlClient, args: argparse.Namespace) -> int:
+async def cmd_upgrade(client: Any, args: argparse.Namespace) -> int:
     if args.all:
         if len(args.targets) != 1:
             raise ValueError("with --all, give only FIRMWARE")
@@ -222,63 +383,17 @@ async def cmd_upgrade(client: ControlClient, args: argparse.Namespace) -> int:
     job = (await client.request("POST", "/v1/jobs", body))["job"]
     if not args.wait:
         if args.json:
-            _print_json(job)
+            print_json({"job": job})
         else:
-            print(_outcome_line(job))
+            print(outcome_line(job))
         return 0
     if not args.json:
         sys.stderr.write(f"job {job['id']}: upgrading {job['device']} with {job['firmware']}\n")
     return await _follow_job(client, job["id"], args)
 
 
-def _short_outcome(job: dict[str, Any]) -> str:
-    """A job's end in a few words, for a device's line: ``job 3f2a... succeeded: upgraded ...``."""
-    outcome = job.get("outcome") or {}
-    text = f"job {job['id']} {job['state']}"
-    if outcome:
-        text += f": {outcome.get('kind', '-')} {outcome.get('message', '')}".rstrip()
-    return text
-
-
-async def _follow_quietly(client: ControlClient, job: dict[str, Any], board: DeviceBoard | None) -> dict[str, Any]:
-    """Follow one job of a batch to its end (its progress on ``board``); its final state. Raises
-    :class:`DaemonUnavailable` when the daemon goes away before the job's end is known."""
-    job_id, device = job["id"], job["device"]
-    ended: dict[str, Any] = {}
-
-    def on_event(event_type: str, data: dict[str, Any]) -> bool:
-        if event_type == "job":
-            snapshot = data["snapshot"]
-            if board is not None and snapshot.get("state") == "queued":
-                board.set(device, f"queued at position {snapshot.get('position')}")
-            return snapshot["state"] not in ("queued", "running", "cancelling")
-        if event_type == "state" and board is not None and data.get("state") == "queued":
-            board.set(device, f"queued at position {data.get('position')}")
-        if event_type in ("phase", "progress") and board is not None:
-            event = event_from_json(data)
-            if event is not None:
-                board.handle(device, event)
-        if event_type == "outcome":
-            ended.update(data)
-            return True
-        return event_type == "shutdown"
-
-    await client.stream(f"/v1/jobs/{job_id}/events", on_event)
-    seen = (
-        {**job, "state": ended["state"], "outcome": ended.get("outcome"), "advice": ended.get("advice")}
-        if ended
-        else {}
-    )
-    final = await _final_job(client, job_id, seen)
-    if final["state"] in ("queued", "running", "cancelling"):
-        raise DaemonUnavailable(f"the netota daemon at {client.control} went away before job {job_id} ended")
-    if board is not None:
-        board.end(device, _short_outcome(final))
-    return final
-
-
 async def _upgrade_many(
-    client: ControlClient, args: argparse.Namespace, devices: list[str], firmware: str, options: dict[str, Any]
+    client: Any, args: argparse.Namespace, devices: list[str], firmware: str, options: dict[str, Any]
 ) -> int:
     """One job per device; with --wait, follow them all and print a summary. The exit code is 0 when
     every device succeeded (or was already current), else that of the first device, in the order
@@ -294,9 +409,9 @@ async def _upgrade_many(
             jobs[device] = (await client.request("POST", "/v1/jobs", body))["job"]
         except ApiRefused as e:
             refused[device] = e
-            sys.stderr.write(f"netota: {device}: refused ({e.status} {e.code}): {e.message}\n")
+            sys.stderr.write(f"netota: {device}: {refusal_text(e)}\n")
     if args.wait and jobs:
-        board = None if args.json else DeviceBoard(sys.stderr)
+        board = None if args.json else _board(client, args, sys.stderr)
 
         async def follow(device: str) -> None:
             try:
@@ -304,20 +419,24 @@ async def _upgrade_many(
             except DaemonUnavailable as e:
                 lost[device] = e
             except ApiRefused as e:  # e.g. 503 from a daemon that stopped between two requests
-                lost[device] = DaemonUnavailable(f"refused ({e.status} {e.code}): {e.message}")
+                lost[device] = DaemonUnavailable(e.message)
 
         # Each follower catches its own loss, so one broken stream never hides the others' ends
         # (anything else is a bug, reported as one).
-        await gatherResults([Deferred.fromCoroutine(follow(d)) for d in list(jobs)], consumeErrors=True)
+        try:
+            await gatherResults([Deferred.fromCoroutine(follow(d)) for d in list(jobs)], consumeErrors=True)
+        finally:
+            if board is not None:
+                board.close()
         for device, error in lost.items():
             sys.stderr.write(f"netota: {device}: {error}\n")
     codes: dict[str, int] = {}
     rows = []
     for device in devices:
         if device in refused:
-            error = refused[device]
-            codes[device] = error.exit_code
-            rows.append([device, "-", "refused", error.code, error.message])
+            refusal = refused[device]
+            codes[device] = refusal.exit_code
+            rows.append([device, "-", "refused", "-", refusal.message])
             continue
         job = jobs[device]
         if device in lost:
@@ -327,17 +446,15 @@ async def _upgrade_many(
         if args.wait:
             codes[device] = _job_exit_code(job, strict=args.strict)
         outcome = job.get("outcome") or {}
-        rows.append(
-            [
-                device,
-                job["id"],
-                job["state"],
-                outcome.get("kind", "-"),
-                outcome.get("message") or (f"position {job['position']}" if job.get("position") else ""),
-            ]
-        )
+        if job.get("state") == "interrupted":
+            message = f"interrupted {_where(job)}: netota resume {job['id']}"
+        else:
+            message = human_text(outcome.get("message") or "") or (
+                f"position {job['position']}" if job.get("position") else ""
+            )
+        rows.append([device, job["id"], job["state"], kind_label(outcome.get("kind")), message])
     if args.json:
-        _print_json(
+        print_json(
             {
                 "jobs": [jobs[d] for d in devices if d in jobs and d not in lost],
                 "refused": {d: {"status": e.status, "code": e.code, "message": e.message} for d, e in refused.items()},
@@ -345,63 +462,116 @@ async def _upgrade_many(
             }
         )
     else:
-        print(_table(rows, ["DEVICE", "JOB", "STATE", "OUTCOME", "MESSAGE"]))
+        print(table(rows, ["DEVICE", "JOB", "STATE", "OUTCOME", "MESSAGE"]))
+    interrupted = [jobs[d] for d in devices if d in jobs and d not in lost and jobs[d].get("state") == "interrupted"]
+    for job in interrupted:
+        sys.stderr.write(f"netota: {interrupted_line(job)}\n")
     return next((codes[d] for d in devices if codes.get(d, 0) != 0), 0)
 
 
-async def cmd_jobs(client: ControlClient, args: argparse.Namespace) -> int:
+async def cmd_jobs(client: Any, args: argparse.Namespace) -> int:
     query = []
     if args.device:
         query.append(f"device={args.device}")
     if args.limit is not None:  # 0 too: the daemon refuses it, rather than listing everything
         query.append(f"limit={args.limit}")
-    jobs = (await client.request("GET", "/v1/jobs" + ("?" + "&".join(query) if query else "")))["jobs"]
+    answer = await client.request("GET", "/v1/jobs" + ("?" + "&".join(query) if query else ""))
     if args.json:
-        _print_json(jobs)
+        print_json(answer)
         return 0
+    now = time.time()
     rows = []
-    for j in jobs:
+    for j in answer["jobs"]:
         outcome = (j.get("outcome") or {}).get("kind")
+        if j.get("state") == "interrupted":
+            outcome = "interrupted"
         progress = j.get("progress") or {}
         percent = f"{progress['percent']:.1f}%" if progress.get("percent") is not None else "-"
         rows.append(
             [
                 j["id"],
+                format_short_time(j.get("created"), now),
                 j["device"],
                 j["firmware"],
                 j["state"] + (f" #{j['position']}" if j.get("position") else ""),
-                j["phase"],
+                phase_text(j.get("phase")),
                 percent,
-                _dash(outcome),
-                "yes" if j.get("resumable") else "-",
+                kind_label(outcome),
+                yes_no(j.get("resumable")),
             ]
         )
-    print(_table(rows, ["JOB", "DEVICE", "FIRMWARE", "STATE", "PHASE", "PERCENT", "OUTCOME", "RESUMABLE"]))
+    headers = ["JOB", "CREATED", "DEVICE", "FIRMWARE", "STATE", "PHASE", "PERCENT", "OUTCOME", "RESUMABLE"]
+    print(table(rows, headers))
     return 0
 
 
-async def cmd_show(client: ControlClient, args: argparse.Namespace) -> int:
-    job = (await client.request("GET", f"/v1/jobs/{args.job}"))["job"]
+def show_lines(job: dict[str, Any]) -> list[str]:
+    """``netota show``: the job's line, its fields with human times and durations, its history."""
+    lines = outcome_line(job).splitlines()
+    created, started, finished = job.get("created"), job.get("started"), job.get("finished")
+    outcome = job.get("outcome") or {}
+    fields: list[tuple[str, str]] = [
+        ("firmware", dash(job.get("firmware"))),
+        ("state", dash(job.get("state"))),
+        ("phase", phase_text(job.get("phase"))),
+        ("point of no return", yes_no(job.get("point_of_no_return"))),
+    ]
+    before, after = outcome.get("firmware_version_before"), outcome.get("firmware_version_after")
+    if before or after:
+        fields.append(("versions", f"{before or '?'} -> {after or '?'}"))
+    fields.append(("created", format_time(created)))
+    if started is not None:
+        waited = f" (queued {format_elapsed(started - created)})" if created is not None else ""
+        fields.append(("started", format_time(started) + waited))
+    if finished is not None:
+        took = f" (took {format_elapsed(finished - (started or created))})" if (started or created) else ""
+        fields.append(("finished", format_time(finished) + took))
+    elif started is not None and job.get("state") in ACTIVE_STATES:
+        fields.append(("running for", format_elapsed(time.time() - started)))
+    fields += [
+        ("resumable", yes_no(job.get("resumable"))),
+        ("resumed from", dash(job.get("resumed_from"))),
+        ("resumed by", dash(job.get("resumed_by"))),
+    ]
+    width = max(len(name) for name, _ in fields)
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in fields]
+    history = job.get("history") or []
+    if history:
+        lines.append("  history:")
+        start = history[0].get("time") or 0.0
+        rows = [
+            [
+                format_time(entry.get("time")),
+                "+" + format_elapsed((entry.get("time") or start) - start),
+                dash(entry.get("state")),
+                phase_text(entry.get("phase")),
+                human_text(entry.get("note") or ""),
+            ]
+            for entry in history
+        ]
+        lines += ["    " + line for line in table(rows, ["TIME", "AFTER", "STATE", "PHASE", "NOTE"]).splitlines()]
+    return lines
+
+
+async def cmd_show(client: Any, args: argparse.Namespace) -> int:
+    answer = await client.request("GET", f"/v1/jobs/{args.job}")
     if args.json:
-        _print_json(job)
+        print_json(answer)
         return 0
-    print(_outcome_line(job))
-    for key in ("firmware", "state", "phase", "point_of_no_return", "resumable", "resumed_from", "resumed_by"):
-        print(f"  {key}: {_dash(job.get(key))}")
-    for entry in job.get("history", []):
-        print(f"  - {entry['time']:.3f} {entry['state']} {entry['phase']} {entry['note']}")
+    for line in show_lines(answer["job"]):
+        print(line)
     return 0
 
 
-async def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
+async def cmd_watch(client: Any, args: argparse.Namespace) -> int:
     if args.job:
         args.events_json = args.json  # with --json: each event as a JSON line, then the final job
         return await _follow_job(client, args.job, args)
-    board = DeviceBoard(sys.stdout)
+    board = _board(client, args, sys.stdout)
 
     def on_event(event_type: str, data: dict[str, Any]) -> bool:
         if args.json:
-            print(json.dumps(data, sort_keys=True), flush=True)
+            print_json(data, lines=True)
             return event_type == "shutdown"
         device = data.get("device", "")
         if event_type == "snapshot":
@@ -409,60 +579,92 @@ async def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
                 for d in data.get("devices", []):
                     board.set(
                         d["name"],
-                        f"{d['state']}  last: {_dash(d.get('last_outcome'))}  "
-                        f"firmware {_dash(d.get('firmware_version'))}",
+                        f"{d['state']}  last: {kind_label(d.get('last_outcome'))}  "
+                        f"firmware {dash(d.get('firmware_version'))}",
                     )
             for job in data.get("jobs", []):
-                board.set(
-                    job["device"],
-                    f"job {job['id']} {job['state']}" + (f" #{job['position']}" if job.get("position") else ""),
-                )
-        elif event_type in ("phase", "progress"):
+                if job.get("state") == "queued":
+                    board.set(job["device"], f"job {job['id']} {_queued_text(job.get('position'))}")
+                else:
+                    _show_snapshot(job, partial(board.handle, job["device"], label=f"{job['device']} {job['id']}"))
+        elif event_type in ("phase", "progress", "waiting"):
             event = event_from_json(data)
             if event is not None:
-                board.handle(device, event, label=f"{device} {data['job']}")
+                board.handle(device, event, label=f"{device} {data.get('job')}")
         elif event_type == "state":
-            board.set(
-                device, f"job {data['job']} {data['state']}" + (f" #{data['position']}" if data.get("position") else "")
+            text = f"job {data.get('job')} " + (
+                _queued_text(data.get("position")) if data.get("state") == "queued" else str(data.get("state"))
             )
+            board.set(device, text)
         elif event_type == "outcome":
-            board.end(device, _short_outcome({"id": data["job"], **data}))
+            board.end(device, _short_outcome({"id": data.get("job"), **data}))
         elif event_type == "shutdown":
-            board.message(data.get("message") or "the daemon is shutting down")
+            board.message("the daemon stopped")
             return True
         return False
 
-    await client.stream("/v1/events", on_event)
-    raise DaemonUnavailable(
-        f"the netota daemon at {client.control} ended the event stream (it is shutting down or went away)"
-    )
+    try:
+        await client.stream("/v1/events", on_event)
+    finally:
+        board.close()
+    raise DaemonUnavailable(f"the netota daemon at {client.control} ended the event stream (it stopped or went away)")
 
 
-async def cmd_cancel(client: ControlClient, args: argparse.Namespace) -> int:
+async def cmd_cancel(client: Any, args: argparse.Namespace) -> int:
     body = {"reason": args.reason} if args.reason else {}
-    job = (await client.request("POST", f"/v1/jobs/{args.job}/cancel", body))["job"]
+    answer = await client.request("POST", f"/v1/jobs/{args.job}/cancel", body)
     if args.json:
-        _print_json(job)
+        print_json(answer)
     else:
-        print(_outcome_line(job))
+        print(outcome_line(answer["job"]))
     return 0
 
 
-async def cmd_resume(client: ControlClient, args: argparse.Namespace) -> int:
-    job = (await client.request("POST", f"/v1/jobs/{args.job}/resume", {}))["job"]
+async def cmd_resume(client: Any, args: argparse.Namespace) -> int:
+    body = {"force": True} if args.force else {}
+    job = (await client.request("POST", f"/v1/jobs/{args.job}/resume", body))["job"]
     if not args.wait:
         if args.json:
-            _print_json(job)
+            print_json({"job": job})
         else:
             print(f"job {args.job} resumed as job {job['id']}")
-            print(_outcome_line(job))
+            print(outcome_line(job))
         return 0
     if not args.json:
         sys.stderr.write(f"job {args.job} resumed as job {job['id']}\n")
     return await _follow_job(client, job["id"], args)
 
 
-def _run(command: Callable[[ControlClient, argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+# ---------------------------------------------------------------- running a command
+
+
+async def run_command(command: Command, client: Any, args: argparse.Namespace, stopping: list[bool]) -> int | None:
+    """``command``'s exit code, every error it can end with turned into one plain line on stderr and
+    its code; None when our own shutdown (Ctrl-C) ended it (``stopping`` is set)."""
+    try:
+        return await command(client, args)
+    except BrokenPipeError:
+        silence_stdout()  # whoever read stdout stopped (| head): end quietly
+        return EXIT_BROKEN_PIPE
+    except DaemonUnavailable as e:
+        if stopping:
+            return None  # our own shutdown (Ctrl-C) closed the connection, not the daemon
+        sys.stderr.write(f"netota: {e}\n")
+        return EXIT_UNAVAILABLE
+    except ApiRefused as e:
+        sys.stderr.write(f"netota: {refusal_text(e)}\n")
+        return e.exit_code
+    except ValueError as e:
+        sys.stderr.write(f"netota: {e}\n")
+        return EXIT_USAGE
+    except Exception:  # a bug, or an answer this client does not understand: never "interrupted"
+        import traceback
+
+        sys.stderr.write(f"netota: internal error:\n{traceback.format_exc()}")
+        return EXIT_SOFTWARE
+
+
+def _run(command: Command) -> Callable[[argparse.Namespace], int]:
     def func(args: argparse.Namespace) -> int:
         from twisted.internet import task
 
@@ -477,24 +679,9 @@ def _run(command: Callable[[ControlClient, argparse.Namespace], Any]) -> Callabl
                 sys.stderr.write(f"netota: {e}\n")
                 codes.append(EXIT_USAGE)
                 return
-            try:
-                codes.append(await command(client, args))
-            except DaemonUnavailable as e:
-                if stopping:
-                    return  # our own shutdown (Ctrl-C) closed the connection, not the daemon
-                sys.stderr.write(f"netota: {e}\n")
-                codes.append(EXIT_UNAVAILABLE)
-            except ApiRefused as e:
-                sys.stderr.write(f"netota: refused ({e.status} {e.code}): {e.message}\n")
-                codes.append(e.exit_code)
-            except ValueError as e:
-                sys.stderr.write(f"netota: {e}\n")
-                codes.append(EXIT_USAGE)
-            except Exception:  # a bug, or an answer this client does not understand: never "interrupted"
-                import traceback
-
-                sys.stderr.write(f"netota: internal error:\n{traceback.format_exc()}")
-                codes.append(EXIT_SOFTWARE)
+            code = await run_command(command, client, args, stopping)
+            if code is not None:
+                codes.append(code)
 
         try:
             task.react(lambda reactor: ensureDeferred(main(reactor)))
@@ -517,15 +704,19 @@ The control address is --control, else $NETOTA_CONTROL, else unix:/run/netota/co
 (the daemon's own endpoint string works: unix:PATH[:mode=...], tcp:PORT:interface=HOST, or
 http://HOST:PORT). A bearer token comes from --token or $NETOTA_TOKEN.
 
+--json prints the API's own answer: {"devices": [...]}, {"jobs": [...]} or {"job": {...}}
+(watch: the API's events as JSON lines, then {"job": {...}} for watch JOB).
+
 Exit codes: 0 succeeded (or already current), 1 failed, 2 unverified, 3 already current with
 --strict, 4 aborted, 5 not applicable (double backup), 64 bad request (400/401/403/404), 69 the
-daemon can't be reached or went away before the job ended (or the job was interrupted by its
-shutdown), 70 an internal error of the client, 75 busy / not cancellable / not resumable (409),
-130 the client was interrupted (Ctrl-C; a job keeps running in the daemon).
+daemon can't be reached, went away or stopped before the job ended (the job is then interrupted:
+resume it), 70 an internal error of the client, 75 busy / not cancellable / not resumable (409),
+130 the client was interrupted (Ctrl-C; a job keeps running in the daemon), 141 the reader of
+the output went away (| head).
 """
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, draws: bool = False) -> None:
     parser.add_argument(
         "--control",
         default=os.environ.get("NETOTA_CONTROL", DEFAULT_CONTROL),
@@ -536,20 +727,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("NETOTA_TOKEN"),
         help="bearer token for a daemon that requires one (default: $NETOTA_TOKEN)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON instead of text")
+    if draws:
+        parser.add_argument(
+            "--no-color", action="store_true", help="no colour in the progress display (also: NO_COLOR set)"
+        )
 
 
 def add_parser(subparsers: Any) -> None:
-    def sub(name: str, help_text: str, command: Callable[..., Any]) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(
+    def sub(name: str, help_text: str, command: Command, draws: bool = False) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subparsers.add_parser(
             name,
             help=help_text,
             description=help_text,
             epilog=EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _common(p)
-        p.set_defaults(func=_run(command))
+        _common(p, draws)
+        p.set_defaults(func=_run(command), command=command)
         return p
 
     p = sub("devices", "List the daemon's devices and what each is doing.", cmd_devices)
@@ -565,6 +760,7 @@ def add_parser(subparsers: Any) -> None:
         "upgrade",
         "Start an upgrade of DEVICE (or several, or --all) with FIRMWARE, a file name in the daemon's firmware_dir.",
         cmd_upgrade,
+        draws=True,
     )
     p.usage = "netota upgrade [options] DEVICE [DEVICE ...] FIRMWARE\n       netota upgrade [options] --all FIRMWARE"
     p.add_argument(
@@ -574,7 +770,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--wait",
         action="store_true",
-        help="follow the job(s) to the end: a progress bar per phase (one per device for several), "
+        help="follow the job(s) to the end: a progress bar per phase (one line per device for several), "
         "and a summary table for several devices",
     )
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")
@@ -589,13 +785,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", help="only this device's jobs")
     p.add_argument("--limit", type=int, help="at most this many")
 
-    p = sub("show", "Show one job, with its history.", cmd_show)
+    p = sub("show", "Show one job, with its times and its history.", cmd_show)
     p.add_argument("job", metavar="JOB")
 
     p = sub(
         "watch",
-        "Follow one job to its end, or (without JOB) every job, one progress bar per device, until interrupted.",
+        "Follow one job to its end, or (without JOB) every job, one line per device, until interrupted.",
         cmd_watch,
+        draws=True,
     )
     p.add_argument("job", nargs="?", metavar="JOB")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already ran this firmware")
@@ -608,7 +805,13 @@ def add_parser(subparsers: Any) -> None:
         "resume",
         "Resume an interrupted, failed or aborted job as a new job for the same device and firmware.",
         cmd_resume,
+        draws=True,
     )
     p.add_argument("job", metavar="JOB")
     p.add_argument("--wait", action="store_true", help="follow the new job to its end")
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even though a later job already upgraded the device (the daemon refuses otherwise)",
+    )

@@ -2,9 +2,9 @@
 
 :class:`ControlClient` talks to the control socket (``unix:PATH``, ``tcp:PORT`` or ``http://HOST:PORT``,
 see :func:`control_endpoint`); :class:`EventStreamParser` decodes its ``text/event-stream`` bodies and
-:func:`event_from_json` turns a ``phase`` or ``progress`` event back into the engine's event. Errors
-come as :class:`DaemonUnavailable` (not reached, or gone) or :class:`ApiRefused` (an error answer,
-with the exit code a command gives for it).
+:func:`event_from_json` turns a ``phase``, ``progress`` or ``waiting`` event back into the engine's
+event. Errors come as :class:`DaemonUnavailable` (not reached, or gone; its message is one plain
+line) or :class:`ApiRefused` (an error answer, with the exit code a command gives for it).
 """
 
 from __future__ import annotations
@@ -15,18 +15,34 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from netota_daemon.cli.exit_codes import EXIT_BUSY, EXIT_UNAVAILABLE, EXIT_USAGE
 from netota_daemon.daemon.config import split_endpoint
-from netota_daemon.engine.events import JobEvent, PhaseChanged, Progress
-from netota_daemon.engine.outcome import EXIT_UNAVAILABLE, EXIT_USAGE, Phase
+from netota_daemon.engine.events import JobEvent, PhaseChanged, Progress, TransferState, Waiting
+from netota_daemon.engine.outcome import Phase
 
-EXIT_BUSY = 75  # EX_TEMPFAIL: the device is busy, or the job is in a state that refuses the request
 REQUEST_TIMEOUT = 30.0
+
+
+def why(error: BaseException | Failure) -> str:
+    """What went wrong, in words: never a repr of Twisted's objects (a ResponseFailed holds a list
+    of Failures; its str() is their reprs)."""
+    if isinstance(error, Failure):
+        return why(error.value) if isinstance(error.value, BaseException) else error.getErrorMessage()
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(dict.fromkeys(why(reason) for reason in reasons))
+    if isinstance(error, ConnectionDone):
+        return "the connection was closed"
+    if isinstance(error, ConnectionLost):
+        return "the connection was lost"
+    text = str(error).strip()
+    return text or type(error).__name__
 
 
 class DaemonUnavailable(Exception):
@@ -89,19 +105,23 @@ def control_endpoint(reactor: Any, control: str) -> Any:
 class ControlClient:
     """HTTP+JSON requests to the daemon, and its event streams."""
 
-    def __init__(self, reactor: Any, control: str, token: str | None = None) -> None:
+    def __init__(self, reactor: Any, control: str, token: str | None = None, http: Any = None) -> None:
+        """``http``: a treq ``HTTPClient`` (or ``treq.testing.StubTreq``) to use instead of one on
+        the control endpoint."""
         import treq.client
 
         self.reactor = reactor
         self.control = control
-        agent = Agent.usingEndpointFactory(reactor, _FixedEndpointFactory(control_endpoint(reactor, control)))
-        self._http = treq.client.HTTPClient(agent)
+        if http is None:
+            agent = Agent.usingEndpointFactory(reactor, _FixedEndpointFactory(control_endpoint(reactor, control)))
+            http = treq.client.HTTPClient(agent)
+        self._http = http
         self._headers = {b"Accept": [b"application/json"]}
         if token:
             self._headers[b"Authorization"] = [f"Bearer {token}".encode()]
 
     def _unavailable(self, error: BaseException) -> DaemonUnavailable:
-        return DaemonUnavailable(f"can't reach the netota daemon at {self.control}: {error}")
+        return DaemonUnavailable(f"can't reach the netota daemon at {self.control}: {why(error)}")
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """The decoded JSON answer; :class:`ApiRefused` for an error answer."""
@@ -120,7 +140,7 @@ class ControlClient:
         except (ConnectError, OSError) as e:
             raise self._unavailable(e) from None
         except Exception as e:  # ResponseFailed, a timeout: the daemon did not answer
-            raise DaemonUnavailable(f"the netota daemon at {self.control} did not answer: {e!r}") from None
+            raise DaemonUnavailable(f"the netota daemon at {self.control} did not answer: {why(e)}") from None
         try:
             answer = json.loads(raw)
         except ValueError:
@@ -148,7 +168,7 @@ class ControlClient:
         except (ConnectError, OSError) as e:
             raise self._unavailable(e) from None
         except Exception as e:
-            raise DaemonUnavailable(f"the netota daemon at {self.control} did not answer: {e!r}") from None
+            raise DaemonUnavailable(f"the netota daemon at {self.control} did not answer: {why(e)}") from None
         if response.code >= 400:
             raw = await treq.content(response)
             try:
@@ -159,14 +179,20 @@ class ControlClient:
                 response.code, error.get("code", "error"), error.get("message", raw.decode("utf-8", "replace"))
             )
         parser = EventStreamParser()
-        done: Deferred = Deferred()
-        stopped = []
+        done: Deferred[list[Any]] = Deferred()
+        stopped: list[bool] = []
+        raised: list[BaseException] = []  # what on_event raised: the caller's, not the stream's
 
         def chunk(data: bytes) -> None:
             if stopped:
                 return
             for event_type, payload in parser.feed(data):
-                if on_event(event_type, payload):
+                try:
+                    stop = on_event(event_type, payload)
+                except BaseException as e:
+                    raised.append(e)
+                    stop = True
+                if stop:
                     stopped.append(True)
                     if not done.called:
                         done.callback([None])
@@ -181,11 +207,13 @@ class ControlClient:
 
         collecting.addBoth(ended)
         (result,) = await done
+        if raised:
+            raise raised[0]
         if stopped:
             return
         if isinstance(result, Failure):
             raise DaemonUnavailable(
-                f"the netota daemon at {self.control} went away (the event stream broke: {result.getErrorMessage()})"
+                f"the netota daemon at {self.control} went away (the event stream broke: {why(result)})"
             )
 
 
@@ -219,20 +247,41 @@ class EventStreamParser:
         return events
 
 
+def progress_from_json(data: dict[str, Any]) -> Progress:
+    """A progress object of the API (an event's, or a job's ``progress``) as the engine's event;
+    fields a daemon does not send take their defaults. ValueError, KeyError or TypeError if bad."""
+    eta = data.get("eta")
+    return Progress(
+        phase=Phase(data["phase"]),
+        bytes_served=int(data.get("bytes_served") or 0),
+        total_bytes=int(data.get("total_bytes") or 0),
+        percent=float(data.get("percent") or 0.0),
+        device_percent=int(data.get("device_percent") or 0),
+        rate=float(data.get("rate") or 0.0),
+        point_of_no_return=bool(data.get("point_of_no_return")),
+        done_bytes=int(data.get("done_bytes") or 0),
+        basis=str(data.get("basis") or "offset"),
+        state=TransferState(data.get("state") or TransferState.TRANSFERRING.value),
+        activity=str(data.get("activity") or ""),
+        eta=None if eta is None else float(eta),
+    )
+
+
 def event_from_json(data: dict[str, Any]) -> JobEvent | None:
-    """The engine event a control-API ``phase`` or ``progress`` event carries (None for others)."""
+    """The engine event a control-API ``phase``, ``progress`` or ``waiting`` event carries (None for
+    others, and for one this client can't read)."""
     try:
         if data.get("type") == "phase":
-            return PhaseChanged(Phase(data["phase"]), data.get("message", ""))
+            return PhaseChanged(Phase(data["phase"]), str(data.get("message") or ""))
         if data.get("type") == "progress":
-            return Progress(
+            return progress_from_json(data)
+        if data.get("type") == "waiting":
+            last_error = data.get("last_error")
+            return Waiting(
                 phase=Phase(data["phase"]),
-                bytes_served=int(data.get("bytes_served") or 0),
-                total_bytes=int(data.get("total_bytes") or 0),
-                percent=float(data.get("percent") or 0.0),
-                device_percent=int(data.get("device_percent") or 0),
-                rate=float(data.get("rate") or 0.0),
-                point_of_no_return=bool(data.get("point_of_no_return")),
+                message=str(data.get("message") or ""),
+                attempt=int(data.get("attempt") or 0),
+                last_error=None if last_error is None else str(last_error),
             )
     except (KeyError, ValueError, TypeError):
         return None

@@ -20,22 +20,24 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
-    jsonFileLogObserver,
     textFileLogObserver,
 )
 
 from netota_daemon.cli import arguments
-from netota_daemon.cli.progress import ProgressRenderer
-from netota_daemon.engine.outcome import (
+from netota_daemon.cli.exit_codes import (
     EXIT_ALREADY_CURRENT_STRICT,
+    EXIT_BROKEN_PIPE,
     EXIT_CODES,
     EXIT_USAGE,
-    Outcome,
-    OutcomeKind,
     exit_code,
 )
+from netota_daemon.cli.output import silence_stdout
+from netota_daemon.cli.progress import ProgressRenderer, colour_wanted
+from netota_daemon.cli.text import human_text, outcome_text
+from netota_daemon.engine.outcome import Outcome, OutcomeKind
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareError, FirmwareImage, open_image
+from netota_daemon.logs import json_file_log_observer
 from netota_daemon.protocols.endpoints import EndpointError, check_interface
 
 DEFAULTS = UpgradeTimeouts()
@@ -55,7 +57,11 @@ exit codes:
 
 --json prints one JSON object on stdout: the outcome (kind, message, phase, failure, advice,
 point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code.
-The progress bar goes to stderr (phase, percent, bytes, rate, ETA); --quiet turns it off.
+The progress goes to stderr, one line per phase (percent, bytes, rate, an ETA once there is one,
+"device working" while the device writes, the point of no return in red); --quiet turns it off,
+--no-color (or NO_COLOR) turns its colour off. --log-file writes the engine's log as JSON lines
+(time, level, message, job, device, phase and the event's fields), as the daemon's
+--log-format json does.
 """
 
 
@@ -65,7 +71,7 @@ _count = arguments.whole_number(0)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "flash",
         help="Upgrade one device in the foreground, without the daemon.",
         description="Upgrade one device's firmware with the single-backup network upgrade (both phases), "
@@ -128,8 +134,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    parser.add_argument("--no-color", action="store_true", help="no colour in the progress display (also: NO_COLOR)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log the engine's steps to stderr")
-    parser.add_argument("--log-file", help="append the engine's log to this file as JSON lines")
+    parser.add_argument(
+        "--log-file", help="append the engine's log to this file as JSON lines (the daemon's --log-format json)"
+    )
 
     parser.set_defaults(func=run_flash_command)
     return parser
@@ -191,10 +200,10 @@ def print_outcome(outcome: Outcome, code: int, args: argparse.Namespace, out: Te
     versions = ""
     if outcome.firmware_version_before or outcome.firmware_version_after:
         versions = f" (firmware {outcome.firmware_version_before or '?'} -> {outcome.firmware_version_after or '?'})"
-    failure = f" [{outcome.failure.value}]" if outcome.failure else ""
-    out.write(f"{outcome.kind.value}{failure}: {outcome.message}{versions}\n")
+    failure = outcome.failure.value if outcome.failure else None
+    out.write(outcome_text(outcome.kind.value, outcome.message, failure) + versions + "\n")
     if outcome.advice:
-        out.write(f"advice: {outcome.advice}\n")
+        out.write(f"advice: {human_text(outcome.advice)}\n")
     out.flush()
 
 
@@ -221,11 +230,17 @@ async def flash(
             return EXIT_USAGE
     target, image, timeouts, behaviour = prepared
     job = UpgradeJob(reactor, target, image, timeouts, job_id=f"flash-{uuid.uuid4().hex[:8]}", behaviour=behaviour)
+    renderer = None
     if not args.quiet:
-        job.events.subscribe(ProgressRenderer(err))
+        renderer = ProgressRenderer(err, colour=colour_wanted(err, getattr(args, "no_color", False)), reactor=reactor)
+        job.events.subscribe(renderer)
     if on_job is not None:
         on_job(job)
-    outcome = await job.run()
+    try:
+        outcome = await job.run()
+    finally:
+        if renderer is not None:
+            renderer.close()
     code = exit_code(outcome.kind, strict=args.strict)
     print_outcome(outcome, code, args, out)
     return code
@@ -244,7 +259,7 @@ def _start_logging(args: argparse.Namespace) -> None:
             log_file = open(args.log_file, "a")
         except OSError as e:
             raise UsageError(f"can't open the log file {args.log_file}: {e.strerror or e}") from None
-        observers.append(jsonFileLogObserver(log_file, recordSeparator=""))
+        observers.append(json_file_log_observer(log_file))
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
 
@@ -272,7 +287,11 @@ def run_flash_command(args: argparse.Namespace) -> int:
         reactor.callWhenRunning(install)
 
     async def main(reactor: Any) -> None:
-        code = await flash(reactor, args, on_job=lambda job: hook_signals(reactor, job), prepared=prepared)
+        try:
+            code = await flash(reactor, args, on_job=lambda job: hook_signals(reactor, job), prepared=prepared)
+        except BrokenPipeError:  # whoever read stdout went away (| head): end quietly
+            silence_stdout()
+            code = EXIT_BROKEN_PIPE
         raise SystemExit(code)
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))

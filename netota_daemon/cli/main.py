@@ -9,7 +9,8 @@ import sys
 from typing import NoReturn
 
 from netota_daemon import __version__
-from netota_daemon.engine.outcome import EXIT_USAGE
+from netota_daemon.cli.exit_codes import EXIT_BROKEN_PIPE, EXIT_USAGE
+from netota_daemon.cli.output import silence_stdout
 
 COMMAND_MODULES = (
     "netota_daemon.cli.sim",
@@ -35,23 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"netota {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(name).add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    return int(args.func(args) or 0)
+    """Run one subcommand; its exit code. Output whose reader went away (``| head``) ends it
+    quietly with 141, wherever that happened (``--help`` too)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from netota_daemon.cli import arguments
-from netota_daemon.engine.outcome import EXIT_USAGE
+from netota_daemon.cli.exit_codes import EXIT_USAGE
 from netota_daemon.sim.config import SimConfig, SimConfigError, StallFault
 
 EVENTS_HELP = """\

@@ -208,23 +208,3 @@ class UpgradeFailed(Exception):
         super().__init__(message)
         self.failure = failure
         self.message = message
-
-
-#: Exit codes shared by ``netota flash`` and ``netota upgrade --wait``.
-EXIT_CODES = {
-    OutcomeKind.SUCCEEDED: 0,
-    OutcomeKind.ALREADY_CURRENT: 0,  # 3 with --strict
-    OutcomeKind.FAILED: 1,
-    OutcomeKind.UNVERIFIED: 2,
-    OutcomeKind.ABORTED: 4,
-    OutcomeKind.NOT_APPLICABLE: 5,
-}
-EXIT_ALREADY_CURRENT_STRICT = 3
-EXIT_USAGE = 64  # bad arguments, nothing sent
-EXIT_UNAVAILABLE = 69  # the daemon can't be reached / went away
-
-
-def exit_code(kind: OutcomeKind, strict: bool = False) -> int:
-    if kind is OutcomeKind.ALREADY_CURRENT and strict:
-        return EXIT_ALREADY_CURRENT_STRICT
-    return EXIT_CODES[kind]
