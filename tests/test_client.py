@@ -262,7 +262,7 @@ def outcome_event(final: dict) -> tuple[str, dict]:
         ("unverified", "the new firmware did not answer", 2, 2, "unverified: the new firmware did not answer"),
         ("already_current", "the device answered SAME", 0, 3, "already current: the device answered SAME"),
         ("aborted", "aborted during phase2: cancelled", 4, 4, "aborted during phase 2: cancelled"),
-        ("not_applicable", "a double-backup device", 5, 5, "not applicable: a double-backup device"),
+        ("not_applicable", "the image is of the other kind", 64, 64, "not applicable: the image is of the other kind"),
     ],
 )
 def test_upgrade_wait_prints_the_outcome_in_words_and_exits_with_its_code(

@@ -251,17 +251,18 @@ async def test_already_current_exit_code(reactor, tmp_path, strict, expected):
 
 
 @pytest_twisted.ensureDeferred
-async def test_double_backup_device_exit_code(reactor, tmp_path):
-    image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)
+async def test_a_single_backup_image_for_a_double_backup_device_is_refused_with_nothing_sent(reactor, tmp_path):
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)  # a single-backup test image
     device = await start_device(reactor, tmp_path, double_backup=True)
     try:
         d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--json", "-q"))
         code = await d
     finally:
         await device.stop()
-    assert code == 5
+    assert code == 64
     result = json.loads(out.getvalue())
-    assert result["kind"] == "not_applicable" and "FTP" in result["advice"]
+    assert result["kind"] == "not_applicable" and "can't be swapped" in result["advice"]
+    assert [e["event"] for e in device.events if e["event"].startswith(("ctp", "ftp", "session"))] == []
 
 
 def test_help_documents_the_exit_codes(capsys):
@@ -274,8 +275,8 @@ def test_help_documents_the_exit_codes(capsys):
         "2   unverified",
         "3   already current",
         "4   aborted",
-        "5   not applicable",
         "64  bad arguments",
+        "an image of the other kind for this device's build (not applicable): nothing was sent",
     ):
         assert line in text
 

@@ -708,7 +708,7 @@ http://HOST:PORT). A bearer token comes from --token or $NETOTA_TOKEN.
 (watch: the API's events as JSON lines, then {"job": {...}} for watch JOB).
 
 Exit codes: 0 succeeded (or already current), 1 failed, 2 unverified, 3 already current with
---strict, 4 aborted, 5 not applicable (double backup), 64 bad request (400/401/403/404), 69 the
+--strict, 4 aborted, 64 bad request (400/401/403/404) or an image of the other kind, 69 the
 daemon can't be reached, went away or stopped before the job ended (the job is then interrupted:
 resume it), 70 an internal error of the client, 75 busy / not cancellable / not resumable (409),
 130 the client was interrupted (Ctrl-C; a job keeps running in the daemon), 141 the reader of

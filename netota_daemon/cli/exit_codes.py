@@ -15,7 +15,7 @@ EXIT_CODES = {
     OutcomeKind.FAILED: 1,
     OutcomeKind.UNVERIFIED: 2,
     OutcomeKind.ABORTED: 4,
-    OutcomeKind.NOT_APPLICABLE: 5,
+    OutcomeKind.NOT_APPLICABLE: 64,  # the image's kind is not the device's: refused, nothing sent
 }
 EXIT_ALREADY_CURRENT_STRICT = 3
 EXIT_USAGE = 64  # EX_USAGE: bad arguments, or a request the daemon refused as bad (400/401/403/404); nothing sent

@@ -51,9 +51,8 @@ exit codes:
   {EXIT_CODES[OutcomeKind.UNVERIFIED]}   unverified: the device was flashed but its new firmware did not answer in time
   {EXIT_ALREADY_CURRENT_STRICT}   already current, with --strict
   {EXIT_CODES[OutcomeKind.ABORTED]}   aborted (Ctrl-C, SIGTERM); the advice says what state the device is in
-  {EXIT_CODES[OutcomeKind.NOT_APPLICABLE]}   not applicable: a double-backup device (ota_type 0), upgraded over FTP
-  {EXIT_USAGE}  bad arguments (missing, empty, unreadable or over-4-GiB firmware, unknown interface, ...):
-      nothing was sent
+  {EXIT_USAGE}  bad arguments (missing, empty, unreadable or over-4-GiB firmware, unknown interface, ...),
+      or an image of the other kind for this device's build (not applicable): nothing was sent
 
 --json prints one JSON object on stdout: the outcome (kind, message, phase, failure, advice,
 point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code.
@@ -74,17 +73,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "flash",
         help="Upgrade one device in the foreground, without the daemon.",
-        description="Upgrade one device's firmware with the single-backup network upgrade (both phases), "
-        "showing progress, and exit with a code that says how it ended.",
+        description="Upgrade one device's firmware, showing progress, and exit with a code that says how it "
+        "ended: a single-backup build (ota_type 1) over the 3335 stream in two phases, a double-backup build "
+        "(ota_type 0) by an FTP upload; the route is chosen from the device's description document.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("firmware", metavar="FIRMWARE", help="the upgrade file (update.ufw)")
+    parser.add_argument(
+        "firmware", metavar="FIRMWARE", help="the upgrade file (update.ufw, or update-ota.ufw for double backup)"
+    )
     parser.add_argument("--host", required=True, help="the device's address (192.168.1.1 on a real device)")
     parser.add_argument("--ctp-port", type=_port, default=3333, help="CTP port (default 3333)")
     parser.add_argument("--http-port", type=_port, default=8080, help="description document port (default 8080)")
     parser.add_argument("--ota-port", type=_port, default=3335, help="OTA data port (default 3335)")
     parser.add_argument("--interface", help="leave on this network interface (SO_BINDTODEVICE; needs CAP_NET_RAW)")
+    parser.add_argument("--ftp-port", type=_port, default=21, help="double backup: the device's FTP port (default 21)")
+    parser.add_argument("--ftp-user", default="FTPX", help="double backup: the FTP user (default FTPX)")
+    parser.add_argument("--ftp-password", default="12345678", help="double backup: the FTP password (default 12345678)")
     parser.add_argument("--source-address", help="connect from this local address")
     parser.add_argument("--name", help="the device's name in logs and output (default: HOST)")
     parser.add_argument(
@@ -176,6 +181,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
         source_address=args.source_address,
         reconnect_command=args.reconnect_command,
         expected_ssid=args.ssid,
+        ftp_port=args.ftp_port,
+        ftp_user=args.ftp_user,
+        ftp_password=args.ftp_password,
     )
     timeouts = DEFAULTS.replaced(
         deadline=args.timeout,
