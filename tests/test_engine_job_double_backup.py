@@ -3,7 +3,6 @@ on a Clock, with sockets and processes disabled; and the image-kind checks both 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 
 import pytest
@@ -22,36 +21,12 @@ from netota_daemon.engine.outcome import (
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ftp_upload import UploadEnd
-from netota_daemon.wire.firmware_kind import (
-    DOUBLE_BACKUP_HEAD_NAME,
-    JL_FILE_HEAD_SIZE,
-    TEST_HEAD,
-    TEST_HEAD_MAGIC,
-    TEST_TRAILER,
-    TEST_TRAILER_MAGIC,
-    build_jl_file_head,
-    crc16,
-)
 from tests.engine_fakes import IMAGE_SIZE, FakeDevice, FakeLink, Mode, StreamPlan, UploadPlan, run_to_end, run_until
+from tests.images import image_bytes_of
 
 pytestmark = pytest.mark.usefixtures("no_sockets_or_processes")
 
 TARGET = DeviceTarget(name="cam-1", host="192.0.2.1", ftp_port=2121, ftp_user="admin", ftp_password="pw")
-
-
-def image_bytes_of(kind: str, version: str = "2.0.0", size: int = IMAGE_SIZE, damaged: bool = False) -> bytes:
-    """A simulator-style test image of ``kind`` (single: NOTASIM head; double: an update_data JL head)."""
-    body_size = size - TEST_TRAILER.size - (JL_FILE_HEAD_SIZE if kind == "double" else TEST_HEAD.size)
-    body = bytes((i * 7) & 0xFF for i in range(body_size))
-    if kind == "double":
-        head = build_jl_file_head(DOUBLE_BACKUP_HEAD_NAME, size, crc16(body))
-    else:
-        head = TEST_HEAD.pack(TEST_HEAD_MAGIC, size, 0)
-    covered = head + body
-    digest = hashlib.sha256(covered).digest()
-    if damaged:
-        covered = covered[:-1] + bytes([covered[-1] ^ 1])
-    return covered + TEST_TRAILER.pack(TEST_TRAILER_MAGIC, version.encode().ljust(32, b"\0"), digest)
 
 
 class World:

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "netota_daemon.cli.sim",
     "netota_daemon.cli.flash",
     "netota_daemon.cli.client",
+    "netota_daemon.cli.firmware",
 )
 
 
@@ -31,7 +32,7 @@ class NetotaArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = NetotaArgumentParser(
         prog="netota",
-        description="Firmware upgrades for JieLi AC79 WiFi devices (single-backup network upgrade).",
+        description="Firmware upgrades for JieLi AC79 WiFi devices (single- and double-backup builds).",
     )
     parser.add_argument("--version", action="version", version=f"netota {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
