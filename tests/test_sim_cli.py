@@ -15,6 +15,7 @@ from netota_daemon.cli.sim import config_from_args
 from netota_daemon.sim.config import StallFault
 from netota_daemon.sim.image import read_trailer
 from netota_daemon.wire.ctp import CtpDecoder, request
+from netota_daemon.wire.firmware_kind import FirmwareKind
 from tests.conftest import PYTHON, subprocess_env
 
 
@@ -129,6 +130,11 @@ def test_make_image_command(tmp_path, capsys):
     assert out.stat().st_size == 5000 and read_trailer(out).version == "4.5.6"
     assert main(["sim", "make-image", str(out), "--version", "4.5.6", "--size", "10"]) == 64
     assert "at least 88 bytes" in capsys.readouterr().err
+    double = tmp_path / "update-ota.ufw"
+    assert main(["sim", "make-image", str(double), "--version", "4.5.7", "--size", "5000", "--kind", "double"]) == 0
+    assert "double-backup test image, version 4.5.7" in capsys.readouterr().out
+    assert (read_trailer(double).version, read_trailer(double).kind) == ("4.5.7", FirmwareKind.DOUBLE_BACKUP)
+    assert read_trailer(out).kind is FirmwareKind.SINGLE_BACKUP
 
 
 def test_netota_sim_subprocess_runs_until_sigterm(tmp_path):

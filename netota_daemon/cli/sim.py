@@ -183,13 +183,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     make = sim_commands.add_parser(
         "make-image",
         help="write a test image the simulator verifies",
-        description="Write a deterministic test image of exactly SIZE bytes: a head with its length, "
-        "pseudo-random bytes and a trailer (magic, VERSION, SHA-256). After a good phase 2 the simulated "
-        "device reports VERSION.",
+        description="Write a deterministic test image of exactly SIZE bytes: a head with its length "
+        "(--kind single: the simulator's own; --kind double: a JL file head named update_data, as a real "
+        "double-backup image starts), pseudo-random bytes and a trailer (magic, VERSION, SHA-256). After a "
+        "good upgrade the simulated device reports VERSION.",
     )
     make.add_argument("out", type=Path, help="the file to write")
     make.add_argument("--version", required=True, dest="image_version", help="firmware version the image carries")
-    make.add_argument("--size", required=True, type=_positive_int, help="total bytes (at least 88)")
+    make.add_argument("--size", required=True, type=_positive_int, help="total bytes (at least 88; 104 for double)")
+    make.add_argument(
+        "--kind",
+        choices=("single", "double"),
+        default="single",
+        help="single: a single-backup image for the 3335 stream (default); double: a double-backup image "
+        "(a JL file head named update_data) for the FTP upload",
+    )
     make.set_defaults(func=run_make_image)
     return parser
 
@@ -228,14 +236,14 @@ def run_make_image(args: argparse.Namespace) -> int:
     from netota_daemon.sim.image import ImageError, make_image
 
     try:
-        path = make_image(args.out, args.image_version, args.size)
+        path = make_image(args.out, args.image_version, args.size, args.kind)
     except ImageError as e:
         print(f"netota sim make-image: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         print(f"netota sim make-image: can't write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"wrote {path} ({args.size} bytes, version {args.image_version})")
+    print(f"wrote {path} ({args.size} bytes, {args.kind}-backup test image, version {args.image_version})")
     return 0
 
 

@@ -15,6 +15,10 @@ whole window (research §4.2):
 So no request other than the very first one has ``seek_addr`` 0 (the vendor's client reads from its
 current file position when ``seek_addr`` is 0, so a device that asked for 0 again would break it).
 
+The image length comes from the head read: a single-backup test image's head, else the configured
+``image_size``, else the end of a short first window. A head that is a double-backup image's
+(``update_data``) fails the session: the library's UFW check would refuse it on a device.
+
 Percent: 1 until ``all_size`` is known; then, at every library read (cache hits included) and before
 counting it, ``max(previous, bytes_read * 100 // all_size)`` capped at 99.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netota_daemon.sim.image import image_length_from_head
+from netota_daemon.wire.firmware_kind import HEAD_BYTES, FirmwareKind, identify
 from netota_daemon.wire.ota import PHASE1_WINDOW, PHASE2_WINDOW
 
 #: The library's first reads: the head of the file, then an "entry list" after it.
@@ -100,7 +105,12 @@ class DeviceReader:
     # -- the plan -------------------------------------------------------------------------------
     def _plan(self) -> str | None:
         """Build the reads after the head, once the head told the length. Returns a failure reason."""
-        head = bytes(self.received[:16])
+        head = bytes(self.received[:HEAD_BYTES])
+        if identify(head).kind is FirmwareKind.DOUBLE_BACKUP:
+            # The library's UFW header check fails: a double-backup image can't cross-upgrade.
+            return (
+                "not a UFW container: a double-backup image (update_data head); this single-backup build can't take it"
+            )
         length = image_length_from_head(head) or self.configured_size
         if length is None and self._eof is not None:
             length = self._eof  # the whole file fitted in the first window
