@@ -38,7 +38,6 @@ def test_every_option_reaches_the_config(tmp_path):
         "--ota-listen-at-start",
         "--time-scale",
         "0.5",
-        "--double-backup",
         "--firmware-version",
         "3.0",
         "--image-size",
@@ -63,6 +62,8 @@ def test_every_option_reaches_the_config(tmp_path):
         "8:9.5",
         "--corrupt-header-every",
         "10",
+        "--corrupt-header-once",
+        "11",
         "--corrupt-reply-check",
         "--fault-phase",
         "2",
@@ -73,7 +74,7 @@ def test_every_option_reaches_the_config(tmp_path):
         "loader",
         True,
         0.5,
-        True,
+        False,
     )
     assert (config.firmware_version, config.image_size, config.reject_image) == ("3.0", 1000, True)
     assert config.phase1_all_size is True
@@ -82,6 +83,7 @@ def test_every_option_reaches_the_config(tmp_path):
     assert (config.no_reboot, config.reboot_command) == (True, "true")
     assert (config.drop_after_reads, config.stall_after_reads) == (7, StallFault(8, 9.5))
     assert (config.corrupt_header_every, config.corrupt_reply_check, config.fault_phase) == (10, True, 2)
+    assert config.corrupt_header_once == 11
     assert config.state_dir == tmp_path
 
 

@@ -190,24 +190,30 @@ async def test_loader_watchdog_resets_after_stall_and_retry_succeeds(reactor, tm
 
 
 @pytest_twisted.ensureDeferred
-async def test_corrupt_header_every_is_skipped_and_resent(reactor, tmp_path):
+async def test_corrupt_headers_are_never_resent_phase1_goes_on_then_fails_its_crc_check(reactor, tmp_path):
     device = await start_device(reactor, tmp_path, corrupt_header_every=3)
     try:
         result = await run_phase1(reactor, device)
     finally:
         await device.stop()
-    assert result.final_status == Status.OK
-    assert result.skipped == len([e for e in device.events if e["event"] == "header_corrupted"]) >= 2
-    assert (tmp_path / "state" / "phase1-received.bin").read_bytes() == IMAGE
+    corrupted = [e["seek"] for e in device.events if e["event"] == "header_corrupted"]
+    assert result.skipped == len(corrupted) >= 2
+    seeks = [r.seek_addr for r in result.reads]
+    assert not set(corrupted) & set(seeks) and seeks == sorted(set(seeks))  # nothing asked twice
+    assert result.final_status == Status.ERR
+    (end,) = [e for e in device.events if e["event"] == "session_end"]
+    assert end["outcome"] == "err" and "CRC check failed" in end["reason"]
+    assert [e["seek"] for e in device.events if e["event"] == "reply_timeout_ignored"] == corrupted
+    assert not [e for e in device.events if e["event"] == "reboot"]  # the old firmware stays
 
 
 @pytest_twisted.ensureDeferred
 async def test_corrupt_reply_check_fails_once_then_retry_succeeds(reactor, tmp_path):
-    device = await start_device(reactor, tmp_path, corrupt_reply_check=True)
+    device = await start_device(reactor, tmp_path, mode="loader", corrupt_reply_check=True)
     try:
-        first = await run_phase1(reactor, device)
+        first = await run_phase2(reactor, device)
         assert first.final_status == Status.ERR
-        second = await run_phase1(reactor, device)
+        second = await run_phase2(reactor, device)
         assert second.final_status == Status.OK
     finally:
         await device.stop()
@@ -219,9 +225,9 @@ async def test_corrupt_reply_check_fails_once_then_retry_succeeds(reactor, tmp_p
 
 @pytest_twisted.ensureDeferred
 async def test_bad_reply_sum_from_app_is_dropped_then_session_fails(reactor, tmp_path):
-    device = await start_device(reactor, tmp_path)
+    device = await start_device(reactor, tmp_path, mode="loader")
     try:
-        result = await run_phase1(reactor, device, corrupt_reply=1)
+        result = await run_phase2(reactor, device, corrupt_reply=1)
     finally:
         await device.stop()
     assert result.final_status == Status.ERR

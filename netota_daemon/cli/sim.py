@@ -38,8 +38,10 @@ events (every one has "event", "time" (Unix seconds) and "mode" (main|loader|dow
   http_request     method, path, status | request, status (loader)
   session_start    phase
   all_size_sent    phase, all_size
-  header_corrupted phase, seek               (--corrupt-header-every: sent with a wrong sum)
+  header_corrupted phase, seek               (--corrupt-header-every/-once: sent with a wrong sum)
   checksum_error   phase, seek, read_size, injected (a reply with a bad sum: dropped)
+  reply_timeout_ignored phase, seek, read_size (phase 1: no valid reply in 5 s; the V1.2 firmware
+                                              goes on with a buffer never filled)
   notice_echo      phase                     (the app echoed the 100 % notice: wait ended early)
   stop_received    phase                     (STOP from the app)
   fault_drop       phase, replies            (--drop-after-reads fired)
@@ -168,12 +170,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--corrupt-header-every",
         type=_positive_int,
         metavar="N",
-        help="every Nth READ header goes out with a wrong sum; the device asks again after 5 s",
+        help="every Nth READ header of a session goes out with a wrong sum; the device never asks again: "
+        "after its 5 s wait the loader sends ERR, the main firmware goes on and fails its CRC check at the end",
+    )
+    fl.add_argument(
+        "--corrupt-header-once",
+        type=_positive_int,
+        metavar="N",
+        help="the Nth READ header of the device's life goes out with a wrong sum, once (so a retry succeeds)",
     )
     fl.add_argument(
         "--corrupt-reply-check",
         action="store_true",
-        help="treat the next reply as corrupt (once): dropped, then the 5 s wait fails the session",
+        help="treat the next reply as corrupt (once): dropped, then as --corrupt-header-every after the 5 s wait",
     )
     fl.add_argument("--fault-phase", type=int, choices=(1, 2), help="apply the faults only in this phase")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event to stderr")
@@ -222,6 +231,7 @@ def config_from_args(args: argparse.Namespace, state_dir: Path) -> SimConfig:
         drop_after_reads=args.drop_after_reads,
         stall_after_reads=args.stall_after_reads,
         corrupt_header_every=args.corrupt_header_every,
+        corrupt_header_once=args.corrupt_header_once,
         corrupt_reply_check=args.corrupt_reply_check,
         fault_phase=args.fault_phase,
         reboot_seconds=args.reboot_seconds,
@@ -280,7 +290,7 @@ def run_sim(args: argparse.Namespace) -> int:
     def started(_: Any) -> None:
         ports = device.ports
         print(
-            f"netota sim: {device.mode} firmware {device.firmware_version} on {config.listen}: "
+            f"netota sim: {device.mode.value} firmware {device.firmware_version} on {config.listen}: "
             f"ctp {ports['ctp']}, http {ports['http']}, ota {ports['ota']}; state in {state_dir} "
             f"(ports.json, events.jsonl); Ctrl-C to stop",
             flush=True,

@@ -97,6 +97,9 @@ class DeviceReader:
         self._index = 0
         self._cache_start = 0
         self._cache = b""
+        self._cache_unfilled = False  # the last window "arrived" empty (a reply timeout the device ignored)
+        self.unfilled_windows = 0  # windows the device went on without (phase 1, V1.2)
+        self.unfilled_reads = 0  # library reads served from such a window: the library got garbage
         self._pending: ReadRequest | None = None
         self.last_request: ReadRequest | None = None
         self._eof: int | None = None
@@ -146,6 +149,11 @@ class DeviceReader:
     def _in_cache(self, offset: int, n: int) -> bool:
         return self._cache_start <= offset and offset + n <= self._cache_start + len(self._cache)
 
+    def _read(self, index: int) -> tuple[int, int]:
+        read = self._reads[index]
+        assert not isinstance(read, str)
+        return read
+
     def _update_percent(self) -> None:
         if self.all_size:
             self.percent = min(99, max(self.percent, self.library_bytes * 100 // self.all_size))
@@ -168,9 +176,11 @@ class DeviceReader:
                 self.all_size = self.image_length
                 self.library_bytes = 0
                 return SizeNotice(self.all_size, self.percent)
-            offset, n = read  # type: ignore[misc]
+            offset, n = self._read(self._index)
             self._update_percent()
             if self._in_cache(offset, n):
+                if self._cache_unfilled:
+                    self.unfilled_reads += 1
                 self._consume(n)
                 continue
             self._pending = ReadRequest(self._window_for(offset, n), self.window, self.percent)
@@ -200,7 +210,7 @@ class DeviceReader:
             raise ReplyError(f"reply for offset {seek}, but the device asked for {request.seek}")
         if len(payload) > request.size:
             raise ReplyError(f"reply carries {len(payload)} bytes, more than the {request.size} asked")
-        offset, n = self._reads[self._index]  # type: ignore[misc]
+        offset, n = self._read(self._index)
         end = seek + len(payload)
         if len(payload) < request.size:
             self._eof = end
@@ -215,11 +225,25 @@ class DeviceReader:
                 f"reply covers {seek}..{end}, but the device needs {offset}..{needed} (short reply before end of file)"
             )
         self._pending = None
-        self._cache_start, self._cache = seek, bytes(payload)
+        self._cache_start, self._cache, self._cache_unfilled = seek, bytes(payload), False
         self._store(seek, payload)
         self.replies += 1
         self.bytes_received += len(payload)
         self._consume(n)
+
+    def go_on_without_reply(self) -> None:
+        """The device gave up waiting for the outstanding reply and went on anyway (the V1.2 main
+        firmware ignores its reply timeout): the library is handed the window's buffer, never
+        filled. Nothing is stored; every library read served from that window counts in
+        :attr:`unfilled_reads` (the one waiting now included)."""
+        request = self._pending
+        if request is None:
+            raise RuntimeError("no READ is outstanding")
+        self._pending = None
+        self._cache_start, self._cache, self._cache_unfilled = request.seek, bytes(request.size), True
+        self.unfilled_windows += 1
+        self.unfilled_reads += 1
+        self._consume(self._read(self._index)[1])
 
     def _store(self, seek: int, payload: bytes) -> None:
         end = seek + len(payload)
