@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,16 @@ events (every one has "event", "time" (Unix seconds) and "mode" (main|loader|dow
 """
 
 
+DESCRIPTION = """\
+Play one JieLi AC79 device: the main firmware (CTP 3333, HTTP 8080, OTA 3335
+after NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader.
+Runs in the foreground until SIGINT/SIGTERM and prints, at start, the
+netota flash command that upgrades it. Every delay is the device's real one
+times --time-scale."""
+
+USAGE = """netota sim [OPTIONS]
+       netota sim make-image OUT --version V --size N [--kind single|double]"""
+
 _positive_int = arguments.whole_number(1)
 _port = arguments.tcp_port(allow_zero=True)
 _seconds = arguments.seconds(positive=False)
@@ -76,12 +87,9 @@ def _stall(text: str) -> StallFault:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sim",
+        usage=USAGE,
         help="Run a simulated device: its main firmware and its phase-2 loader.",
-        description=(
-            "Play one JieLi AC79 device: the main firmware (CTP 3333, HTTP 8080, OTA 3335 after "
-            "NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader. Runs in the "
-            "foreground until SIGINT/SIGTERM. Every delay is the device's real one times --time-scale."
-        ),
+        description=DESCRIPTION,
         epilog=EVENTS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -188,18 +196,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event to stderr")
     parser.set_defaults(func=run_sim)
 
-    sim_commands = parser.add_subparsers(dest="sim_command", metavar="make-image")
+    sim_commands = parser.add_subparsers(dest="sim_command", title="commands", metavar="make-image")
     make = sim_commands.add_parser(
         "make-image",
+        prog="netota sim make-image",
+        usage="netota sim make-image OUT --version V --size N [--kind single|double]",
         help="write a test image the simulator verifies",
         description="Write a deterministic test image of exactly SIZE bytes: a head with its length "
         "(--kind single: the simulator's own; --kind double: a JL file head named update_data, as a real "
         "double-backup image starts), pseudo-random bytes and a trailer (magic, VERSION, SHA-256). After a "
         "good upgrade the simulated device reports VERSION.",
     )
-    make.add_argument("out", type=Path, help="the file to write")
-    make.add_argument("--version", required=True, dest="image_version", help="firmware version the image carries")
-    make.add_argument("--size", required=True, type=_positive_int, help="total bytes (at least 88; 104 for double)")
+    make.add_argument("out", metavar="OUT", type=Path, help="the file to write")
+    make.add_argument(
+        "--version", required=True, dest="image_version", metavar="V", help="firmware version the image carries"
+    )
+    make.add_argument(
+        "--size", required=True, type=_positive_int, metavar="N", help="total bytes (at least 88; 104 for double)"
+    )
     make.add_argument(
         "--kind",
         choices=("single", "double"),
@@ -257,7 +271,48 @@ def run_make_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flash_options() -> set[str]:
+    """The options ``netota flash`` accepts (so the command printed at start is one it takes)."""
+    from netota_daemon.cli import flash
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    return set(flash.add_parser(subparsers)._option_string_actions)
+
+
+def flash_command(config: SimConfig, ports: dict[str, int], accepted: set[str] | None = None) -> list[str]:
+    """Lines telling how to upgrade this simulated device by hand: a test image, then ``netota
+    flash`` with this device's address and ports (only those that differ from the defaults)."""
+    accepted = _flash_options() if accepted is None else accepted
+    host = "127.0.0.1" if config.listen in ("", "0.0.0.0") else config.listen
+    defaults = {"ctp": 3333, "http": 8080, "ota": 3335, "ftp": 21}
+    if config.double_backup:
+        image, kind, names = "update-ota.ufw", " --kind double", ("ctp", "http", "ftp")
+    else:
+        image, kind, names = "update.ufw", "", ("ctp", "http", "ota")
+    flags = "".join(
+        f" --{name}-port {ports[name]}" for name in names if ports.get(name, defaults[name]) != defaults[name]
+    )
+    lines = [
+        f"netota sim: make a test image:  netota sim make-image {image} --version 2.0.0 --size 300000{kind}",
+        f"netota sim: then upgrade it:    netota flash {image} --host {host}{flags}",
+    ]
+    if config.double_backup and "--ftp-port" not in accepted:
+        lines[1] += "  (this netota flash has no FTP route yet: it reports 'not applicable')"
+    return lines
+
+
 def run_sim(args: argparse.Namespace) -> int:
+    """Run the device until SIGINT/SIGTERM; a state directory it made itself is removed at the end."""
+    if args.state_dir is not None:
+        return _run_device(args, args.state_dir, temporary=False)
+    state_dir = Path(tempfile.mkdtemp(prefix="netota-sim-"))
+    try:
+        return _run_device(args, state_dir, temporary=True)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _run_device(args: argparse.Namespace, state_dir: Path, temporary: bool) -> int:
     from twisted.internet import reactor
     from twisted.logger import (
         FilteringLogObserver,
@@ -269,7 +324,6 @@ def run_sim(args: argparse.Namespace) -> int:
 
     from netota_daemon.sim.device import SimulatedDevice
 
-    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="netota-sim-"))
     try:
         config = config_from_args(args, state_dir)
     except SimConfigError as e:
@@ -289,10 +343,13 @@ def run_sim(args: argparse.Namespace) -> int:
 
     def started(_: Any) -> None:
         ports = device.ports
+        listening = ", ".join(f"{name} {ports[name]}" for name in device.port_names)
+        removed = ", removed at exit" if temporary else ""
         print(
-            f"netota sim: {device.mode.value} firmware {device.firmware_version} on {config.listen}: "
-            f"ctp {ports['ctp']}, http {ports['http']}, ota {ports['ota']}; state in {state_dir} "
-            f"(ports.json, events.jsonl); Ctrl-C to stop",
+            f"netota sim: {device.mode.value} firmware {device.firmware_version} on {config.listen}: {listening}\n"
+            f"netota sim: state in {state_dir} (ports.json, events.jsonl{removed}); Ctrl-C to stop",
+            *flash_command(config, ports),
+            sep="\n",
             flush=True,
         )
         reactor.addSystemEventTrigger("before", "shutdown", device.stop)

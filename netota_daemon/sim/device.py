@@ -54,7 +54,8 @@ from netota_daemon.sim.timers import DeviceTimers
 
 log = Logger()
 
-PORT_NAMES = ("ctp", "http", "ota")
+PORT_NAMES = ("ctp", "http", "ota")  # a single-backup build's ports
+DOUBLE_BACKUP_PORT_NAMES = ("ctp", "http", "ftp")  # a double-backup build's (3335 never opens)
 EventPredicate = Callable[[dict[str, Any]], bool]
 
 
@@ -83,7 +84,9 @@ class SimulatedDevice:
         self.mode = DeviceMode.DOWN
         self.firmware_version = config.firmware_version
         self.events: list[dict[str, Any]] = []
-        self.ports: dict[str, int] = {"ctp": config.ctp_port, "http": config.http_port, "ota": config.ota_port}
+        configured = {"ctp": config.ctp_port, "http": config.http_port, "ota": config.ota_port, "ftp": config.ftp_port}
+        #: The ports of this build, by name; 0 (any free port) is replaced by the port found at start.
+        self.ports: dict[str, int] = {name: configured[name] for name in self.port_names}
         self.faults = FaultState()
         self.state = StateWriter(config.state_path)
         self.timers = DeviceTimers(reactor, config.time_scale)
@@ -138,6 +141,11 @@ class SimulatedDevice:
 
     # -- what tests and tools may look at -------------------------------------------------------
     @property
+    def port_names(self) -> tuple[str, ...]:
+        """The ports this build serves: ``ctp``, ``http``, then ``ota`` (single backup) or ``ftp``."""
+        return DOUBLE_BACKUP_PORT_NAMES if self.config.double_backup else PORT_NAMES
+
+    @property
     def listening(self) -> frozenset[str]:
         """The ports listening now, by name (``ctp``, ``http``, ``ota``)."""
         return frozenset(self._listeners)
@@ -154,7 +162,7 @@ class SimulatedDevice:
             self.record("start", firmware_version=self.firmware_version, listen=self.config.listen)
             mode = self.config.start_mode
             opens_ota = mode is DeviceMode.LOADER or self.config.ota_listen_at_start
-            if self.ports["ota"] == 0 and not opens_ota:
+            if self.ports.get("ota") == 0 and not opens_ota:
                 # Learn the OTA port now (NET_OTA_SINGLE opens it later), then close it again.
                 self._listen("ota", OtaFactory(self))
                 self._stop_listening("ota")
