@@ -89,9 +89,59 @@ def test_every_option_reaches_the_config(tmp_path):
     assert config.state_dir == tmp_path
 
 
+def test_every_double_backup_option_reaches_the_config(tmp_path):
+    args = parse(
+        "--double-backup",
+        "--ftp-port",
+        "0",
+        "--no-ota-type",
+        "--stupid-ftpd",
+        "--pasv-base",
+        "20000",
+        "--fixed-version",
+        "--burn-seconds",
+        "3",
+        "--flash-kbps",
+        "64",
+        "--ftp-drop-after-bytes",
+        "1000",
+        "--ftp-stall-after-bytes",
+        "2000:7",
+        "--ftp-busy-once",
+        "--ftp-reject-login-once",
+    )
+    config = config_from_args(args, tmp_path)
+    assert (config.double_backup, config.ftp_port, config.ota_type_in_description, config.stupid_ftpd) == (
+        True,
+        0,
+        False,
+        True,
+    )
+    assert (config.pasv_base, config.fixed_version, config.burn_seconds, config.flash_kbps) == (20000, True, 3, 64)
+    assert (config.ftp_drop_after_bytes, config.ftp_stall) == (1000, StallFault(2000, 7))
+    assert (config.ftp_busy_once, config.ftp_reject_login_once) == (True, True)
+    defaults = config_from_args(parse(), tmp_path)
+    assert (defaults.ftp_port, defaults.pasv_base, defaults.ota_type_in_description) == (21, 4096, True)
+
+
+def test_the_double_backup_banner_names_the_ftp_port():
+    config = SimConfig(double_backup=True, ctp_port=0, http_port=0, ftp_port=0)
+    lines = flash_command(config, {"ctp": 4000, "http": 4001, "ftp": 4002}, accepted={"--ftp-port"})
+    assert lines[0].endswith("netota sim make-image update-ota.ufw --version 2.0.0 --size 300000 --kind double")
+    assert lines[1].endswith(
+        "netota flash update-ota.ufw --host 127.0.0.1 --ctp-port 4000 --http-port 4001 --ftp-port 4002"
+    )
+    older = flash_command(config, {"ctp": 4000, "http": 4001, "ftp": 4002}, accepted=set())
+    assert "no FTP route yet" in older[1]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--pasv-base", "40000"],
+        ["--ftp-stall-after-bytes", "9"],
+        ["--flash-kbps", "0"],
+        ["--ftp-drop-after-bytes", "0"],
         ["--time-scale", "0"],
         ["--ctp-port", "70000"],
         ["--stall-after-reads", "5"],
@@ -117,6 +167,10 @@ def test_help_documents_every_event():
         "session_end",
         "checksum_error",
         "stop_received",
+        "ftp_crash",
+        "ftp_protocol_error",
+        "db_burn",
+        "db-received.bin",
         "reboot",
         "mode",
         "watchdog_reset",

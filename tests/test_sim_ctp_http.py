@@ -101,7 +101,8 @@ def test_net_ota_single_status_0_and_double_backup_answer_0():
     protocol, transport = connect(double, "ctp")
     protocol.dataReceived(APP_ACCESS + request("NET_OTA_SINGLE", "PUT", status="1"))
     assert frames(transport)[-1].param == {"status": "0"}
-    assert len(reactor.tcpServers) == len(reactor2.tcpServers) == 2
+    assert [p[0] for p in reactor.tcpServers] == [13333, 18080]
+    assert [p[0] for p in reactor2.tcpServers] == [13333, 18080, 21]  # FTP, never 3335
 
 
 @pytest.mark.parametrize("frame", [request("NET_OTA_SINGLE", "GET"), request("NO_SUCH_TOPIC", "PUT", a="1")])

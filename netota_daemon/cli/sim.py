@@ -11,62 +11,51 @@ from typing import Any
 
 from netota_daemon.cli import arguments
 from netota_daemon.cli.exit_codes import EXIT_USAGE
-from netota_daemon.sim.config import SimConfig, SimConfigError, StallFault
+from netota_daemon.sim.config import PASV_COUNTER_LAST, SimConfig, SimConfigError, StallFault
 
 EVENTS_HELP = """\
 state directory (--state-dir DIR):
-  ports.json             {"listen", "ctp", "http", "ota"}: the ports actually used (written at start)
-  events.jsonl           one JSON object per line, appended as things happen
-  phase<N>-received.bin  after every OTA session of phase N: the bytes received, placed by offset,
-                         image length long (zeros where nothing arrived)
+  ports.json        the ports actually used: listen, ctp, http, then ota
+                    (single backup) or ftp (double backup); written at start
+  events.jsonl      one JSON object per line, appended as things happen
+  phase<N>-received.bin  after every OTA session of phase N: the bytes
+                    received, placed by offset, image length long
+  db-received.bin   double backup: the bytes of the last OTA upload over FTP,
+                    as received (written when the upload ends, however)
 
-events (every one has "event", "time" (Unix seconds) and "mode" (main|loader|down)):
-  start            firmware_version, listen
-  mode             the device now runs in "mode"; firmware_version, ports (absent when going down)
-  stop             the simulator is shutting down
-  ctp_connect      peer                      (CTP connection accepted)
-  ctp_frame        topic, op                 (main firmware: one frame received)
-  app_access       peer[, type, ver]         (APP_ACCESS answered)
-  ctp_access_refused peer, holder            (another IP holds access: errno 3, disconnected)
-  ctp_replaced     peer                      (a new connection from the holder's IP replaced it)
-  ctp_idle_drop    peer                      (no frame for 60 s, scaled)
-  ctp_bad_frame    peer, error               (bad magic/length/JSON: connection dropped)
-  ctp_ignored      reason                    (loader: a second concurrent CTP connection)
-  net_ota_single   requested, status         (NET_OTA_SINGLE PUT answered)
-  ota_listening    port                      (3335 opened by NET_OTA_SINGLE)
-  ota_refused      reason                    (3335 connection closed at once: busy, or loader
-                                              before any HTTP request)
-  http_request     method, path, status | request, status (loader)
-  session_start    phase
-  all_size_sent    phase, all_size
-  header_corrupted phase, seek               (--corrupt-header-every/-once: sent with a wrong sum)
-  checksum_error   phase, seek, read_size, injected (a reply with a bad sum: dropped)
-  reply_timeout_ignored phase, seek, read_size (phase 1: no valid reply in 5 s; the V1.2 firmware
-                                              goes on with a buffer never filled)
-  notice_echo      phase                     (the app echoed the 100 % notice: wait ended early)
-  stop_received    phase                     (STOP from the app)
-  fault_drop       phase, replies            (--drop-after-reads fired)
-  fault_stall      phase, replies, seconds   (--stall-after-reads fired)
-  session_end      phase, outcome, reason, bytes (payload bytes received), image_length,
-                   sha256 (of phase<N>-received.bin), stop_received, all_size_sent, replies,
-                   checksum_errors
-                   outcome: ok | err (device sent ERR) | same (SAME, or ERR with --same-status err)
-                            | dropped (--drop-after-reads) | aborted (the app closed first)
-                            | watchdog (loader watchdog reset) | stopped (reboot or shutdown)
-  watchdog_reset   seconds                   (loader: no read progress during an attempt)
-  reboot           reason, to (loader|main|down)
-  power_up         to                        (WiFi back; the servers listen a little later)
-  reboot_command   direction (down|up), exit_code | error
-  listen_failed    error
+events: every one has "event", "time" (Unix seconds), "mode" (main|loader|
+down). docs/simulator.md says when each comes and what its fields mean.
+  device    start, mode, stop, reboot, power_up, reboot_command,
+            listen_failed, watchdog_reset
+  CTP       ctp_connect, ctp_frame, app_access, ctp_access_refused,
+            ctp_replaced, ctp_idle_drop, ctp_bad_frame, ctp_ignored,
+            net_ota_single
+  HTTP      http_request
+  OTA 3335  ota_listening, ota_refused, session_start, all_size_sent,
+            header_corrupted, checksum_error, reply_timeout_ignored,
+            notice_echo, stop_received, fault_drop, fault_stall,
+            session_end (outcome: ok, err, same, dropped, aborted,
+            watchdog, stopped)
+  FTP 21    ftp_connect, ftp_command (verb, arg, reply), ftp_login,
+            ftp_protocol_error (kind: coalesced, split, second_pasv,
+            data_before_stor, flood), ftp_pasv, ftp_pasv_failed,
+            ftp_data_connect, ftp_data_refused, ftp_crash (cause: abor,
+            no_fresh_pasv, port_after_pasv), ftp_not_modelled,
+            ftp_upload_start, ftp_upload_end (outcome: closed, reset,
+            control_lost), ftp_fault_busy, ftp_fault_reject_login,
+            ftp_fault_drop, ftp_fault_stall
+  writer    db_cancelled, db_head_rejected, db_write_error, db_burn
+            (burned, reason, bytes, image_length, version)
 """
 
 
 DESCRIPTION = """\
 Play one JieLi AC79 device: the main firmware (CTP 3333, HTTP 8080, OTA 3335
-after NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader.
-Runs in the foreground until SIGINT/SIGTERM and prints, at start, the
-netota flash command that upgrades it. Every delay is the device's real one
-times --time-scale."""
+after NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader;
+with --double-backup, a double-backup build (ota_type 0) upgraded by an FTP
+upload on 21. Runs in the foreground until SIGINT/SIGTERM and prints, at
+start, the netota flash command that upgrades it. Every delay is the
+device's real one times --time-scale."""
 
 USAGE = """netota sim [OPTIONS]
        netota sim make-image OUT --version V --size N [--kind single|double]"""
@@ -82,6 +71,20 @@ def _stall(text: str) -> StallFault:
         return StallFault.parse(text)
     except SimConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ftp_stall(text: str) -> StallFault:
+    try:
+        return StallFault.parse(text, "--ftp-stall-after-bytes", "100000:30")
+    except SimConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _pasv_base(text: str) -> int:
+    value = arguments.whole_number(0)(text)
+    if value >= PASV_COUNTER_LAST:
+        raise argparse.ArgumentTypeError(f"{text!r} must be below {PASV_COUNTER_LAST}")
+    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -114,7 +117,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     dev.add_argument(
         "--double-backup",
         action="store_true",
-        help="a double-backup build: ota_type 0, NET_OTA_SINGLE answers status 0",
+        help="a double-backup build: ota_type 0, NET_OTA_SINGLE answers status 0, no loader; "
+        "upgraded by an FTP upload (see 'double backup' below)",
     )
     dev.add_argument("--firmware-version", default="1.0.0", help="the installed version (default 1.0.0)")
     dev.add_argument(
@@ -161,6 +165,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="CMD",
         help="shell command run when going down and coming up, with NETOTA_SIM_REBOOT=down|up",
     )
+    db = parser.add_argument_group("double backup (with --double-backup)")
+    db.add_argument("--ftp-port", type=_port, default=21, help="FTP port (0: any; default 21)")
+    db.add_argument(
+        "--no-ota-type",
+        action="store_true",
+        help="the description document has no ota_type (nor ota_step): read as double backup",
+    )
+    db.add_argument(
+        "--stupid-ftpd",
+        action="store_true",
+        help="the other builds' FTP server: its greeting, and REST/SIZE answered",
+    )
+    db.add_argument(
+        "--pasv-base",
+        type=_pasv_base,
+        default=4096,
+        metavar="N",
+        help="the PASV port counter's start: ports N+1, N+2, ... up to 32767, then N (default 4096)",
+    )
+    db.add_argument(
+        "--fixed-version",
+        action="store_true",
+        help="the reported version stays the same after an upgrade (the SDK's fixed dev_desc string)",
+    )
+    db.add_argument(
+        "--burn-seconds",
+        type=_seconds,
+        default=1.0,
+        help="from the upload's clean close to the 226: writing the boot info (default 1; device allows ~5)",
+    )
+    db.add_argument(
+        "--flash-kbps",
+        type=_scale,
+        metavar="K",
+        help="flash writes K KiB per second: the device stops reading the upload while it writes (default: free)",
+    )
     fl = parser.add_argument_group("faults (each fires as described; --fault-phase limits them to one phase)")
     fl.add_argument(
         "--drop-after-reads",
@@ -193,6 +233,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="treat the next reply as corrupt (once): dropped, then as --corrupt-header-every after the 5 s wait",
     )
     fl.add_argument("--fault-phase", type=int, choices=(1, 2), help="apply the faults only in this phase")
+    fl.add_argument(
+        "--ftp-drop-after-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="reset the FTP data connection after N bytes of an upload (once): nothing burned, no 226",
+    )
+    fl.add_argument(
+        "--ftp-stall-after-bytes",
+        type=_ftp_stall,
+        metavar="N:SECONDS",
+        help="after N bytes of an upload, stop reading it for SECONDS (once)",
+    )
+    fl.add_argument(
+        "--ftp-busy-once",
+        action="store_true",
+        help="the first STOR of the OTA file gets 550 (an earlier upgrade still timing out)",
+    )
+    fl.add_argument(
+        "--ftp-reject-login-once",
+        action="store_true",
+        help="the first FTP login gets 503 and the close, whatever it says",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event to stderr")
     parser.set_defaults(func=run_sim)
 
@@ -253,6 +315,17 @@ def config_from_args(args: argparse.Namespace, state_dir: Path) -> SimConfig:
         phase2_reboot_seconds=args.phase2_reboot_seconds,
         no_reboot=args.no_reboot,
         reboot_command=args.reboot_command,
+        ftp_port=args.ftp_port,
+        ota_type_in_description=not args.no_ota_type,
+        stupid_ftpd=args.stupid_ftpd,
+        pasv_base=args.pasv_base,
+        fixed_version=args.fixed_version,
+        burn_seconds=args.burn_seconds,
+        flash_kbps=args.flash_kbps,
+        ftp_drop_after_bytes=args.ftp_drop_after_bytes,
+        ftp_stall_after_bytes=args.ftp_stall_after_bytes,
+        ftp_busy_once=args.ftp_busy_once,
+        ftp_reject_login_once=args.ftp_reject_login_once,
     )
 
 

@@ -7,6 +7,9 @@ log. The servers keep their own state and reach the device through the host inte
 
 - ``main``: the main firmware's CTP (3333) and HTTP (8080) servers, the phase-1 OTA listener (3335)
   once ``NET_OTA_SINGLE`` asks for it (or at start with ``ota_listen_at_start``);
+- ``main`` of a double-backup build: CTP and HTTP as above (``NET_OTA_SINGLE`` answers status "0",
+  the document ``ota_type`` "0") and the FTP server (21) with its dual-bank writer; a good upload
+  resets the device 2 s after its 226 into the new version (``--fixed-version``: unchanged);
 - ``loader``: the phase-2 loader's stubs and its 3335 listener;
 - ``down``: rebooting, nothing listens.
 
@@ -46,6 +49,7 @@ from twisted.logger import Logger
 from netota_daemon.sim.config import DeviceMode, SimConfig
 from netota_daemon.sim.connections import ConnectionRegistry, TrackingFactory
 from netota_daemon.sim.ctp_server import LoaderCtpServer, MainCtpServer, ctp_server
+from netota_daemon.sim.ftp_server import FtpCrash, FtpServer
 from netota_daemon.sim.host import FaultState
 from netota_daemon.sim.http_server import LoaderHttpServer, MainHttpServer, http_server
 from netota_daemon.sim.ota_session import OtaDeviceSession, RefusedOtaConnection, SessionOutcome
@@ -84,9 +88,11 @@ class SimulatedDevice:
         self.mode = DeviceMode.DOWN
         self.firmware_version = config.firmware_version
         self.events: list[dict[str, Any]] = []
-        configured = {"ctp": config.ctp_port, "http": config.http_port, "ota": config.ota_port, "ftp": config.ftp_port}
-        #: The ports of this build, by name; 0 (any free port) is replaced by the port found at start.
-        self.ports: dict[str, int] = {name: configured[name] for name in self.port_names}
+        #: The ports by name (``ftp`` only in a double-backup build, whose 3335 never opens, but whose
+        #: ``ota`` is still known); 0 (any free port) is replaced by the port found at start.
+        self.ports: dict[str, int] = {"ctp": config.ctp_port, "http": config.http_port, "ota": config.ota_port}
+        if config.double_backup:
+            self.ports["ftp"] = config.ftp_port
         self.faults = FaultState()
         self.state = StateWriter(config.state_path)
         self.timers = DeviceTimers(reactor, config.time_scale)
@@ -94,6 +100,8 @@ class SimulatedDevice:
         #: This boot's servers (None while down).
         self.ctp_server: MainCtpServer | LoaderCtpServer | None = None
         self.http_server: MainHttpServer | LoaderHttpServer | None = None
+        self.ftp_server: FtpServer | None = None
+        self._data_listeners: list[IListeningPort] = []  # PASV listeners (leaked ones too)
         self._connections = ConnectionRegistry()
         self._listeners: dict[str, IListeningPort] = {}
         self._factories: dict[str, TrackingFactory] = {}
@@ -162,7 +170,7 @@ class SimulatedDevice:
             self.record("start", firmware_version=self.firmware_version, listen=self.config.listen)
             mode = self.config.start_mode
             opens_ota = mode is DeviceMode.LOADER or self.config.ota_listen_at_start
-            if self.ports.get("ota") == 0 and not opens_ota:
+            if self.ports["ota"] == 0 and not opens_ota:
                 # Learn the OTA port now (NET_OTA_SINGLE opens it later), then close it again.
                 self._listen("ota", OtaFactory(self))
                 self._stop_listening("ota")
@@ -217,15 +225,19 @@ class SimulatedDevice:
         self.mode = mode
         self.ctp_server = ctp_server(self, loader)
         self.http_server = http_server(self, loader)
+        double_backup = self.config.double_backup
+        self.ftp_server = FtpServer(self) if double_backup else None
         try:
             self._listen("ctp", self.ctp_server)
             self._listen("http", self.http_server)
-            if loader or self.config.ota_listen_at_start:
+            if self.ftp_server is not None:
+                self._listen("ftp", self.ftp_server)
+            if loader or (self.config.ota_listen_at_start and not double_backup):
                 self._listen("ota", OtaFactory(self))
         except error.CannotListenError as e:
             self.record("listen_failed", error=str(e))
             self.mode = DeviceMode.DOWN
-            self.ctp_server = self.http_server = None
+            self.ctp_server = self.http_server = self.ftp_server = None
             self._stop_listening()
             if initial:
                 raise
@@ -251,12 +263,17 @@ class SimulatedDevice:
             port = self._listeners.pop(name)
             self._factories.pop(name, None)
             self._closing.append(defer.maybeDeferred(port.stopListening))
+        if not names:
+            for listener in list(self._data_listeners):
+                self.stop_data_listener(listener)
 
     def _close_everything(self, reason: str) -> None:
         if self.ota_session is not None:
             self.ota_session.kill(SessionOutcome.STOPPED, reason)
+        if self.ftp_server is not None:
+            self.ftp_server.shutdown()
         self._connections.abort_all()
-        self.ctp_server = self.http_server = None
+        self.ctp_server = self.http_server = self.ftp_server = None
         self._stop_listening()
         self.timers.cancel(self._watchdog)
 
@@ -289,6 +306,41 @@ class SimulatedDevice:
             return result
 
         return d.addBoth(done)
+
+    # -- FTP host interface ---------------------------------------------------------------------
+    def listen_data(self, port: int, factory: IProtocolFactory, interface: str) -> IListeningPort:
+        tracked = TrackingFactory(factory, self._connections)
+        listener = IReactorTCP(self.reactor).listenTCP(port, tracked, interface=interface)  # type: ignore[arg-type]
+        self._data_listeners.append(listener)
+        return listener
+
+    def stop_data_listener(self, listener: IListeningPort) -> None:
+        if listener in self._data_listeners:
+            self._data_listeners.remove(listener)
+            self._closing.append(defer.maybeDeferred(listener.stopListening))
+
+    def ftp_crashed(self, cause: FtpCrash, verb: str) -> None:
+        self.record("ftp_crash", cause=cause.value, verb=verb)
+        config = self.config
+        self.reboot_into(
+            DeviceMode.MAIN, config.reboot_seconds, config.main_start_seconds, f"ftpd crash ({cause.value})"
+        )
+
+    def upgrade_burned(self, version: str | None) -> None:
+        if version is not None and not self.config.fixed_version:
+            self._pending_version = version
+        config = self.config
+        self.timers.later(
+            config.db_reset_seconds,
+            self.reboot_into,
+            DeviceMode.MAIN,
+            config.reboot_seconds,
+            config.main_start_seconds,
+            "double-backup upgrade burned: net_update_system_reset",
+        )
+
+    def write_upload(self, data: bytes) -> None:
+        self.state.write_upload(data)
 
     # -- OTA host interface ---------------------------------------------------------------------
     def ota_session_started(self, session: OtaDeviceSession) -> None:

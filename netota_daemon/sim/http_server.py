@@ -34,7 +34,7 @@ LOADER_RESPONSE = (
 ) + LOADER_DOCUMENT
 MAX_REQUEST_HEAD = 8192
 #: What a document without the OTA fields lacks (both are written by the same dev_desc.h lines).
-_OTA_FIELDS = b' "ota_type": "0","ota_step": "0",'
+_OTA_FIELDS = b'"ota_type": "0","ota_step": "0",'
 
 
 def main_response(method: str, path: str, document: bytes) -> tuple[int | None, bytes]:
