@@ -6,8 +6,10 @@ Layout (for N = 2, prefix ``nrk42``)::
     netota sim on 192.168.1.1  wlan0 <--veth--> nrk42r0 192.168.1.10   nrk42r1 192.168.1.11 <--veth--> wlan0  netota sim on 192.168.1.1
                                                twistd netota (one device per interface)
 
-Each simulator listens on the real ports (3333, 8080, 3335) and takes its own link down and up
-around its reboots (``--reboot-command``), as a real device's WiFi does. The daemon runs inside the
+Each simulator listens on the real ports (3333, 8080, 3335; a double-backup device, started with
+``--double-backup`` among its ``sim_args``, FTP on 21 and its PASV ports from 4097, all inside its
+own namespace) and takes its own link down and up around its reboots (``--reboot-command``), as a
+real device's WiFi does. The daemon runs inside the
 rack namespace; its control socket is a UNIX socket on the shared filesystem, so clients run from
 anywhere on the host.
 
@@ -94,6 +96,16 @@ class RackDevice:
     state_dir: Path
     sim_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def double_backup(self) -> bool:
+        """Whether this device runs a double-backup build (upgraded over FTP)."""
+        return "--double-backup" in self.sim_args
+
+    def received_upload(self) -> bytes | None:
+        """What its last FTP upload delivered (``db-received.bin``), or None when none ended."""
+        path = self.state_dir / "db-received.bin"
+        return path.read_bytes() if path.exists() else None
 
     def exited(self) -> bool:
         """Whether its simulator is not running (never started, or gone)."""
@@ -199,6 +211,8 @@ class SimulatedRack:
                 "8080",
                 "--ota-port",
                 "3335",
+                "--ftp-port",
+                "21",  # used by a double-backup device only
                 "--state-dir",
                 str(device.state_dir),
                 "--time-scale",
