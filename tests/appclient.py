@@ -327,3 +327,67 @@ def vendor_style_ota_client(host: str, port: int, image: bytes, receive_timeout:
             except OSError:
                 pass
     return VendorClientResult(outcome, requests, all_size, lines)
+
+
+# -- FTP (double backup): a plain client that obeys the device's rules -----------------------------
+@dataclass
+class FtpUploadResult:
+    replies: list[str]  # every reply line, in order
+    final: str | None  # the reply after the data connection closed (226), None when none came
+    sent: int  # bytes written to the data connection
+
+
+def _ftp_reply(reader: Any) -> str:
+    line = reader.readline()
+    if not line:
+        raise ConnectionError("the FTP server closed the control connection")
+    return line.decode("latin-1").rstrip("\r\n")
+
+
+def ftp_upload(
+    host: str,
+    port: int,
+    image: bytes,
+    name: str = "update-ota.ufw",
+    user: str = "FTPX",
+    password: str = "12345678",
+    timeout: float = 10.0,
+) -> FtpUploadResult:
+    """Upload ``image`` the way the device needs it (blocking; run it in a thread): one command per
+    write, each after the previous reply; a fresh PASV; STOR; the file; a clean close (FIN); wait
+    for 226; QUIT. A data connection the device resets ends the upload without a 226."""
+    replies: list[str] = []
+    sent = 0
+    final: str | None = None
+    with socket.create_connection((host, port), timeout=timeout) as control:
+        reader = control.makefile("rb")
+
+        def ask(line: str) -> str:
+            control.sendall(line.encode("latin-1") + b"\r\n")
+            replies.append(_ftp_reply(reader))
+            return replies[-1]
+
+        replies.append(_ftp_reply(reader))  # the greeting
+        ask(f"USER {user}")
+        if not ask(f"PASS {password}").startswith("230"):
+            return FtpUploadResult(replies, None, 0)
+        ask("TYPE I")
+        pasv = ask("PASV")
+        numbers = [int(n) for n in pasv[pasv.index("(") + 1 : pasv.index(")")].split(",")]
+        data_host, data_port = ".".join(map(str, numbers[:4])), numbers[4] * 256 + numbers[5]
+        with socket.create_connection((data_host, data_port), timeout=timeout) as data:
+            if not ask(f"STOR {name}").startswith("150"):
+                return FtpUploadResult(replies, None, 0)
+            try:
+                for i in range(0, len(image), 16384):
+                    data.sendall(image[i : i + 16384])
+                    sent += len(image[i : i + 16384])
+                data.shutdown(socket.SHUT_WR)  # the FIN: a clean end of the upload
+                while data.recv(4096):
+                    pass
+            except OSError:  # reset by the device
+                return FtpUploadResult(replies, None, sent)
+        final = _ftp_reply(reader)
+        replies.append(final)
+        ask("QUIT")
+    return FtpUploadResult(replies, final, sent)

@@ -253,7 +253,7 @@ async def test_already_current_exit_code(reactor, tmp_path, strict, expected):
 @pytest_twisted.ensureDeferred
 async def test_a_single_backup_image_for_a_double_backup_device_is_refused_with_nothing_sent(reactor, tmp_path):
     image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)  # a single-backup test image
-    device = await start_device(reactor, tmp_path, double_backup=True)
+    device = await start_device(reactor, tmp_path, double_backup=True, ftp_port=0)
     try:
         d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--json", "-q"))
         code = await d

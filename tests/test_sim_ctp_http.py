@@ -9,9 +9,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from netota_daemon.sim.config import SimConfig
-from netota_daemon.sim.ctp_server import CtpFactory, loader_access_reply
+from netota_daemon.sim.ctp_server import LoaderCtpServer, MainCtpServer, loader_access_reply
 from netota_daemon.sim.device import SimulatedDevice
-from netota_daemon.sim.http_server import LOADER_RESPONSE, NOT_FOUND_BODY, HttpFactory
+from netota_daemon.sim.http_server import LOADER_RESPONSE, NOT_FOUND_BODY, LoaderHttpServer
 from netota_daemon.wire.ctp import CtpDecoder, encode_frame, request
 from netota_daemon.wire.description import DESCRIPTION_PATH, LOADER_DOCUMENT, parse_description
 
@@ -26,14 +26,14 @@ def make_device(**config: Any) -> tuple[SimulatedDevice, MemoryReactorClock]:
     return device, reactor
 
 
-def connect(
-    device: SimulatedDevice, factory_class: type, loader: bool = False, host: str = "127.0.0.1"
-) -> tuple[Any, StringTransport]:
+def connect(device: SimulatedDevice, port: str, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:
+    """A connection to ``port`` ("ctp", "http") as the device's listener builds it; returns the
+    server's protocol (inside the device's tracking wrapper) and the transport."""
     address = IPv4Address("TCP", host, 40000)
-    protocol = factory_class(device, loader).buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    protocol.makeConnection(transport)
-    return protocol, transport
+    wrapper = device.server_factory(port).buildProtocol(address)
+    transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 13333))
+    wrapper.makeConnection(transport)
+    return wrapper.wrappedProtocol, transport
 
 
 def frames(transport: StringTransport) -> list:
@@ -48,7 +48,7 @@ APP_ACCESS = request("APP_ACCESS", "PUT", type="0", ver="20906")
 # -- CTP, main firmware ---------------------------------------------------------------------------
 def test_app_access_is_echoed_then_the_notify_burst():
     device, _ = make_device(time_scale=0.5)
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(APP_ACCESS)
     data = transport.value()
     echo = b'CTP:\n\x00APP_ACCESS2\x00\x00\x00{"op":"NOTIFY","param":{"type":"0","ver":"20906"}}'
@@ -65,24 +65,24 @@ def test_app_access_is_echoed_then_the_notify_burst():
 
 def test_app_access_must_come_first():
     device, _ = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(request("NET_OTA_SINGLE", "PUT", status="1"))
     (reply,) = frames(transport)
     assert (reply.topic, reply.errno, reply.param) == ("NET_OTA_SINGLE", 4, {"msg": "CTP_REQUEST_MSG"})
-    assert "ota" not in device._listeners and not transport.disconnecting
+    assert "ota" not in device.listening and not transport.disconnecting
 
 
 @pytest.mark.parametrize("content", [None, {"op": "PUT", "param": {}}])
 def test_keep_alive_is_answered_with_an_empty_notify(content):
     device, _ = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(encode_frame("CTP_KEEP_ALIVE", content))
     assert transport.value() == b'CTP:\x0e\x00CTP_KEEP_ALIVE\x1a\x00\x00\x00{"op":"NOTIFY","param":{}}'
 
 
 def test_net_ota_single_opens_3335_and_answers_status_1():
     device, reactor = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(APP_ACCESS)
     transport.clear()
     assert [p[0] for p in reactor.tcpServers] == [13333, 18080]
@@ -94,20 +94,21 @@ def test_net_ota_single_opens_3335_and_answers_status_1():
 
 def test_net_ota_single_status_0_and_double_backup_answer_0():
     device, reactor = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(APP_ACCESS + request("NET_OTA_SINGLE", "PUT", status="0"))
     assert frames(transport)[-1].param == {"status": "0"}
     double, reactor2 = make_device(double_backup=True)
-    protocol, transport = connect(double, CtpFactory)
+    protocol, transport = connect(double, "ctp")
     protocol.dataReceived(APP_ACCESS + request("NET_OTA_SINGLE", "PUT", status="1"))
     assert frames(transport)[-1].param == {"status": "0"}
-    assert len(reactor.tcpServers) == len(reactor2.tcpServers) == 2
+    assert [p[0] for p in reactor.tcpServers] == [13333, 18080]
+    assert [p[0] for p in reactor2.tcpServers] == [13333, 18080, 21]  # FTP, never 3335
 
 
 @pytest.mark.parametrize("frame", [request("NET_OTA_SINGLE", "GET"), request("NO_SUCH_TOPIC", "PUT", a="1")])
 def test_unknown_topic_or_op_is_errno_6(frame):
     device, _ = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(APP_ACCESS)
     transport.clear()
     protocol.dataReceived(frame)
@@ -117,7 +118,7 @@ def test_unknown_topic_or_op_is_errno_6(frame):
 
 def test_get_of_an_info_topic_is_answered():
     device, _ = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(APP_ACCESS)
     transport.clear()
     protocol.dataReceived(request("BAT_STATUS", "GET"))
@@ -126,23 +127,25 @@ def test_get_of_an_info_topic_is_answered():
 
 def test_another_ip_gets_errno_3_and_is_disconnected_same_ip_replaces():
     device, _ = make_device()
-    first, first_transport = connect(device, CtpFactory)
+    first, first_transport = connect(device, "ctp")
     first.dataReceived(APP_ACCESS)
-    other, other_transport = connect(device, CtpFactory, host="127.0.0.2")
+    other, other_transport = connect(device, "ctp", host="127.0.0.2")
     other.dataReceived(APP_ACCESS)
     (refusal,) = frames(other_transport)
     assert (refusal.errno, refusal.param) == (3, {"msg": "CTP_ACCESS_RFU_MSG"})
     assert other_transport.disconnecting and not first_transport.disconnecting
-    replacement, _ = connect(device, CtpFactory)
+    server = device.ctp_server
+    assert isinstance(server, MainCtpServer) and server.holder is first
+    replacement, _ = connect(device, "ctp")
     assert first_transport.disconnected  # aborted
-    assert device.ctp_holder is None
+    assert server.holder is None
     replacement.dataReceived(APP_ACCESS)
-    assert device.ctp_holder is replacement
+    assert server.holder is replacement
 
 
 def test_idle_drop_after_60_s_without_a_frame_any_frame_resets_it():
     device, reactor = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     reactor.advance(59)
     protocol.dataReceived(encode_frame("CTP_KEEP_ALIVE"))
     reactor.advance(59)
@@ -154,7 +157,7 @@ def test_idle_drop_after_60_s_without_a_frame_any_frame_resets_it():
 
 def test_bad_magic_drops_the_connection():
     device, _ = make_device()
-    protocol, transport = connect(device, CtpFactory)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
     assert transport.disconnected and transport.value() == b""
     assert device.events[-1]["event"] == "ctp_bad_frame"
@@ -163,7 +166,7 @@ def test_bad_magic_drops_the_connection():
 # -- CTP, loader stub -------------------------------------------------------------------------------
 def test_loader_answers_the_first_chunk_only_with_ver_20906_for_framed_requests():
     device, _ = make_device(mode="loader")
-    protocol, transport = connect(device, CtpFactory, loader=True)
+    protocol, transport = connect(device, "ctp")
     protocol.dataReceived(request("APP_ACCESS", "PUT", type="1", ver="31234"))
     assert transport.value() == b'CTP:\n\x00APP_ACCESS2\x00\x00\x00{"op":"NOTIFY","param":{"type":"0","ver":"20906"}}'
     transport.clear()
@@ -181,13 +184,15 @@ def test_loader_echoes_digits_of_unframed_text(chunk, ver):
 
 def test_loader_second_concurrent_connection_gets_nothing():
     device, _ = make_device(mode="loader")
-    first, first_transport = connect(device, CtpFactory, loader=True)
+    first, first_transport = connect(device, "ctp")
     first.dataReceived(APP_ACCESS)
-    second, second_transport = connect(device, CtpFactory, loader=True)
+    second, second_transport = connect(device, "ctp")
     second.dataReceived(APP_ACCESS)
     assert second_transport.value() == b""
+    assert isinstance(device.ctp_server, LoaderCtpServer) and device.ctp_server.answered == 1
     first.connectionLost(None)
-    third, third_transport = connect(device, CtpFactory, loader=True)
+    assert device.ctp_server.answered == 0
+    third, third_transport = connect(device, "ctp")
     third.dataReceived(APP_ACCESS)
     assert third_transport.value().startswith(b"CTP:")
 
@@ -199,7 +204,7 @@ def get(path: str, method: str = "GET") -> bytes:
 
 def test_main_document_with_spaced_headers_then_close():
     device, _ = make_device(firmware_version="1.2.3")
-    protocol, transport = connect(device, HttpFactory)
+    protocol, transport = connect(device, "http")
     request_bytes = get(DESCRIPTION_PATH)
     protocol.dataReceived(request_bytes[:10])
     assert transport.value() == b""
@@ -225,18 +230,19 @@ def test_main_document_with_spaced_headers_then_close():
 )
 def test_main_other_requests(method, path, answer):
     device, _ = make_device()
-    protocol, transport = connect(device, HttpFactory)
+    protocol, transport = connect(device, "http")
     protocol.dataReceived(get(path, method))
     assert transport.value() == answer and transport.disconnecting
 
 
 def test_loader_answers_every_chunk_and_counts_requests():
     device, _ = make_device(mode="loader", firmware_version="7.7.7")
-    protocol, transport = connect(device, HttpFactory, loader=True)
-    assert device.loader_http_requests == 0
+    protocol, transport = connect(device, "http")
+    server = device.http_server
+    assert isinstance(server, LoaderHttpServer) and server.requests == 0
     protocol.dataReceived(b"x")
     protocol.dataReceived(get("/whatever"))
     assert transport.value() == LOADER_RESPONSE * 2
     assert LOADER_RESPONSE.endswith(LOADER_DOCUMENT) and len(LOADER_DOCUMENT) == 454
     assert b"Content-Type:text\r\nContent-Length:454\r\n" in LOADER_RESPONSE
-    assert device.loader_http_requests == 2 and not transport.disconnecting
+    assert server.requests == 2 and not transport.disconnecting

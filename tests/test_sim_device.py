@@ -12,10 +12,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from netota_daemon.sim.config import SimConfig, SimConfigError, StallFault
-from netota_daemon.sim.device import OtaFactory, SimulatedDevice
-from netota_daemon.sim.http_server import HttpFactory
+from netota_daemon.sim.config import DeviceMode, SimConfig, SimConfigError, StallFault
+from netota_daemon.sim.ctp_server import MainCtpServer
+from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import build_image
+from netota_daemon.wire.ctp import request
 from netota_daemon.wire.ota import OtaHeader, Status, encode_reply, notice_echo
 
 PORTS = dict(ctp_port=13333, http_port=18080, ota_port=13335)
@@ -31,11 +32,18 @@ def make_device(tmp_path: Any = None, **config: Any) -> tuple[SimulatedDevice, M
     return device, reactor
 
 
+def connect(device: SimulatedDevice, port: str) -> tuple[Any, StringTransport]:
+    """A connection to ``port`` as the device's listener builds it (tracked by the device): the
+    wrapper (feed it bytes, lose it) and its transport."""
+    wrapper = device.server_factory(port).buildProtocol(ADDRESS)
+    transport = StringTransport(peerAddress=ADDRESS)
+    wrapper.makeConnection(transport)
+    return wrapper, transport
+
+
 def run_session(device: SimulatedDevice, reactor: MemoryReactorClock, image: bytes = IMAGE) -> str:
     """One OTA session served in memory until the device closes; returns its outcome."""
-    session = OtaFactory(device).buildProtocol(ADDRESS)
-    transport = StringTransport(peerAddress=ADDRESS)
-    session.makeConnection(transport)
+    session, transport = connect(device, "ota")
     for _ in range(2000):
         reactor.advance(0.05)
         data = transport.value()
@@ -50,15 +58,13 @@ def run_session(device: SimulatedDevice, reactor: MemoryReactorClock, image: byt
                 session.dataReceived(notice_echo(header))
         if transport.disconnecting:
             session.connectionLost(Failure(ConnectionDone()))
-            return session.result.outcome
+            return session.wrappedProtocol.result.outcome
     raise AssertionError("session never ended")
 
 
 def answer_first_read(device: SimulatedDevice, reactor: MemoryReactorClock) -> tuple[Any, StringTransport]:
     """Open an OTA session and answer the device's first READ; the session and its transport."""
-    session = OtaFactory(device).buildProtocol(ADDRESS)
-    transport = StringTransport(peerAddress=ADDRESS)
-    session.makeConnection(transport)
+    session, transport = connect(device, "ota")
     reactor.advance(0.1)
     header = OtaHeader.decode(transport.value()[:20])
     session.dataReceived(encode_reply(header, IMAGE[: header.read_size]))
@@ -66,8 +72,7 @@ def answer_first_read(device: SimulatedDevice, reactor: MemoryReactorClock) -> t
 
 
 def http_get(device: SimulatedDevice) -> None:
-    protocol = HttpFactory(device, loader=device.mode == "loader").buildProtocol(ADDRESS)
-    protocol.makeConnection(StringTransport(peerAddress=ADDRESS))
+    protocol, _ = connect(device, "http")
     protocol.dataReceived(b"GET /mnt/spiflash/res/dev_desc.txt HTTP/1.1\r\n\r\n")
 
 
@@ -180,21 +185,29 @@ def test_wait_for_event_sees_past_events_new_ones_and_times_out():
 
 def test_stop_cancels_every_timer_and_closes_connections():
     device, reactor = make_device(ota_listen_at_start=True)
-    session = OtaFactory(device).buildProtocol(ADDRESS)
-    transport = StringTransport(peerAddress=ADDRESS)
-    session.makeConnection(transport)
+    session, transport = connect(device, "ota")
+    ctp, ctp_transport = connect(device, "ctp")
     d = device.stop()
-    assert transport.disconnected and not d.called
+    assert transport.disconnected and ctp_transport.disconnected and not d.called
     session.connectionLost(Failure(ConnectionDone()))
+    assert not d.called  # the CTP connection is not gone yet
+    ctp.connectionLost(Failure(ConnectionDone()))
     assert d.called and device.mode == "down"
     assert reactor.getDelayedCalls() == []  # Clock drops a cancelled call from this list
-    assert session.result.outcome == "stopped"
+    assert session.wrappedProtocol.result.outcome == "stopped"
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"mode": "bootloader"}, "mode"),
+        ({"mode": "down"}, "mode"),
+        ({"mode": "loader", "double_backup": True}, "no update loader"),
+        ({"ota_type_in_description": False}, "needs double_backup"),
+        ({"pasv_base": 40000}, "pasv_base"),
+        ({"corrupt_header_once": 0}, "corrupt_header_once"),
+        ({"ftp_stall_after_bytes": "x"}, "--ftp-stall-after-bytes"),
+        ({"flash_kbps": 0}, "flash_kbps"),
         ({"time_scale": 0}, "time_scale"),
         ({"fault_phase": 3}, "fault_phase"),
         ({"drop_after_reads": 0}, "drop_after_reads"),
@@ -214,9 +227,7 @@ def test_stopping_from_inside_an_event_waiter_leaves_no_timer(event):
     stopped: list = []
     waiter = device.wait_for_event(lambda e: e["event"] == event, timeout=10_000, after=len(device.events))
     waiter.addCallback(lambda _: stopped.append(device.stop()))
-    session = OtaFactory(device).buildProtocol(ADDRESS)
-    transport = StringTransport(peerAddress=ADDRESS)
-    session.makeConnection(transport)
+    session, transport = connect(device, "ota")
     for _ in range(400):
         if stopped:
             break
@@ -229,11 +240,43 @@ def test_stopping_from_inside_an_event_waiter_leaves_no_timer(event):
                 session.dataReceived(
                     encode_reply(header, IMAGE[header.seek_addr : header.seek_addr + header.read_size])
                 )
-        if transport.disconnecting and session.result is None:
+        if transport.disconnecting and session.wrappedProtocol.result is None:
             session.connectionLost(Failure(ConnectionDone()))
         if not data and not stopped:
             reactor.advance(1)  # through the notice waits and the reboot
     assert stopped
-    if session.result is None:
+    if session.wrappedProtocol.result is None:
         session.connectionLost(Failure(ConnectionDone()))
     assert [c for c in reactor.getDelayedCalls() if c.active()] == []
+
+
+def test_modes_are_an_enum_that_reads_as_text():
+    device, _ = make_device()
+    assert device.mode is DeviceMode.MAIN and device.mode == "main"
+    assert device.events[-1]["mode"] == "main" and type(device.events[-1]["mode"]) is str
+    assert SimConfig(mode="loader").start_mode is DeviceMode.LOADER
+
+
+def test_reboot_into_is_the_public_reboot_and_builds_new_servers():
+    device, reactor = make_device()
+    ctp, transport = connect(device, "ctp")
+    ctp.dataReceived(request("APP_ACCESS", "PUT", type="0", ver="1"))
+    old_server = device.ctp_server
+    assert isinstance(old_server, MainCtpServer) and old_server.holder is ctp.wrappedProtocol
+    device.reboot_into("main", 1.0, 0.5, "test: a reboot")
+    assert device.mode is DeviceMode.DOWN and device.listening == frozenset() and transport.disconnected
+    assert device.ctp_server is None
+    assert device.events[-2]["event"] == "reboot" and device.events[-2]["to"] == "main"
+    reactor.advance(1.0)
+    assert device.events[-1]["event"] == "power_up"
+    reactor.advance(0.5)
+    assert device.mode is DeviceMode.MAIN and device.listening == {"ctp", "http"}
+    assert isinstance(device.ctp_server, MainCtpServer) and device.ctp_server is not old_server
+    assert device.ctp_server.holder is None
+
+
+def test_reboot_into_none_stays_down():
+    device, reactor = make_device()
+    device.reboot_into(None, 0, 0, "test")
+    reactor.advance(100)
+    assert device.mode is DeviceMode.DOWN and device.timers.pending == 0

@@ -190,24 +190,30 @@ async def test_loader_watchdog_resets_after_stall_and_retry_succeeds(reactor, tm
 
 
 @pytest_twisted.ensureDeferred
-async def test_corrupt_header_every_is_skipped_and_resent(reactor, tmp_path):
+async def test_corrupt_headers_are_never_resent_phase1_goes_on_then_fails_its_crc_check(reactor, tmp_path):
     device = await start_device(reactor, tmp_path, corrupt_header_every=3)
     try:
         result = await run_phase1(reactor, device)
     finally:
         await device.stop()
-    assert result.final_status == Status.OK
-    assert result.skipped == len([e for e in device.events if e["event"] == "header_corrupted"]) >= 2
-    assert (tmp_path / "state" / "phase1-received.bin").read_bytes() == IMAGE
+    corrupted = [e["seek"] for e in device.events if e["event"] == "header_corrupted"]
+    assert result.skipped == len(corrupted) >= 2
+    seeks = [r.seek_addr for r in result.reads]
+    assert not set(corrupted) & set(seeks) and seeks == sorted(set(seeks))  # nothing asked twice
+    assert result.final_status == Status.ERR
+    (end,) = [e for e in device.events if e["event"] == "session_end"]
+    assert end["outcome"] == "err" and "CRC check failed" in end["reason"]
+    assert [e["seek"] for e in device.events if e["event"] == "reply_timeout_ignored"] == corrupted
+    assert not [e for e in device.events if e["event"] == "reboot"]  # the old firmware stays
 
 
 @pytest_twisted.ensureDeferred
 async def test_corrupt_reply_check_fails_once_then_retry_succeeds(reactor, tmp_path):
-    device = await start_device(reactor, tmp_path, corrupt_reply_check=True)
+    device = await start_device(reactor, tmp_path, mode="loader", corrupt_reply_check=True)
     try:
-        first = await run_phase1(reactor, device)
+        first = await run_phase2(reactor, device)
         assert first.final_status == Status.ERR
-        second = await run_phase1(reactor, device)
+        second = await run_phase2(reactor, device)
         assert second.final_status == Status.OK
     finally:
         await device.stop()
@@ -219,9 +225,9 @@ async def test_corrupt_reply_check_fails_once_then_retry_succeeds(reactor, tmp_p
 
 @pytest_twisted.ensureDeferred
 async def test_bad_reply_sum_from_app_is_dropped_then_session_fails(reactor, tmp_path):
-    device = await start_device(reactor, tmp_path)
+    device = await start_device(reactor, tmp_path, mode="loader")
     try:
-        result = await run_phase1(reactor, device, corrupt_reply=1)
+        result = await run_phase2(reactor, device, corrupt_reply=1)
     finally:
         await device.stop()
     assert result.final_status == Status.ERR
@@ -361,7 +367,7 @@ async def test_loader_refuses_ota_before_any_http_request(reactor, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_double_backup_refuses_single_backup_flow(reactor, tmp_path):
-    device = await start_device(reactor, tmp_path, double_backup=True)
+    device = await start_device(reactor, tmp_path, double_backup=True, ftp_port=0)
     try:
         response = await appclient.http_get(reactor, HOST, device.ports["http"], DESCRIPTION_PATH)
         assert parse_description(appclient.split_http(response)[1]).ota_type == "0"
@@ -481,3 +487,45 @@ async def test_vendor_style_client_phase2_against_loader_after_one_http_get(reac
     assert result.outcome == "ok" and result.all_size == len(IMAGE)
     assert (tmp_path / "state" / "phase2-received.bin").read_bytes() == IMAGE
     assert device.firmware_version == "2.0.0"
+
+
+# -- double backup: FTP over loopback, a client that obeys the rules --------------------------------
+DOUBLE_IMAGE = build_image("3.0.0", 150_000, "double")
+
+
+@pytest_twisted.ensureDeferred
+async def test_double_backup_upload_then_reboot_into_the_new_version(reactor, tmp_path):
+    device = await start_device(reactor, tmp_path, double_backup=True, ftp_port=0)
+    try:
+        mark = len(device.events)
+        result = await threads.deferToThread(appclient.ftp_upload, HOST, device.ports["ftp"], DOUBLE_IMAGE)
+        assert result.replies[0] == "220 lwIP FTP Server ready." and result.final == "226 Closing data connection."
+        assert result.replies[-1] == "221 Goodbye."
+        await mode_is(device, "main", mark)
+        response = await appclient.http_get(reactor, HOST, device.ports["http"], DESCRIPTION_PATH)
+        doc = parse_description(appclient.split_http(response)[1])
+        assert (doc.ota_type, doc.firmware_version) == ("0", "3.0.0")
+    finally:
+        await device.stop()
+    assert (tmp_path / "state" / "db-received.bin").read_bytes() == DOUBLE_IMAGE
+    names = [e["event"] for e in device.events]
+    assert "ftp_protocol_error" not in names and "ftp_crash" not in names  # the client obeyed the rules
+    assert [e["burned"] for e in device.events if e["event"] == "db_burn"] == [True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_double_backup_dropped_upload_then_a_retry_succeeds(reactor, tmp_path):
+    device = await start_device(reactor, tmp_path, double_backup=True, ftp_port=0, ftp_drop_after_bytes=50_000)
+    try:
+        dropped = await threads.deferToThread(appclient.ftp_upload, HOST, device.ports["ftp"], DOUBLE_IMAGE, timeout=2)
+        assert dropped.final is None
+        mark = len(device.events)
+        retry = await threads.deferToThread(appclient.ftp_upload, HOST, device.ports["ftp"], DOUBLE_IMAGE)
+        assert retry.final == "226 Closing data connection."
+        await mode_is(device, "main", mark)
+    finally:
+        await device.stop()
+    ends = [(e["outcome"], e["bytes"]) for e in device.events if e["event"] == "ftp_upload_end"]
+    assert ends == [("reset", 50_000), ("closed", len(DOUBLE_IMAGE))]
+    assert device.firmware_version == "3.0.0"
+    assert (tmp_path / "state" / "db-received.bin").read_bytes() == DOUBLE_IMAGE

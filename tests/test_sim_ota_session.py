@@ -11,8 +11,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from netota_daemon.sim.config import SimConfig
+from netota_daemon.sim.host import FaultState
 from netota_daemon.sim.image import build_image
-from netota_daemon.sim.ota_session import FaultState, OtaDeviceSession
+from netota_daemon.sim.ota_session import OtaDeviceSession, SessionOutcome, SessionState
 from netota_daemon.wire.ota import STOP_BYTES, OtaHeader, Status, encode_reply, notice_echo
 
 
@@ -21,7 +22,7 @@ class FakeHost:
 
     def __init__(self, **config: Any) -> None:
         self.config = SimConfig(**config)
-        self.clock = Clock()
+        self.reactor = Clock()
         self.faults = FaultState()
         self.events: list[dict[str, Any]] = []
         self.ended: list[OtaDeviceSession] = []
@@ -80,9 +81,9 @@ FINAL_NOTICE = bytes.fromhex("6400000000000000000000000000000000640000")
 def test_device_speaks_first_after_100_ms_with_a_phase1_window():
     host = FakeHost(image_size=50_000)
     session, transport = connect(host)
-    host.clock.advance(0.099)
+    host.reactor.advance(0.099)
     assert transport.value() == b""
-    host.clock.advance(0.001)
+    host.reactor.advance(0.001)
     # READ seek 0, read_size 20436 (0x4fd4), percent 1; sum 0xd4+0x4f+4+1 = 0x128
     assert sent(transport) == bytes.fromhex("2801000000000000d44f00000000000004010000")
     assert host.names() == ["session_start"]
@@ -92,7 +93,7 @@ def test_phase2_first_read_and_all_size_notice_match_the_research_examples():
     host = FakeHost(image_size=1_000_000)
     image = bytes(1_000_000)
     session, transport = connect(host, phase=2)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     first = sent(transport)
     assert first == bytes.fromhex("7801000000000000d49f00000000000004010000")
     session.dataReceived(reply_to(headers(first)[0], image))
@@ -106,7 +107,7 @@ def serve(
     """Answer READs until the final notice; returns every header seen."""
     seen: list[OtaHeader] = []
     for _ in range(1000):
-        host.clock.advance(0.1)
+        host.reactor.advance(0.1)
         data = sent(transport)
         for header in headers(data):
             seen.append(header)
@@ -119,7 +120,7 @@ def serve(
             elif header.status != Status.DOING:
                 return seen
         if header_all_size(seen):
-            host.clock.advance(5)
+            host.reactor.advance(5)
     raise AssertionError("the session never finished")
 
 
@@ -134,12 +135,12 @@ def test_phase2_end_echo_ends_the_wait_then_ok_then_rst():
     seen = serve(host, session, transport, image, echo=True)
     assert seen[-1].encode() == FINAL_NOTICE
     assert "notice_echo" in host.names()
-    host.clock.advance(0.49)
+    host.reactor.advance(0.49)
     assert transport.value() == b""
-    host.clock.advance(0.01)
+    host.reactor.advance(0.01)
     assert sent(transport) == OK_BYTES
     assert not transport.disconnecting
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     assert transport.disconnected  # abortConnection: an RST
     lose(session, transport)
     result = host.ended[0].result
@@ -152,41 +153,69 @@ def test_without_echo_the_device_waits_5_s_before_ok():
     host = FakeHost(image_size=len(image))
     session, transport = connect(host)
     serve(host, session, transport, image, echo=False)
-    host.clock.advance(5.0)
+    host.reactor.advance(5.0)
     assert transport.value() == b""
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     assert sent(transport) == OK_BYTES
 
 
-def test_bad_reply_sum_is_dropped_then_5_s_later_err_and_rst():
+def test_bad_reply_sum_is_dropped_then_5_s_later_the_loader_sends_err_and_rst():
     image = bytes(range(256)) * 200
     host = FakeHost(image_size=len(image))
-    session, transport = connect(host)
-    host.clock.advance(0.1)
+    session, transport = connect(host, phase=2)
+    host.reactor.advance(0.1)
     request = headers(sent(transport))[0]
     reply = bytearray(reply_to(request, image))
     reply[0] ^= 1
     session.dataReceived(bytes(reply))
     assert transport.value() == b"" and host.events[-1]["event"] == "checksum_error"
-    host.clock.advance(4.99)
-    assert transport.value() == b""
-    host.clock.advance(0.01)
+    host.reactor.advance(4.99)
+    assert transport.value() == b""  # no NACK, no second READ
+    host.reactor.advance(0.01)
     assert sent(transport) == ERR_BYTES
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     assert transport.disconnected
     lose(session, transport)
     assert (host.ended[0].result.outcome, host.ended[0].result.checksum_errors) == ("err", 1)
 
 
+def test_phase1_ignores_the_reply_timeout_goes_on_and_fails_the_crc_check_at_the_end():
+    image = bytes(range(256)) * 200  # 51200 bytes: three phase-1 windows
+    host = FakeHost(image_size=len(image))
+    session, transport = connect(host)
+    host.reactor.advance(0.1)
+    first = headers(sent(transport))[0]
+    bad = bytearray(reply_to(first, image))
+    bad[0] ^= 1
+    session.dataReceived(bytes(bad))
+    host.reactor.advance(4.99)
+    assert transport.value() == b""  # no NACK, no re-request
+    host.reactor.advance(0.01)
+    # the V1.2 firmware carries on with the next window, never asking for the first one again
+    second = headers(sent(transport))[0]
+    assert second.status == Status.READ and second.seek_addr > first.seek_addr
+    assert host.events[-1] == {"event": "reply_timeout_ignored", "phase": 1, "seek": 0, "read_size": 20436}
+    session.dataReceived(reply_to(second, image))
+    session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    assert sent(transport) == ERR_BYTES  # at the end of the file, the library's CRC check
+    host.reactor.advance(0.5)
+    lose(session, transport)
+    result = host.ended[0].result
+    assert result.outcome is SessionOutcome.ERR and "CRC check failed" in result.reason
+    cut = second.seek_addr
+    assert result.received[:cut] == bytes(cut) and result.received[cut:] == image[cut:]
+
+
 def test_stop_at_any_time_ends_err():
     host = FakeHost(image_size=50_000)
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     sent(transport)
+    assert session.state is SessionState.WAITING_REPLY
     session.dataReceived(STOP_BYTES)
-    assert sent(transport) == ERR_BYTES
+    assert sent(transport) == ERR_BYTES and session.state is SessionState.ENDING
     assert "stop_received" in host.names()
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     lose(session, transport)
     assert host.ended[0].result.stop_received is True
 
@@ -195,13 +224,13 @@ def test_reply_to_the_all_size_notice_is_the_memory_fault():
     image = bytes(100_000)
     host = FakeHost(image_size=len(image))
     session, transport = connect(host, phase=2)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     notice = headers(sent(transport))[0]
     assert notice.all_size == 100_000
     session.dataReceived(notice_echo(notice))  # all_size 0, valid sum: still a reply to that notice
     assert sent(transport) == ERR_BYTES
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     lose(session, transport)
     assert "memory fault" in host.ended[0].result.reason
 
@@ -209,20 +238,35 @@ def test_reply_to_the_all_size_notice_is_the_memory_fault():
 def test_reply_longer_than_asked_fails_at_its_header():
     host = FakeHost(image_size=100_000)
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     request = headers(sent(transport))[0]
     too_long = OtaHeader(request.seek_addr, request.read_size + 1, 0, Status.READ, 1).encode()
     session.dataReceived(too_long)
     assert sent(transport) == ERR_BYTES
 
 
-def test_no_reply_within_5_s_fails():
+def test_no_reply_within_5_s_fails_in_the_loader():
     host = FakeHost(image_size=100_000)
-    session, transport = connect(host)
-    host.clock.advance(0.1)
+    session, transport = connect(host, phase=2)
+    host.reactor.advance(0.1)
     sent(transport)
-    host.clock.advance(5)
+    host.reactor.advance(5)
     assert sent(transport) == ERR_BYTES
+
+
+def test_phase1_with_a_silent_app_reads_to_the_end_then_fails():
+    host = FakeHost(image_size=50_000)
+    session, transport = connect(host)
+    host.reactor.advance(0.1)
+    seeks = []
+    for _ in range(10):
+        data = sent(transport)
+        if data == ERR_BYTES:
+            break
+        seeks.append(headers(data)[0].seek_addr)
+        host.reactor.advance(5)
+    assert seeks == [0, 16896, 33280] and data == ERR_BYTES
+    assert host.names().count("reply_timeout_ignored") == 3
 
 
 def test_data_before_the_device_spoke_is_unsolicited():
@@ -232,23 +276,62 @@ def test_data_before_the_device_spoke_is_unsolicited():
     assert sent(transport) == ERR_BYTES
 
 
-def test_corrupt_header_is_resent_valid_after_the_wait():
+def test_corrupt_header_is_never_sent_again_the_loader_fails_after_the_wait():
     host = FakeHost(image_size=100_000, corrupt_header_every=1)
-    session, transport = connect(host)
-    host.clock.advance(0.1)
+    session, transport = connect(host, phase=2)
+    host.reactor.advance(0.1)
     bad = headers(sent(transport))[0]
     assert not bad.is_valid() and bad.status == Status.READ
-    host.clock.advance(5)
-    good = headers(sent(transport))[0]
-    assert good.is_valid() and (good.seek_addr, good.read_size) == (bad.seek_addr, bad.read_size)
+    host.reactor.advance(4.99)
+    assert transport.value() == b""
+    host.reactor.advance(0.01)
+    assert sent(transport) == ERR_BYTES
     assert host.names().count("header_corrupted") == 1
+
+
+def test_corrupt_header_every_counts_per_session_and_phase1_goes_on():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), corrupt_header_every=2)
+    session, transport = connect(host)
+    host.reactor.advance(0.1)
+    first = headers(sent(transport))[0]
+    assert first.is_valid()
+    session.dataReceived(reply_to(first, image))
+    second = headers(sent(transport))[0]
+    assert not second.is_valid()  # the 2nd READ header of the session
+    host.reactor.advance(5)
+    third = headers(sent(transport))[0]
+    assert third.is_valid() and third.seek_addr > second.seek_addr
+    assert [e["event"] for e in host.events if e["event"] != "session_start"] == [
+        "header_corrupted",
+        "reply_timeout_ignored",
+    ]
+
+
+def test_corrupt_header_once_hits_the_nth_read_of_the_devices_life_once():
+    image = bytes(100_000)
+    host = FakeHost(image_size=len(image), corrupt_header_once=2)
+    first_session, transport = connect(host, phase=2)
+    host.reactor.advance(0.1)
+    first_session.dataReceived(reply_to(headers(sent(transport))[0], image))
+    assert headers(sent(transport))[0].all_size == 100_000
+    host.reactor.advance(5)  # through the all_size wait
+    assert not headers(sent(transport))[0].is_valid()
+    host.reactor.advance(5)
+    assert sent(transport) == ERR_BYTES
+    host.reactor.advance(0.5)
+    lose(first_session, transport)
+    again, transport = connect(host, phase=2)
+    host.reactor.advance(0.1)
+    assert headers(sent(transport))[0].is_valid()  # once over the device's life
+    assert host.faults.corrupt_header_used and host.names().count("header_corrupted") == 1
 
 
 def test_drop_after_reads_aborts_once():
     image = bytes(100_000)
     host = FakeHost(image_size=len(image), drop_after_reads=2)
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     assert transport.disconnected and transport.value() == b""
@@ -260,7 +343,7 @@ def test_faults_limited_to_the_other_phase_do_not_fire():
     image = bytes(100_000)
     host = FakeHost(image_size=len(image), drop_after_reads=1, fault_phase=2)
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     assert not transport.disconnecting and len(headers(sent(transport))) == 1
 
@@ -269,11 +352,11 @@ def test_stall_delays_the_next_request():
     image = bytes(100_000)
     host = FakeHost(image_size=len(image), stall_after_reads="1:30")
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
-    host.clock.advance(29.9)
+    host.reactor.advance(29.9)
     assert transport.value() == b""
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     assert headers(sent(transport))[0].status == Status.READ
 
 
@@ -282,10 +365,10 @@ def test_same_as_installed_after_the_first_reply(same_status, wire):
     image = bytes(100_000)
     host = FakeHost(image_size=len(image), same_as_installed=True, same_status=same_status)
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     assert sent(transport) == (bytes.fromhex(wire) if wire else ERR_BYTES)
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     lose(session, transport)
     assert host.ended[0].result.outcome == "same"
 
@@ -302,14 +385,14 @@ def test_app_closing_first_is_aborted_and_partial_bytes_are_kept():
     image = bytes(range(256)) * 400
     host = FakeHost(image_size=len(image))
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     session.connectionLost(Failure(ConnectionDone()))
     result = host.ended[0].result
-    assert result.outcome == "aborted" and result.bytes == 20436
+    assert result.outcome == "aborted" and result.payload_bytes == 20436
     assert len(result.received) == len(image) and result.received[:20436] == image[:20436]
     assert result.received[20436:] == bytes(len(image) - 20436)
-    assert host.clock.getDelayedCalls() == []
+    assert host.reactor.getDelayedCalls() == []
 
 
 def test_late_echo_while_closing_is_ignored():
@@ -317,9 +400,9 @@ def test_late_echo_while_closing_is_ignored():
     host = FakeHost(image_size=len(image))
     session, transport = connect(host)
     seen = serve(host, session, transport, image, echo=False)
-    host.clock.advance(5.0)  # the wait ended without an echo; OK comes 0.5 s later
+    host.reactor.advance(5.0)  # the wait ended without an echo; OK comes 0.5 s later
     session.dataReceived(notice_echo(seen[-1]))
-    host.clock.advance(0.5)
+    host.reactor.advance(0.5)
     assert sent(transport) == OK_BYTES
 
 
@@ -327,7 +410,7 @@ def test_phase1_all_size_option_sends_the_notice_in_phase1():
     image = bytes(100_000)
     host = FakeHost(image_size=len(image), phase1_all_size=True)
     session, transport = connect(host)
-    host.clock.advance(0.1)
+    host.reactor.advance(0.1)
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     notice = headers(sent(transport))[0]
     assert (notice.status, notice.read_size, notice.all_size) == (Status.DOING, 0, 100_000)

@@ -144,3 +144,12 @@ def test_any_image_is_received_whole_within_42k_requests(phase, size):
     assert all(0 < s.size <= MAX_READ_SIZE for s in requests)
     assert [s.seek for s in requests].count(0) == 1 and requests[0].seek == 0
     assert sum(isinstance(s, SizeNotice) for s in steps) == (1 if phase == 2 else 0)
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_a_double_backup_image_fails_the_ufw_check_after_the_head(phase):
+    image = build_image("2.0.0", 100_000, "double")
+    reader = DeviceReader(phase)
+    steps = run(reader, image)
+    assert len(steps) == 2 and isinstance(steps[1], TransferFailed)
+    assert "double-backup image" in steps[1].reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 from netota_daemon import __version__
@@ -22,11 +23,21 @@ COMMAND_MODULES = (
 
 class NetotaArgumentParser(argparse.ArgumentParser):
     """Usage errors exit 64 (EX_USAGE), for every subcommand: argparse's own 2 would read as the
-    outcome "unverified" in the documented exit codes."""
+    outcome "unverified" in the documented exit codes. A subcommand's parser reports an unknown
+    option itself (``netota sim: error: unrecognized arguments: --bogus``), with its own usage,
+    rather than leaving it to the top-level parser, which would name only ``netota``."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and " " in self.prog:  # a subcommand ("netota sim"), not "netota" itself
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

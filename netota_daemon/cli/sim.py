@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -10,53 +11,54 @@ from typing import Any
 
 from netota_daemon.cli import arguments
 from netota_daemon.cli.exit_codes import EXIT_USAGE
-from netota_daemon.sim.config import SimConfig, SimConfigError, StallFault
+from netota_daemon.sim.config import PASV_COUNTER_LAST, SimConfig, SimConfigError, StallFault
 
 EVENTS_HELP = """\
 state directory (--state-dir DIR):
-  ports.json             {"listen", "ctp", "http", "ota"}: the ports actually used (written at start)
-  events.jsonl           one JSON object per line, appended as things happen
-  phase<N>-received.bin  after every OTA session of phase N: the bytes received, placed by offset,
-                         image length long (zeros where nothing arrived)
+  ports.json        the ports actually used: listen, ctp, http, then ota
+                    (single backup) or ftp (double backup); written at start
+  events.jsonl      one JSON object per line, appended as things happen
+  phase<N>-received.bin  after every OTA session of phase N: the bytes
+                    received, placed by offset, image length long
+  db-received.bin   double backup: the bytes of the last OTA upload over FTP,
+                    as received (written when the upload ends, however)
 
-events (every one has "event", "time" (Unix seconds) and "mode" (main|loader|down)):
-  start            firmware_version, listen
-  mode             the device now runs in "mode"; firmware_version, ports (absent when going down)
-  stop             the simulator is shutting down
-  ctp_connect      peer                      (CTP connection accepted)
-  ctp_frame        topic, op                 (main firmware: one frame received)
-  app_access       peer[, type, ver]         (APP_ACCESS answered)
-  ctp_access_refused peer, holder            (another IP holds access: errno 3, disconnected)
-  ctp_replaced     peer                      (a new connection from the holder's IP replaced it)
-  ctp_idle_drop    peer                      (no frame for 60 s, scaled)
-  ctp_bad_frame    peer, error               (bad magic/length/JSON: connection dropped)
-  ctp_ignored      reason                    (loader: a second concurrent CTP connection)
-  net_ota_single   requested, status         (NET_OTA_SINGLE PUT answered)
-  ota_listening    port                      (3335 opened by NET_OTA_SINGLE)
-  ota_refused      reason                    (3335 connection closed at once: busy, or loader
-                                              before any HTTP request)
-  http_request     method, path, status | request, status (loader)
-  session_start    phase
-  all_size_sent    phase, all_size
-  header_corrupted phase, seek               (--corrupt-header-every: sent with a wrong sum)
-  checksum_error   phase, seek, read_size, injected (a reply with a bad sum: dropped)
-  notice_echo      phase                     (the app echoed the 100 % notice: wait ended early)
-  stop_received    phase                     (STOP from the app)
-  fault_drop       phase, replies            (--drop-after-reads fired)
-  fault_stall      phase, replies, seconds   (--stall-after-reads fired)
-  session_end      phase, outcome, reason, bytes (payload bytes received), image_length,
-                   sha256 (of phase<N>-received.bin), stop_received, all_size_sent, replies,
-                   checksum_errors
-                   outcome: ok | err (device sent ERR) | same (SAME, or ERR with --same-status err)
-                            | dropped (--drop-after-reads) | aborted (the app closed first)
-                            | watchdog (loader watchdog reset) | stopped (reboot or shutdown)
-  watchdog_reset   seconds                   (loader: no read progress during an attempt)
-  reboot           reason, to (loader|main|down)
-  power_up         to                        (WiFi back; the servers listen a little later)
-  reboot_command   direction (down|up), exit_code | error
-  listen_failed    error
+events: every one has "event", "time" (Unix seconds), "mode" (main|loader|
+down). docs/simulator.md says when each comes and what its fields mean.
+  device    start, mode, stop, reboot, power_up, reboot_command,
+            listen_failed, watchdog_reset
+  CTP       ctp_connect, ctp_frame, app_access, ctp_access_refused,
+            ctp_replaced, ctp_idle_drop, ctp_bad_frame, ctp_ignored,
+            net_ota_single
+  HTTP      http_request
+  OTA 3335  ota_listening, ota_refused, session_start, all_size_sent,
+            header_corrupted, checksum_error, reply_timeout_ignored,
+            notice_echo, stop_received, fault_drop, fault_stall,
+            session_end (outcome: ok, err, same, dropped, aborted,
+            watchdog, stopped)
+  FTP 21    ftp_connect, ftp_command (verb, arg, reply), ftp_login,
+            ftp_protocol_error (kind: coalesced, split, second_pasv,
+            data_before_stor, flood), ftp_pasv, ftp_pasv_failed,
+            ftp_data_connect, ftp_data_refused, ftp_crash (cause: abor,
+            no_fresh_pasv, port_after_pasv), ftp_not_modelled,
+            ftp_upload_start, ftp_upload_end (outcome: closed, reset,
+            control_lost), ftp_fault_busy, ftp_fault_reject_login,
+            ftp_fault_drop, ftp_fault_stall
+  writer    db_cancelled, db_head_rejected, db_write_error, db_burn
+            (burned, reason, bytes, image_length, version)
 """
 
+
+DESCRIPTION = """\
+Play one JieLi AC79 device: the main firmware (CTP 3333, HTTP 8080, OTA 3335
+after NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader;
+with --double-backup, a double-backup build (ota_type 0) upgraded by an FTP
+upload on 21. Runs in the foreground until SIGINT/SIGTERM and prints, at
+start, the netota flash command that upgrades it. Every delay is the
+device's real one times --time-scale."""
+
+USAGE = """netota sim [OPTIONS]
+       netota sim make-image OUT --version V --size N [--kind single|double]"""
 
 _positive_int = arguments.whole_number(1)
 _port = arguments.tcp_port(allow_zero=True)
@@ -71,15 +73,26 @@ def _stall(text: str) -> StallFault:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ftp_stall(text: str) -> StallFault:
+    try:
+        return StallFault.parse(text, "--ftp-stall-after-bytes", "100000:30")
+    except SimConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _pasv_base(text: str) -> int:
+    value = arguments.whole_number(0)(text)
+    if value >= PASV_COUNTER_LAST:
+        raise argparse.ArgumentTypeError(f"{text!r} must be below {PASV_COUNTER_LAST}")
+    return value
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sim",
+        usage=USAGE,
         help="Run a simulated device: its main firmware and its phase-2 loader.",
-        description=(
-            "Play one JieLi AC79 device: the main firmware (CTP 3333, HTTP 8080, OTA 3335 after "
-            "NET_OTA_SINGLE) and, after a successful phase 1, the phase-2 loader. Runs in the "
-            "foreground until SIGINT/SIGTERM. Every delay is the device's real one times --time-scale."
-        ),
+        description=DESCRIPTION,
         epilog=EVENTS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -104,7 +117,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     dev.add_argument(
         "--double-backup",
         action="store_true",
-        help="a double-backup build: ota_type 0, NET_OTA_SINGLE answers status 0",
+        help="a double-backup build: ota_type 0, NET_OTA_SINGLE answers status 0, no loader; "
+        "upgraded by an FTP upload (see 'double backup' below)",
     )
     dev.add_argument("--firmware-version", default="1.0.0", help="the installed version (default 1.0.0)")
     dev.add_argument(
@@ -151,6 +165,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="CMD",
         help="shell command run when going down and coming up, with NETOTA_SIM_REBOOT=down|up",
     )
+    db = parser.add_argument_group("double backup (with --double-backup)")
+    db.add_argument("--ftp-port", type=_port, default=21, help="FTP port (0: any; default 21)")
+    db.add_argument(
+        "--no-ota-type",
+        action="store_true",
+        help="the description document has no ota_type (nor ota_step): read as double backup",
+    )
+    db.add_argument(
+        "--stupid-ftpd",
+        action="store_true",
+        help="the other builds' FTP server: its greeting, and REST/SIZE answered",
+    )
+    db.add_argument(
+        "--pasv-base",
+        type=_pasv_base,
+        default=4096,
+        metavar="N",
+        help="the PASV port counter's start: ports N+1, N+2, ... up to 32767, then N (default 4096)",
+    )
+    db.add_argument(
+        "--fixed-version",
+        action="store_true",
+        help="the reported version stays the same after an upgrade (the SDK's fixed dev_desc string)",
+    )
+    db.add_argument(
+        "--burn-seconds",
+        type=_seconds,
+        default=1.0,
+        help="from the upload's clean close to the 226: writing the boot info (default 1; device allows ~5)",
+    )
+    db.add_argument(
+        "--flash-kbps",
+        type=_scale,
+        metavar="K",
+        help="flash writes K KiB per second: the device stops reading the upload while it writes (default: free)",
+    )
     fl = parser.add_argument_group("faults (each fires as described; --fault-phase limits them to one phase)")
     fl.add_argument(
         "--drop-after-reads",
@@ -168,28 +218,71 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--corrupt-header-every",
         type=_positive_int,
         metavar="N",
-        help="every Nth READ header goes out with a wrong sum; the device asks again after 5 s",
+        help="every Nth READ header of a session goes out with a wrong sum; the device never asks again: "
+        "after its 5 s wait the loader sends ERR, the main firmware goes on and fails its CRC check at the end",
+    )
+    fl.add_argument(
+        "--corrupt-header-once",
+        type=_positive_int,
+        metavar="N",
+        help="the Nth READ header of the device's life goes out with a wrong sum, once (so a retry succeeds)",
     )
     fl.add_argument(
         "--corrupt-reply-check",
         action="store_true",
-        help="treat the next reply as corrupt (once): dropped, then the 5 s wait fails the session",
+        help="treat the next reply as corrupt (once): dropped, then as --corrupt-header-every after the 5 s wait",
     )
     fl.add_argument("--fault-phase", type=int, choices=(1, 2), help="apply the faults only in this phase")
+    fl.add_argument(
+        "--ftp-drop-after-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="reset the FTP data connection after N bytes of an upload (once): nothing burned, no 226",
+    )
+    fl.add_argument(
+        "--ftp-stall-after-bytes",
+        type=_ftp_stall,
+        metavar="N:SECONDS",
+        help="after N bytes of an upload, stop reading it for SECONDS (once)",
+    )
+    fl.add_argument(
+        "--ftp-busy-once",
+        action="store_true",
+        help="the first STOR of the OTA file gets 550 (an earlier upgrade still timing out)",
+    )
+    fl.add_argument(
+        "--ftp-reject-login-once",
+        action="store_true",
+        help="the first FTP login gets 503 and the close, whatever it says",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event to stderr")
     parser.set_defaults(func=run_sim)
 
-    sim_commands = parser.add_subparsers(dest="sim_command", metavar="make-image")
+    sim_commands = parser.add_subparsers(dest="sim_command", title="commands", metavar="make-image")
     make = sim_commands.add_parser(
         "make-image",
+        prog="netota sim make-image",
+        usage="netota sim make-image OUT --version V --size N [--kind single|double]",
         help="write a test image the simulator verifies",
-        description="Write a deterministic test image of exactly SIZE bytes: a head with its length, "
-        "pseudo-random bytes and a trailer (magic, VERSION, SHA-256). After a good phase 2 the simulated "
-        "device reports VERSION.",
+        description="Write a deterministic test image of exactly SIZE bytes: a head with its length "
+        "(--kind single: the simulator's own; --kind double: a JL file head named update_data, as a real "
+        "double-backup image starts), pseudo-random bytes and a trailer (magic, VERSION, SHA-256). After a "
+        "good upgrade the simulated device reports VERSION.",
     )
-    make.add_argument("out", type=Path, help="the file to write")
-    make.add_argument("--version", required=True, dest="image_version", help="firmware version the image carries")
-    make.add_argument("--size", required=True, type=_positive_int, help="total bytes (at least 88)")
+    make.add_argument("out", metavar="OUT", type=Path, help="the file to write")
+    make.add_argument(
+        "--version", required=True, dest="image_version", metavar="V", help="firmware version the image carries"
+    )
+    make.add_argument(
+        "--size", required=True, type=_positive_int, metavar="N", help="total bytes (at least 88; 104 for double)"
+    )
+    make.add_argument(
+        "--kind",
+        choices=("single", "double"),
+        default="single",
+        help="single: a single-backup image for the 3335 stream (default); double: a double-backup image "
+        "(a JL file head named update_data) for the FTP upload",
+    )
     make.set_defaults(func=run_make_image)
     return parser
 
@@ -214,6 +307,7 @@ def config_from_args(args: argparse.Namespace, state_dir: Path) -> SimConfig:
         drop_after_reads=args.drop_after_reads,
         stall_after_reads=args.stall_after_reads,
         corrupt_header_every=args.corrupt_header_every,
+        corrupt_header_once=args.corrupt_header_once,
         corrupt_reply_check=args.corrupt_reply_check,
         fault_phase=args.fault_phase,
         reboot_seconds=args.reboot_seconds,
@@ -221,6 +315,17 @@ def config_from_args(args: argparse.Namespace, state_dir: Path) -> SimConfig:
         phase2_reboot_seconds=args.phase2_reboot_seconds,
         no_reboot=args.no_reboot,
         reboot_command=args.reboot_command,
+        ftp_port=args.ftp_port,
+        ota_type_in_description=not args.no_ota_type,
+        stupid_ftpd=args.stupid_ftpd,
+        pasv_base=args.pasv_base,
+        fixed_version=args.fixed_version,
+        burn_seconds=args.burn_seconds,
+        flash_kbps=args.flash_kbps,
+        ftp_drop_after_bytes=args.ftp_drop_after_bytes,
+        ftp_stall_after_bytes=args.ftp_stall_after_bytes,
+        ftp_busy_once=args.ftp_busy_once,
+        ftp_reject_login_once=args.ftp_reject_login_once,
     )
 
 
@@ -228,18 +333,59 @@ def run_make_image(args: argparse.Namespace) -> int:
     from netota_daemon.sim.image import ImageError, make_image
 
     try:
-        path = make_image(args.out, args.image_version, args.size)
+        path = make_image(args.out, args.image_version, args.size, args.kind)
     except ImageError as e:
         print(f"netota sim make-image: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         print(f"netota sim make-image: can't write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"wrote {path} ({args.size} bytes, version {args.image_version})")
+    print(f"wrote {path} ({args.size} bytes, {args.kind}-backup test image, version {args.image_version})")
     return 0
 
 
+def _flash_options() -> set[str]:
+    """The options ``netota flash`` accepts (so the command printed at start is one it takes)."""
+    from netota_daemon.cli import flash
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    return set(flash.add_parser(subparsers)._option_string_actions)
+
+
+def flash_command(config: SimConfig, ports: dict[str, int], accepted: set[str] | None = None) -> list[str]:
+    """Lines telling how to upgrade this simulated device by hand: a test image, then ``netota
+    flash`` with this device's address and ports (only those that differ from the defaults)."""
+    accepted = _flash_options() if accepted is None else accepted
+    host = "127.0.0.1" if config.listen in ("", "0.0.0.0") else config.listen
+    defaults = {"ctp": 3333, "http": 8080, "ota": 3335, "ftp": 21}
+    if config.double_backup:
+        image, kind, names = "update-ota.ufw", " --kind double", ("ctp", "http", "ftp")
+    else:
+        image, kind, names = "update.ufw", "", ("ctp", "http", "ota")
+    flags = "".join(
+        f" --{name}-port {ports[name]}" for name in names if ports.get(name, defaults[name]) != defaults[name]
+    )
+    lines = [
+        f"netota sim: make a test image:  netota sim make-image {image} --version 2.0.0 --size 300000{kind}",
+        f"netota sim: then upgrade it:    netota flash {image} --host {host}{flags}",
+    ]
+    if config.double_backup and "--ftp-port" not in accepted:
+        lines[1] += "  (this netota flash has no FTP route yet: it reports 'not applicable')"
+    return lines
+
+
 def run_sim(args: argparse.Namespace) -> int:
+    """Run the device until SIGINT/SIGTERM; a state directory it made itself is removed at the end."""
+    if args.state_dir is not None:
+        return _run_device(args, args.state_dir, temporary=False)
+    state_dir = Path(tempfile.mkdtemp(prefix="netota-sim-"))
+    try:
+        return _run_device(args, state_dir, temporary=True)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _run_device(args: argparse.Namespace, state_dir: Path, temporary: bool) -> int:
     from twisted.internet import reactor
     from twisted.logger import (
         FilteringLogObserver,
@@ -251,7 +397,6 @@ def run_sim(args: argparse.Namespace) -> int:
 
     from netota_daemon.sim.device import SimulatedDevice
 
-    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="netota-sim-"))
     try:
         config = config_from_args(args, state_dir)
     except SimConfigError as e:
@@ -271,10 +416,13 @@ def run_sim(args: argparse.Namespace) -> int:
 
     def started(_: Any) -> None:
         ports = device.ports
+        listening = ", ".join(f"{name} {ports[name]}" for name in device.port_names)
+        removed = ", removed at exit" if temporary else ""
         print(
-            f"netota sim: {device.mode} firmware {device.firmware_version} on {config.listen}: "
-            f"ctp {ports['ctp']}, http {ports['http']}, ota {ports['ota']}; state in {state_dir} "
-            f"(ports.json, events.jsonl); Ctrl-C to stop",
+            f"netota sim: {device.mode.value} firmware {device.firmware_version} on {config.listen}: {listening}\n"
+            f"netota sim: state in {state_dir} (ports.json, events.jsonl{removed}); Ctrl-C to stop",
+            *flash_command(config, ports),
+            sep="\n",
             flush=True,
         )
         reactor.addSystemEventTrigger("before", "shutdown", device.stop)

@@ -7,20 +7,23 @@ POST gets 501 and other methods 400. Range requests are not supported (the whole
 
 Loader (research §2b): every received chunk is answered with the same fixed response, headers
 without spaces, the 454-byte document (``ota_step`` "1", version "1.0.1"); the loader never closes.
-Every chunk also counts as "an HTTP request reached 8080", which the loader's 3335 waits for.
+Every chunk also counts as "an HTTP request reached 8080", which the loader's 3335 waits for:
+:attr:`LoaderHttpServer.requests`, kept by the server of that boot.
+
+A double-backup build's document says ``ota_type`` "0"; with ``ota_type_in_description`` off it has
+neither ``ota_type`` nor ``ota_step`` (an SDK whose ``dev_desc.h`` leaves the OTA fields out; an app
+reads a missing ``ota_type`` as double backup).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from netota_daemon.sim.connections import connection
+from netota_daemon.sim.host import EventHost, HttpHost
 from netota_daemon.wire.description import DESCRIPTION_PATH, LOADER_DOCUMENT, main_firmware_document
-
-if TYPE_CHECKING:
-    from netota_daemon.sim.device import SimulatedDevice
 
 log = Logger()
 
@@ -30,6 +33,8 @@ LOADER_RESPONSE = (
     % len(LOADER_DOCUMENT)
 ) + LOADER_DOCUMENT
 MAX_REQUEST_HEAD = 8192
+#: What a document without the OTA fields lacks (both are written by the same dev_desc.h lines).
+_OTA_FIELDS = b'"ota_type": "0","ota_step": "0",'
 
 
 def main_response(method: str, path: str, document: bytes) -> tuple[int | None, bytes]:
@@ -50,9 +55,30 @@ def main_response(method: str, path: str, document: bytes) -> tuple[int | None, 
     return 200, head + document
 
 
+def description_document(host: HttpHost) -> bytes:
+    """The main firmware's document for this device as it runs now."""
+    config = host.config
+    document = main_firmware_document(host.firmware_version, single_backup=not config.double_backup, uuid=config.uuid)
+    if not config.ota_type_in_description:
+        if _OTA_FIELDS not in document:
+            raise RuntimeError("the description document's OTA fields are not where the simulator expects them")
+        document = document.replace(_OTA_FIELDS, b"")
+    return document
+
+
+class MainHttpServer(Factory):
+    """The main firmware's HTTP server for one boot."""
+
+    def __init__(self, host: HttpHost) -> None:
+        self.host = host
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return MainHttpProtocol(self.host)
+
+
 class MainHttpProtocol(Protocol):
-    def __init__(self, device: SimulatedDevice) -> None:
-        self.device = device
+    def __init__(self, host: HttpHost) -> None:
+        self.host = host
         self.buffer = b""
         self.answered = False
 
@@ -68,37 +94,39 @@ class MainHttpProtocol(Protocol):
         line = self.buffer.split(b"\r\n", 1)[0].decode("latin-1")
         parts = line.split(" ")
         method, path = (parts[0], parts[1]) if len(parts) >= 2 else (line, "")
-        document = main_firmware_document(
-            self.device.firmware_version,
-            single_backup=not self.device.config.double_backup,
-            uuid=self.device.config.uuid,
-        )
-        status, response = main_response(method, path, document)
+        status, response = main_response(method, path, description_document(self.host))
         self._answer(method, path, status, response)
 
     def _answer(self, method: str, path: str, status: int | None, response: bytes) -> None:
         self.answered = True
-        self.device.record("http_request", method=method, path=path, status=status)
-        self.transport.write(response)
-        self.transport.loseConnection()
+        self.host.record("http_request", method=method, path=path, status=status)
+        transport = connection(self.transport)
+        transport.write(response)
+        transport.loseConnection()
+
+
+class LoaderHttpServer(Factory):
+    """The loader's HTTP stub for one boot; ``requests`` counts the chunks it answered."""
+
+    def __init__(self, host: EventHost) -> None:
+        self.host = host
+        self.requests = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return LoaderHttpProtocol(self)
 
 
 class LoaderHttpProtocol(Protocol):
-    def __init__(self, device: SimulatedDevice) -> None:
-        self.device = device
+    def __init__(self, server: LoaderHttpServer) -> None:
+        self.server = server
 
     def dataReceived(self, data: bytes) -> None:
-        self.device.loader_http_requests += 1
+        self.server.requests += 1
         first_line = data.split(b"\r\n", 1)[0][:200].decode("latin-1")
-        self.device.record("http_request", request=first_line, status=200)
-        self.transport.write(LOADER_RESPONSE)
+        self.server.host.record("http_request", request=first_line, status=200)
+        connection(self.transport).write(LOADER_RESPONSE)
 
 
-class HttpFactory(Factory):
-    def __init__(self, device: SimulatedDevice, loader: bool) -> None:
-        self.device = device
-        self.loader = loader
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        protocol = LoaderHttpProtocol(self.device) if self.loader else MainHttpProtocol(self.device)
-        return self.device.track(protocol)
+def http_server(host: HttpHost, loader: bool) -> MainHttpServer | LoaderHttpServer:
+    """The HTTP server of one boot: the loader's stub or the main firmware's."""
+    return LoaderHttpServer(host) if loader else MainHttpServer(host)

@@ -6,11 +6,18 @@ job; this protocol adds the clock and the wire: waits, checksums, STOP, notices,
 
 Session timeline (device seconds; every one multiplied by ``time_scale``)::
 
-    accept -> 0.1 s -> READ ... (5 s per reply, else ERR)
+    accept -> 0.1 s -> READ ... (5 s per reply, see below)
            [phase 2] -> all_size notice -> 5 s wait (a reply to it is the device's memory fault: ERR)
            -> READ ... -> 100 % notice (status 0) -> 5 s wait, or less if the app echoes it
            -> 0.5 s -> OK -> 0.5 s -> abort (RST)
     failure at any point: ERR (percent 0) -> 0.5 s -> abort (RST)
+
+No valid reply within 5 s (none came, it had a bad sum, or the READ header was corrupted on the way
+and the app rightly skipped it): the device sends no NACK and asks nothing again (research §4.2).
+The phase-2 loader then fails the session (ERR). The V1.2 main firmware (phase 1) ignores the
+timeout and hands its library a buffer that was never filled; the simulator counts every byte the
+library reads as covered by its CRC checks, so such a session goes on to the end of the file and
+then fails (ERR, "CRC check failed"): the old firmware stays, and a fresh session can succeed.
 
 The session reports how it ended through ``host.ota_session_ended(session)`` once the connection is
 gone; ``session.result`` then holds the outcome.
@@ -18,17 +25,19 @@ gone; ``session.result`` then holds the outcome.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from netota_daemon.sim.config import SimConfig
+from netota_daemon.sim.connections import connection
+from netota_daemon.sim.host import EventHost
 from netota_daemon.sim.image import HEAD_MAGIC, parse_trailer, verify_image
 from netota_daemon.sim.timers import DeviceTimers
 from netota_daemon.sim.transfer import (
@@ -49,27 +58,38 @@ from netota_daemon.wire.ota import (
 
 log = Logger()
 
+
+class SessionOutcome(str, enum.Enum):
+    """How a session ended (``session_end.outcome``)."""
+
+    OK = "ok"
+    ERR = "err"  # the device sent ERR (see the reason)
+    SAME = "same"  # SAME, or ERR with --same-status err
+    DROPPED = "dropped"  # --drop-after-reads
+    ABORTED = "aborted"  # the app closed first
+    WATCHDOG = "watchdog"  # the loader's watchdog reset the device
+    STOPPED = "stopped"  # a reboot or shutdown cut it
+
+
 #: Outcomes written in ``session_end`` events.
-OUTCOMES = ("ok", "err", "same", "dropped", "aborted", "watchdog", "stopped")
+OUTCOMES = tuple(outcome.value for outcome in SessionOutcome)
 
 
-@dataclass
-class FaultState:
-    """Faults that fire once over the device's life (so a retry can succeed)."""
+class SessionState(str, enum.Enum):
+    """Where the device is in a session."""
 
-    drop_used: bool = False
-    stall_used: bool = False
-    corrupt_reply_used: bool = False
+    STARTING = "starting"  # accepted; the device speaks 0.1 s later
+    WAITING_REPLY = "waiting_reply"  # a READ is out
+    NOTICE_ALL_SIZE = "notice_all_size"  # the all_size notice is out (5 s wait)
+    NOTICE_FINAL = "notice_final"  # the 100 % notice is out (5 s wait, or the echo)
+    STALLED = "stalled"  # --stall-after-reads
+    RUNNING = "running"  # between two steps (never seen from outside a call)
+    ENDING = "ending"  # OK/ERR/SAME sent, or the session is being killed: the device reads nothing
+    CLOSED = "closed"
 
 
-class OtaHost(TypingProtocol):
+class OtaHost(EventHost, TypingProtocol):
     """What a session needs from the device that owns it."""
-
-    config: SimConfig
-    clock: IReactorTime
-    faults: FaultState
-
-    def record(self, event: str, **fields: Any) -> dict[str, Any]: ...
 
     def ota_session_started(self, session: OtaDeviceSession) -> None: ...
 
@@ -83,9 +103,9 @@ class SessionResult:
     """How a session ended."""
 
     phase: int
-    outcome: str
+    outcome: SessionOutcome
     reason: str
-    bytes: int
+    payload_bytes: int  # payload bytes in accepted replies ("bytes" in the event)
     image_length: int | None
     received: bytes = field(repr=False)
     sha256: str
@@ -98,9 +118,9 @@ class SessionResult:
     def event_fields(self) -> dict[str, Any]:
         return {
             "phase": self.phase,
-            "outcome": self.outcome,
+            "outcome": self.outcome.value,
             "reason": self.reason,
-            "bytes": self.bytes,
+            "bytes": self.payload_bytes,
             "image_length": self.image_length,
             "sha256": self.sha256,
             "stop_received": self.stop_received,
@@ -117,17 +137,17 @@ class OtaDeviceSession(Protocol):
         self.host = host
         self.config = host.config
         self.phase = phase
-        self.timers = DeviceTimers(host.clock, host.config.time_scale)
+        self.timers = DeviceTimers(host.reactor, host.config.time_scale)
         send_all_size = True if phase == 2 else host.config.phase1_all_size
         self.reader = DeviceReader(phase, host.config.image_size, send_all_size)
-        self.state = "starting"
+        self.state = SessionState.STARTING
         self._buffer = bytearray()
-        self._wait_call: Any = None
+        self._wait_call: IDelayedCall | None = None
         self.stop_received = False
         self.all_size_sent = False
         self.checksum_errors = 0
         self.read_headers_sent = 0
-        self._outcome: tuple[str, str] | None = None
+        self._outcome: tuple[SessionOutcome, str] | None = None
         self.result: SessionResult | None = None
         self.connected = False
 
@@ -138,26 +158,26 @@ class OtaDeviceSession(Protocol):
         self.timers.later(self.config.ota_start_delay, self._begin)
 
     def _begin(self) -> None:
-        self.state = "running"
+        self.state = SessionState.RUNNING
         self.host.record("session_start", phase=self.phase)
         self._advance()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False
         self.timers.close()
         if self._outcome is None:
-            self._outcome = ("aborted", "the app closed the connection before the session ended")
+            self._outcome = (SessionOutcome.ABORTED, "the app closed the connection before the session ended")
         outcome, why = self._outcome
         received = self.reader.assembled()
         new_version = None
-        if outcome == "ok" and self.phase == 2:
+        if outcome is SessionOutcome.OK and self.phase == 2:
             trailer = parse_trailer(received)
             new_version = trailer.version if trailer else None
         self.result = SessionResult(
             phase=self.phase,
             outcome=outcome,
             reason=why,
-            bytes=self.reader.bytes_received,
+            payload_bytes=self.reader.bytes_received,
             image_length=self.reader.image_length,
             received=received,
             sha256=hashlib.sha256(received).hexdigest(),
@@ -167,22 +187,22 @@ class OtaDeviceSession(Protocol):
             checksum_errors=self.checksum_errors,
             new_version=new_version,
         )
-        self.state = "closed"
+        self.state = SessionState.CLOSED
         self.host.ota_session_ended(self)
 
-    def kill(self, outcome: str, reason: str) -> None:
+    def kill(self, outcome: SessionOutcome, reason: str) -> None:
         """End the session now, without a result header (a reboot, a stop, the watchdog)."""
         if self._outcome is None:
             self._outcome = (outcome, reason)
         self.timers.close()
-        self.state = "ending"
+        self.state = SessionState.ENDING
         if self.connected:
-            self.transport.abortConnection()
+            connection(self.transport).abortConnection()
 
     # -- sending --------------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
         if self.connected:
-            self.transport.write(data)
+            connection(self.transport).write(data)
 
     def _advance(self) -> None:
         step = self.reader.next_step()
@@ -192,7 +212,7 @@ class OtaDeviceSession(Protocol):
             self._send(encode_device_header(Status.DOING, self._last_seek(), 0, step.all_size, step.percent))
             self.all_size_sent = True
             self.host.record("all_size_sent", phase=self.phase, all_size=step.all_size)
-            self.state = "notice_all_size"
+            self.state = SessionState.NOTICE_ALL_SIZE
             self._wait_call = self.timers.later(self.config.notice_wait, self._after_all_size)
         elif isinstance(step, TransferDone):
             self._transfer_done()
@@ -204,21 +224,29 @@ class OtaDeviceSession(Protocol):
         request = self.reader.last_request
         return request.seek if request else 0
 
-    def _send_read(self, request: ReadRequest, resend: bool = False) -> None:
-        header = encode_device_header(Status.READ, request.seek, request.size, 0, request.percent)
+    def _corrupt_this_header(self) -> bool:
+        """Whether the READ header about to go out is one a corrupt-header fault hits."""
+        if not self.config.faults_apply(self.phase):
+            return False
+        self.read_headers_sent += 1
+        faults = self.host.faults
+        faults.read_headers_sent += 1
         every = self.config.corrupt_header_every
-        if not resend:
-            self.read_headers_sent += 1
-        if not resend and every and self.config.faults_apply(self.phase) and self.read_headers_sent % every == 0:
-            bad = ((int.from_bytes(header[:4], "little") + 1) & 0xFFFFFFFF).to_bytes(4, "little") + header[4:]
+        if every and self.read_headers_sent % every == 0:
+            return True
+        once = self.config.corrupt_header_once
+        if once and not faults.corrupt_header_used and faults.read_headers_sent >= once:
+            faults.corrupt_header_used = True
+            return True
+        return False
+
+    def _send_read(self, request: ReadRequest) -> None:
+        header = encode_device_header(Status.READ, request.seek, request.size, 0, request.percent)
+        if self._corrupt_this_header():
+            header = ((int.from_bytes(header[:4], "little") + 1) & 0xFFFFFFFF).to_bytes(4, "little") + header[4:]
             self.host.record("header_corrupted", phase=self.phase, seek=request.seek)
-            self._send(bad)
-            self.state = "waiting_reply"
-            # The app skips it; the device hears nothing and asks again after its wait.
-            self._wait_call = self.timers.later(self.config.reply_timeout, self._send_read, request, True)
-            return
         self._send(header)
-        self.state = "waiting_reply"
+        self.state = SessionState.WAITING_REPLY
         self._wait_call = self.timers.later(self.config.reply_timeout, self._reply_timeout)
 
     # -- receiving ------------------------------------------------------------------------------
@@ -232,14 +260,14 @@ class OtaDeviceSession(Protocol):
                 self.host.record("stop_received", phase=self.phase)
                 self._fail("STOP from the app")
                 return
-            if self.state == "waiting_reply":
+            if self.state is SessionState.WAITING_REPLY:
                 if not self._take_reply(header):
                     return
-            elif self.state == "notice_all_size":
+            elif self.state is SessionState.NOTICE_ALL_SIZE:
                 self._fail(
                     "a reply to the all_size notice: the device writes it past its receive buffer (memory fault)"
                 )
-            elif self.state == "notice_final":
+            elif self.state is SessionState.NOTICE_FINAL:
                 if header.read_size == 0 and header.is_valid():
                     del self._buffer[:HEADER_SIZE]
                     self.timers.cancel(self._wait_call)
@@ -247,13 +275,13 @@ class OtaDeviceSession(Protocol):
                     self._after_final_notice()
                 else:
                     self._fail("unexpected data after the final notice")
-            elif self.state == "ending":
+            elif self.state is SessionState.ENDING:
                 # The device is closing and no longer reads: late bytes (an echo that missed the
                 # 5 s wait, say) change nothing.
                 log.info("OTA phase {phase}: {n} bytes ignored while closing", phase=self.phase, n=len(self._buffer))
                 self._buffer.clear()
             else:
-                self._fail(f"unsolicited data while the device was {self.state}")
+                self._fail(f"unsolicited data while the device was {self.state.value}")
 
     def _take_reply(self, header: OtaHeader) -> bool:
         """Consume one reply from the buffer. False when it is not all here yet."""
@@ -289,7 +317,7 @@ class OtaDeviceSession(Protocol):
         return True
 
     def _checksum_error(self, header: OtaHeader, injected: bool) -> None:
-        """The device drops the reply and keeps waiting; its 5 s wait then fails the session."""
+        """The device drops the reply and keeps waiting (no NACK, no re-request)."""
         self.checksum_errors += 1
         self.host.record(
             "checksum_error", phase=self.phase, seek=header.seek_addr, read_size=header.read_size, injected=injected
@@ -306,30 +334,44 @@ class OtaDeviceSession(Protocol):
         if apply and drop and not faults.drop_used and replies >= drop:
             faults.drop_used = True
             self.host.record("fault_drop", phase=self.phase, replies=replies)
-            self.kill("dropped", f"--drop-after-reads {drop}: connection aborted after {replies} replies")
+            self.kill(SessionOutcome.DROPPED, f"--drop-after-reads {drop}: connection aborted after {replies} replies")
             return
-        stall = self.config.stall_after_reads
-        if apply and stall and not faults.stall_used and replies >= stall.after_reads:
+        stall = self.config.stall
+        if apply and stall and not faults.stall_used and replies >= stall.after:
             faults.stall_used = True
             self.host.record("fault_stall", phase=self.phase, replies=replies, seconds=stall.seconds)
-            self.state = "stalled"
+            self.state = SessionState.STALLED
             self.timers.later(stall.seconds, self._resume)
             return
         self._advance()
 
     def _resume(self) -> None:
-        self.state = "running"
+        self.state = SessionState.RUNNING
         self._advance()
 
     def _after_all_size(self) -> None:
-        self.state = "running"
+        self.state = SessionState.RUNNING
         self._advance()
 
     def _reply_timeout(self) -> None:
-        self._fail(f"no valid reply within {self.config.reply_timeout:g} s")
+        request = self.reader.waiting_for
+        if self.phase == 2 or request is None:
+            self._fail(f"no valid reply within {self.config.reply_timeout:g} s")
+            return
+        # V1.2 phase 1: the timeout is ignored; the library gets a buffer that was never filled.
+        self.host.record("reply_timeout_ignored", phase=self.phase, seek=request.seek, read_size=request.size)
+        self.reader.go_on_without_reply()
+        self.state = SessionState.RUNNING
+        self._advance()
 
     # -- ending ---------------------------------------------------------------------------------
     def _transfer_done(self) -> None:
+        if self.reader.unfilled_reads:
+            self._fail(
+                f"the update library's CRC check failed: {self.reader.unfilled_reads} of its reads got a buffer "
+                f"that was never filled ({self.reader.unfilled_windows} reply timeouts ignored)"
+            )
+            return
         if self.config.reject_image:
             self._fail("image rejected (--reject-image)")
             return
@@ -341,23 +383,23 @@ class OtaDeviceSession(Protocol):
                     self._fail(f"image verification failed: {why}")
                     return
         self._send(encode_device_header(Status.DOING, 0, 0, 0, 100))
-        self.state = "notice_final"
+        self.state = SessionState.NOTICE_FINAL
         self._wait_call = self.timers.later(self.config.notice_wait, self._after_final_notice)
 
     def _after_final_notice(self) -> None:
-        self.state = "ending"
+        self.state = SessionState.ENDING
         self.timers.later(self.config.end_gap, self._send_ok)
 
     def _send_ok(self) -> None:
         self._send(encode_device_header(Status.OK, 0, 0, 0, 100))
-        self._outcome = ("ok", "upgrade data received and verified")
+        self._outcome = (SessionOutcome.OK, "upgrade data received and verified")
         self.timers.later(self.config.end_gap, self._close)
 
     def _end_same(self) -> None:
         status = Status.SAME if self.config.same_status == "same" else Status.ERR
         self._send(encode_device_header(status, 0, 0, 0, 0))
-        self._outcome = ("same", f"the image is the one installed (sent {status.name})")
-        self.state = "ending"
+        self._outcome = (SessionOutcome.SAME, f"the image is the one installed (sent {status.name})")
+        self.state = SessionState.ENDING
         self.timers.later(self.config.end_gap, self._close)
 
     def _fail(self, reason: str) -> None:
@@ -366,22 +408,22 @@ class OtaDeviceSession(Protocol):
         log.info("OTA phase {phase} session fails: {reason}", phase=self.phase, reason=reason)
         self.timers.cancel_all()
         self._send(encode_device_header(Status.ERR, 0, 0, 0, 0))
-        self._outcome = ("err", reason)
-        self.state = "ending"
+        self._outcome = (SessionOutcome.ERR, reason)
+        self.state = SessionState.ENDING
         self.timers.later(self.config.end_gap, self._close)
 
     def _close(self) -> None:
         if self.connected:
-            self.transport.abortConnection()
+            connection(self.transport).abortConnection()
 
 
 class RefusedOtaConnection(Protocol):
     """A 3335 connection the device won't serve: closed at once with an RST."""
 
-    def __init__(self, host: OtaHost, reason: str) -> None:
+    def __init__(self, host: EventHost, reason: str) -> None:
         self.host = host
         self.reason = reason
 
     def connectionMade(self) -> None:
         self.host.record("ota_refused", reason=self.reason)
-        self.transport.abortConnection()
+        connection(self.transport).abortConnection()

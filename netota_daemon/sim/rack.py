@@ -6,8 +6,10 @@ Layout (for N = 2, prefix ``nrk42``)::
     netota sim on 192.168.1.1  wlan0 <--veth--> nrk42r0 192.168.1.10   nrk42r1 192.168.1.11 <--veth--> wlan0  netota sim on 192.168.1.1
                                                twistd netota (one device per interface)
 
-Each simulator listens on the real ports (3333, 8080, 3335) and takes its own link down and up
-around its reboots (``--reboot-command``), as a real device's WiFi does. The daemon runs inside the
+Each simulator listens on the real ports (3333, 8080, 3335; a double-backup device, started with
+``--double-backup`` among its ``sim_args``, FTP on 21 and its PASV ports from 4097, all inside its
+own namespace) and takes its own link down and up around its reboots (``--reboot-command``), as a
+real device's WiFi does. The daemon runs inside the
 rack namespace; its control socket is a UNIX socket on the shared filesystem, so clients run from
 anywhere on the host.
 
@@ -26,9 +28,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEVICE_ADDRESS = "192.168.1.1"
 DEVICE_INTERFACE = "wlan0"
@@ -92,9 +95,23 @@ class RackDevice:
     source_address: str
     state_dir: Path
     sim_args: list[str] = field(default_factory=list)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
 
-    def events(self) -> list[dict]:
+    @property
+    def double_backup(self) -> bool:
+        """Whether this device runs a double-backup build (upgraded over FTP)."""
+        return "--double-backup" in self.sim_args
+
+    def received_upload(self) -> bytes | None:
+        """What its last FTP upload delivered (``db-received.bin``), or None when none ended."""
+        path = self.state_dir / "db-received.bin"
+        return path.read_bytes() if path.exists() else None
+
+    def exited(self) -> bool:
+        """Whether its simulator is not running (never started, or gone)."""
+        return self.process is None or self.process.poll() is not None
+
+    def events(self) -> list[dict[str, Any]]:
         path = self.state_dir / "events.jsonl"
         if not path.exists():
             return []
@@ -127,7 +144,7 @@ class SimulatedRack:
             )
             for i in range(size)
         ]
-        self.daemon: subprocess.Popen | None = None
+        self.daemon: subprocess.Popen[bytes] | None = None
         self.control_path = Path("/tmp") / f"{self.tag}-control.sock"
         self._namespaces: list[str] = []
         self._env = dict(os.environ)
@@ -194,6 +211,8 @@ class SimulatedRack:
                 "8080",
                 "--ota-port",
                 "3335",
+                "--ftp-port",
+                "21",  # used by a double-backup device only
                 "--state-dir",
                 str(device.state_dir),
                 "--time-scale",
@@ -203,16 +222,16 @@ class SimulatedRack:
                 f'ip link set {DEVICE_INTERFACE} "$NETOTA_SIM_REBOOT"',
                 *extra,
             ]
-            log = open(device.state_dir / "sim.log", "wb")
-            device.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env)
+            with open(device.state_dir / "sim.log", "wb") as log:
+                device.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env)
             device.sim_args = extra
         for device in self.devices:
             _wait_for(
-                lambda d=device: (d.state_dir / "ports.json").exists() or d.process.poll() is not None,
+                lambda d=device: (d.state_dir / "ports.json").exists() or d.exited(),  # type: ignore[misc]
                 30,
                 f"simulator {device.name} to listen",
             )
-            if device.process.poll() is not None:
+            if device.exited():
                 raise RackError(f"simulator {device.name} exited: {(device.state_dir / 'sim.log').read_text()[-2000:]}")
 
     def write_config(
@@ -246,35 +265,34 @@ class SimulatedRack:
 
     def start_daemon(self, config: Path) -> None:
         self.control_path.unlink(missing_ok=True)
-        log = open(self.workdir / "daemon.log", "wb")
-        self.daemon = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.rack_namespace,
-                self.python,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "--nodaemon",
-                "--pidfile",
-                "",
-                "netota",
-                "--config",
-                str(config),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._env,
-            cwd=self.workdir,
-        )
-        _wait_for(
-            lambda: self.control_path.exists() or self.daemon.poll() is not None, 30, "the daemon's control socket"
-        )
-        if self.daemon.poll() is not None:
+        with open(self.workdir / "daemon.log", "wb") as log:
+            daemon = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.rack_namespace,
+                    self.python,
+                    "-c",
+                    "from twisted.scripts.twistd import run; run()",
+                    "--nodaemon",
+                    "--pidfile",
+                    "",
+                    "netota",
+                    "--config",
+                    str(config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                cwd=self.workdir,
+            )
+        self.daemon = daemon
+        _wait_for(lambda: self.control_path.exists() or daemon.poll() is not None, 30, "the daemon's control socket")
+        if daemon.poll() is not None:
             raise RackError(f"the daemon exited: {(self.workdir / 'daemon.log').read_text()[-3000:]}")
 
-    def client(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def client(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``netota ARGS`` against this rack's daemon (from the host namespace)."""
         return subprocess.run(
             [self.python, "-m", "netota_daemon", *args],
@@ -306,7 +324,7 @@ class SimulatedRack:
             self.control_path.unlink(missing_ok=True)
 
 
-def _wait_for(condition, seconds: float, what: str) -> None:
+def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
     """Poll ``condition`` (a cheap file or process check) until true, for at most ``seconds``."""
     end = time.monotonic() + seconds
     while not condition():

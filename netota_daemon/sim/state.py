@@ -1,4 +1,5 @@
-"""The simulator's files in ``--state-dir``: ``events.jsonl``, ``phase<N>-received.bin``, ``ports.json``.
+"""The simulator's files in ``--state-dir``: ``events.jsonl``, ``phase<N>-received.bin``,
+``db-received.bin`` (double backup: the last OTA upload), ``ports.json``.
 
 Tests and users' CI read these to see what the device saw. Writes are small and synchronous.
 """
@@ -34,6 +35,12 @@ class StateWriter:
         if self.directory is None:
             return None
         return self._replace(f"phase{phase}-received.bin", bytes(data))
+
+    def write_upload(self, data: bytes | bytearray) -> Path | None:
+        """Replace ``db-received.bin`` with the bytes of the last OTA upload over FTP, as received."""
+        if self.directory is None:
+            return None
+        return self._replace("db-received.bin", bytes(data))
 
     def write_ports(self, ports: dict[str, int], listen: str) -> Path | None:
         if self.directory is None:

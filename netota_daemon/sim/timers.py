@@ -6,15 +6,26 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
 
 
+@implementer(IDelayedCall)
 class _NoCall:
     """What :meth:`DeviceTimers.later` returns once closed: a call that never runs."""
+
+    def getTime(self) -> float:
+        return float("inf")
 
     def active(self) -> bool:
         return False
 
     def cancel(self) -> None:
+        pass
+
+    def delay(self, secondsLater: float) -> None:
+        pass
+
+    def reset(self, secondsFromNow: float) -> None:
         pass
 
 
@@ -39,7 +50,7 @@ class DeviceTimers:
 
     def later(self, device_seconds: float, function: Callable[..., Any], *args: Any) -> IDelayedCall:
         if self.closed:
-            return _NoCall()  # type: ignore[return-value]
+            return _NoCall()
         call: IDelayedCall
 
         def run() -> None:
@@ -51,9 +62,11 @@ class DeviceTimers:
         return call
 
     def cancel(self, call: IDelayedCall | None) -> None:
-        if call is not None and call.active():
+        if call is None:
+            return
+        if call.active():
             call.cancel()
-        self._pending.discard(call)  # type: ignore[arg-type]
+        self._pending.discard(call)
 
     def cancel_all(self) -> None:
         for call in list(self._pending):

@@ -15,6 +15,10 @@ whole window (research §4.2):
 So no request other than the very first one has ``seek_addr`` 0 (the vendor's client reads from its
 current file position when ``seek_addr`` is 0, so a device that asked for 0 again would break it).
 
+The image length comes from the head read: a single-backup test image's head, else the configured
+``image_size``, else the end of a short first window. A head that is a double-backup image's
+(``update_data``) fails the session: the library's UFW check would refuse it on a device.
+
 Percent: 1 until ``all_size`` is known; then, at every library read (cache hits included) and before
 counting it, ``max(previous, bytes_read * 100 // all_size)`` capped at 99.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netota_daemon.sim.image import image_length_from_head
+from netota_daemon.wire.firmware_kind import HEAD_BYTES, FirmwareKind, identify
 from netota_daemon.wire.ota import PHASE1_WINDOW, PHASE2_WINDOW
 
 #: The library's first reads: the head of the file, then an "entry list" after it.
@@ -92,6 +97,9 @@ class DeviceReader:
         self._index = 0
         self._cache_start = 0
         self._cache = b""
+        self._cache_unfilled = False  # the last window "arrived" empty (a reply timeout the device ignored)
+        self.unfilled_windows = 0  # windows the device went on without (phase 1, V1.2)
+        self.unfilled_reads = 0  # library reads served from such a window: the library got garbage
         self._pending: ReadRequest | None = None
         self.last_request: ReadRequest | None = None
         self._eof: int | None = None
@@ -100,7 +108,12 @@ class DeviceReader:
     # -- the plan -------------------------------------------------------------------------------
     def _plan(self) -> str | None:
         """Build the reads after the head, once the head told the length. Returns a failure reason."""
-        head = bytes(self.received[:16])
+        head = bytes(self.received[:HEAD_BYTES])
+        if identify(head).kind is FirmwareKind.DOUBLE_BACKUP:
+            # The library's UFW header check fails: a double-backup image can't cross-upgrade.
+            return (
+                "not a UFW container: a double-backup image (update_data head); this single-backup build can't take it"
+            )
         length = image_length_from_head(head) or self.configured_size
         if length is None and self._eof is not None:
             length = self._eof  # the whole file fitted in the first window
@@ -136,6 +149,11 @@ class DeviceReader:
     def _in_cache(self, offset: int, n: int) -> bool:
         return self._cache_start <= offset and offset + n <= self._cache_start + len(self._cache)
 
+    def _read(self, index: int) -> tuple[int, int]:
+        read = self._reads[index]
+        assert not isinstance(read, str)
+        return read
+
     def _update_percent(self) -> None:
         if self.all_size:
             self.percent = min(99, max(self.percent, self.library_bytes * 100 // self.all_size))
@@ -158,9 +176,11 @@ class DeviceReader:
                 self.all_size = self.image_length
                 self.library_bytes = 0
                 return SizeNotice(self.all_size, self.percent)
-            offset, n = read  # type: ignore[misc]
+            offset, n = self._read(self._index)
             self._update_percent()
             if self._in_cache(offset, n):
+                if self._cache_unfilled:
+                    self.unfilled_reads += 1
                 self._consume(n)
                 continue
             self._pending = ReadRequest(self._window_for(offset, n), self.window, self.percent)
@@ -190,7 +210,7 @@ class DeviceReader:
             raise ReplyError(f"reply for offset {seek}, but the device asked for {request.seek}")
         if len(payload) > request.size:
             raise ReplyError(f"reply carries {len(payload)} bytes, more than the {request.size} asked")
-        offset, n = self._reads[self._index]  # type: ignore[misc]
+        offset, n = self._read(self._index)
         end = seek + len(payload)
         if len(payload) < request.size:
             self._eof = end
@@ -205,11 +225,25 @@ class DeviceReader:
                 f"reply covers {seek}..{end}, but the device needs {offset}..{needed} (short reply before end of file)"
             )
         self._pending = None
-        self._cache_start, self._cache = seek, bytes(payload)
+        self._cache_start, self._cache, self._cache_unfilled = seek, bytes(payload), False
         self._store(seek, payload)
         self.replies += 1
         self.bytes_received += len(payload)
         self._consume(n)
+
+    def go_on_without_reply(self) -> None:
+        """The device gave up waiting for the outstanding reply and went on anyway (the V1.2 main
+        firmware ignores its reply timeout): the library is handed the window's buffer, never
+        filled. Nothing is stored; every library read served from that window counts in
+        :attr:`unfilled_reads` (the one waiting now included)."""
+        request = self._pending
+        if request is None:
+            raise RuntimeError("no READ is outstanding")
+        self._pending = None
+        self._cache_start, self._cache, self._cache_unfilled = request.seek, bytes(request.size), True
+        self.unfilled_windows += 1
+        self.unfilled_reads += 1
+        self._consume(self._read(self._index)[1])
 
     def _store(self, seek: int, payload: bytes) -> None:
         end = seek + len(payload)
