@@ -539,9 +539,9 @@ class _Upload:
     # -- the flow ------------------------------------------------------------------------------
     async def run(self) -> UploadResult:
         log.info(
-            "FTP upload of {size} bytes to {device} port {port}",
+            "FTP upload of {size} bytes to {where} port {port}",
             size=self.image.size,
-            device=self.connector.describe(),
+            where=self.connector.describe(),
             port=self.port,
             **self.log_context,
         )
