@@ -120,7 +120,9 @@ async def test_busy_and_a_stall_are_retried(reactor, tmp_path):
     run = await Run(reactor, tmp_path, ftp_busy_once=True, ftp_stall_after_bytes="100000:60").start()
     outcome = await run.run()
     assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
-    assert outcome.details["upload_attempts"] == 3  # 550 busy, the stall, then the upload
+    # 550 busy, then the stall: the kernel's buffers may hold the rest of the image through it (the
+    # upload then ends when the device reads again), or the stall outlasts ftp_stall (a third attempt)
+    assert outcome.details["upload_attempts"] in (2, 3)
     assert run.named("ftp_fault_busy") and run.named("ftp_fault_stall")
     assert run.received() == run.image_bytes
 
