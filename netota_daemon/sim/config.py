@@ -68,7 +68,7 @@ class SimConfig:
     image_size: int | None = None  # image length for images without a simulator head/trailer
     uuid: str = "xxxxxx"
 
-    # Double backup (ftp-research.md).
+    # Double backup (docs/research/ftp.md).
     ftp_port: int = 21
     ota_type_in_description: bool = True  # False: the document has no ota_type (nor ota_step)
     stupid_ftpd: bool = False  # the other build's FTP server: its greeting, REST and SIZE
