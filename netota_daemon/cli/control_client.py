@@ -22,7 +22,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from netota_daemon.cli.exit_codes import EXIT_BUSY, EXIT_UNAVAILABLE, EXIT_USAGE
-from netota_daemon.daemon.config import split_endpoint
+from netota_daemon.endpoint_strings import split_endpoint
 from netota_daemon.engine.events import JobEvent, PhaseChanged, Progress, TransferState, Waiting
 from netota_daemon.engine.outcome import Phase
 

@@ -1,7 +1,9 @@
 """The daemon's configuration: a TOML file read with :mod:`tomllib` into typed values.
 
-Every problem (unknown key, wrong type, missing value, bad TOML) is a :class:`ConfigError` that names
-the file, the key and what is wrong, so start-up stops with a message a person can act on.
+Every problem (unknown key, wrong type, a value out of range, missing value, bad TOML, a directory
+the daemon can't use) is a :class:`ConfigError` that names the file, the line, the key and what is
+wrong, so start-up stops with one line a person can act on. Every value is checked for type and
+range before anything uses it: no TOML the parser accepts ends in a traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netota_daemon.endpoint_strings import (
+    DEFAULT_BACKLOG,
+    NETWORK_KINDS,
+    is_loopback,
+    server_endpoint_problem,
+    split_endpoint,
+    tcp_interface,
+    with_default,
+)
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 
 DEFAULT_CONFIG_PATH = "/etc/netota/netota.toml"
@@ -24,6 +35,18 @@ DEFAULT_CONTROL = "unix:/run/netota/control.sock:mode=660:lockfile=1"
 DEFAULT_STATE_DIR = "/var/lib/netota"
 DEFAULT_FIRMWARE_DIR = "/var/lib/netota/firmware"
 DEFAULT_MAX_PARALLEL = 4
+DEFAULT_SHUTDOWN_GRACE = 15.0
+DEFAULT_RETENTION_DAYS = 365.0
+DEFAULT_RETENTION_JOBS = 100_000
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 256
+
+#: The longest any engine wait may be set to (a week); longer is a typo, and would overflow timers.
+MAX_SECONDS = 7 * 24 * 3600.0
+#: The largest count (retries, receive timeouts) a config or a job's options may give.
+MAX_COUNT = 1_000_000
+MAX_PATH = 4096
+MAX_DEVICE_NAME = 64
 
 
 class ConfigError(Exception):
@@ -60,32 +83,53 @@ class DaemonConfig:
     firmware_dir: Path = Path(DEFAULT_FIRMWARE_DIR)
     max_parallel: int = DEFAULT_MAX_PARALLEL
     control_token: str | None = None  # bearer token required on the control API when set
-    shutdown_grace: float = 15.0  # seconds to wait for running jobs to stop (STOP sent) on shutdown
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds to wait for running jobs to stop (STOP sent)
+    journal_retention_days: float = DEFAULT_RETENTION_DAYS  # ended jobs older than this are pruned (0: no age limit)
+    journal_retention_jobs: int = DEFAULT_RETENTION_JOBS  # at most this many jobs are kept (0: no count limit)
+    control_idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # an idle or incomplete control connection is closed
+    control_max_connections: int = DEFAULT_MAX_CONNECTIONS  # open control connections at once
     timeouts: UpgradeTimeouts = field(default_factory=UpgradeTimeouts)
     behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
 
 
-# key -> (accepted types, description used in messages)
+@dataclass(frozen=True)
+class _Spec:
+    """What a key takes: its types (a bool is never a number), their name in messages, and for
+    numbers the range (inclusive; ``above`` makes the lower bound exclusive)."""
+
+    types: tuple[type, ...]
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    above: bool = False
+    unit: str = ""
+
+
+_STRING = _Spec((str,), "a string")
+_BOOL = _Spec((bool,), "true or false")
+# Kept for check_value's callers: key -> (accepted types, description used in messages).
 _INT = ((int,), "an integer")
 _NUMBER = ((int, float), "a number")
-_STRING = ((str,), "a string")
-_BOOL = ((bool,), "true or false")
 
-_DAEMON_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+_DAEMON_KEYS: dict[str, _Spec] = {
     "control": _STRING,
     "state_dir": _STRING,
     "firmware_dir": _STRING,
-    "max_parallel": _INT,
+    "max_parallel": _Spec((int,), "an integer", 1, 1024),
     "control_token": _STRING,
-    "shutdown_grace": _NUMBER,
+    "shutdown_grace": _Spec((int, float), "a number", 0, 3600, unit=" seconds"),
+    "journal_retention_days": _Spec((int, float), "a number", 0, 36500, unit=" days"),
+    "journal_retention_jobs": _Spec((int,), "an integer", 0, 100_000_000),
+    "control_idle_timeout": _Spec((int, float), "a number", 0, 86400, above=True, unit=" seconds"),
+    "control_max_connections": _Spec((int,), "an integer", 16, 65536),
 }
 
-_DEVICE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+_DEVICE_KEYS: dict[str, _Spec] = {
     "host": _STRING,
-    "ctp_port": _INT,
-    "http_port": _INT,
-    "ota_port": _INT,
+    "ctp_port": _Spec((int,), "an integer"),
+    "http_port": _Spec((int,), "an integer"),
+    "ota_port": _Spec((int,), "an integer"),
     "interface": _STRING,
     "source_address": _STRING,
     "reconnect_command": _STRING,
@@ -101,7 +145,7 @@ def _keys_of(cls: type[UpgradeTimeouts] | type[UpgradeBehaviour]) -> dict[str, t
     for f in dataclasses.fields(cls):
         default = f.default
         if isinstance(default, bool):
-            keys[f.name] = _BOOL
+            keys[f.name] = (_BOOL.types, _BOOL.description)
         elif isinstance(default, int):
             keys[f.name] = _INT
         else:
@@ -128,14 +172,44 @@ def split_settings(
     )
 
 
-def check_value(source: str, key: str, value: Any, spec: tuple[tuple[type, ...], str]) -> Any:
-    """``value`` if it has the type ``spec`` asks for (a bool is never a number), else ConfigError."""
-    types, description = spec
+def check_value(source: str, key: str, value: Any, spec: tuple[tuple[type, ...], str] | _Spec) -> Any:
+    """``value`` if it has the type ``spec`` asks for (a bool is never a number) and, for a
+    :class:`_Spec` with a range, lies in it; else ConfigError. Numbers are compared exactly (a
+    400-digit integer is out of range, never an overflow)."""
+    if isinstance(spec, _Spec):
+        types, description = spec.types, spec.description
+    else:
+        types, description = spec
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(source, key, f"must be {description}, not {value!r}")
     if not isinstance(value, types):
-        raise ConfigError(source, key, f"must be {description}, not {type(value).__name__} {value!r}")
+        raise ConfigError(source, key, f"must be {description}, not {type(value).__name__} {_short(value)}")
+    if isinstance(spec, _Spec) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_range(source, key, value, spec)
     return value
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a message fits a line even for a 400-digit number."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"{str(value)[:12]}... ({len(str(abs(value)))} digits)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_range(source: str, key: str, value: float, spec: _Spec) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, key, f"must be a finite number, not {value!r}")
+    low, high = spec.minimum, spec.maximum
+    too_low = low is not None and (value <= low if spec.above else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        bounds = []
+        if low is not None:
+            bounds.append(f"more than {low:g}" if spec.above else f"at least {low:g}")
+        if high is not None:
+            bounds.append(f"at most {high:g}")
+        raise ConfigError(source, key, f"must be {' and '.join(bounds)}{spec.unit}, not {_short(value)}")
 
 
 #: Timeouts that may be 0 (0 turns the keep-alive off); every other duration must be positive.
@@ -145,19 +219,24 @@ _MAY_BE_ZERO = {"keepalive_interval"}
 def check_timeout(source: str, key: str, name: str, value: Any) -> Any:
     """``value`` as the timeout ``name`` (full key ``key`` in messages) takes it, or ConfigError: the
     right type, finite (TOML and JSON both allow nan and inf, which would break the reactor's timers),
-    a count not negative, a duration positive. Durations come back as floats."""
-    spec = TIMEOUT_KEYS[name]
-    value = check_value(source, key, value, spec)
-    if spec is _BOOL:
+    a count from 0 to MAX_COUNT, a duration positive and at most MAX_SECONDS. Durations come back as
+    floats."""
+    types, description = TIMEOUT_KEYS[name]
+    value = check_value(source, key, value, (types, description))
+    if types == _BOOL.types:
         return value
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(source, key, f"must be a finite number, not {value!r}")
-    if spec is _INT:
+    if types == _INT[0]:
         if value < 0:
-            raise ConfigError(source, key, f"must not be negative, not {value!r}")
+            raise ConfigError(source, key, f"must not be negative, not {_short(value)}")
+        if value > MAX_COUNT:
+            raise ConfigError(source, key, f"must be at most {MAX_COUNT}, not {_short(value)}")
         return value
     if value < 0 or (value == 0 and name not in _MAY_BE_ZERO):
-        raise ConfigError(source, key, f"must be a positive number of seconds, not {value!r}")
+        raise ConfigError(source, key, f"must be a positive number of seconds, not {_short(value)}")
+    if value > MAX_SECONDS:
+        raise ConfigError(source, key, f"must be at most {MAX_SECONDS:g} seconds (a week), not {_short(value)}")
     return float(value)
 
 
@@ -189,9 +268,25 @@ def parse_behaviour(source: str, prefix: str, table: Any, base: UpgradeBehaviour
     return base.replaced(**changes)
 
 
+def _has_control_characters(text: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def check_text(source: str, key: str, value: str, max_length: int = MAX_PATH) -> str:
+    """A string value a person wrote: not empty, no control characters (a NUL would break every
+    path and socket call), at most ``max_length`` characters."""
+    if not value.strip():
+        raise ConfigError(source, key, "must not be empty (leave it out instead)")
+    if _has_control_characters(value):
+        raise ConfigError(source, key, f"must not contain control characters, not {_short(value)}")
+    if len(value) > max_length:
+        raise ConfigError(source, key, f"must be at most {max_length} characters long, not {len(value)}")
+    return value
+
+
 def _port(source: str, key: str, value: int) -> int:
     if not 1 <= value <= 65535:
-        raise ConfigError(source, key, f"must be a TCP port between 1 and 65535, not {value}")
+        raise ConfigError(source, key, f"must be a TCP port between 1 and 65535, not {_short(value)}")
     return value
 
 
@@ -209,6 +304,10 @@ def _ipv4_address(source: str, key: str, address: str) -> None:
         ipaddress.IPv4Address(address)
     except ValueError:
         raise ConfigError(source, key, f"{address!r} is not an IPv4 address") from None
+
+
+#: Longest value of a device's string keys (a host name is at most 253 characters).
+_MAX_DEVICE_TEXT = {"host": 253, "source_address": 15, "expected_ssid": 32}
 
 
 def _parse_device(
@@ -235,100 +334,100 @@ def _parse_device(
         value = check_value(source, full, value, _DEVICE_KEYS[key])
         if key.endswith("_port"):
             _port(source, full, value)
-        elif not value.strip():
-            raise ConfigError(source, full, "must not be empty (leave it out instead)")
-        elif key == "interface":
+            values[key] = value
+            continue
+        check_text(source, full, value, _MAX_DEVICE_TEXT.get(key, MAX_PATH))
+        if key == "interface":
             _interface_name(source, full, value)
         elif key == "source_address":
             _ipv4_address(source, full, value)
+        elif key == "expected_ssid" and len(value.encode("utf-8")) > 32:
+            raise ConfigError(source, full, f"an SSID is at most 32 bytes, not {len(value.encode('utf-8'))}")
         values[key] = value
     if "host" not in values:
         raise ConfigError(source, f"{prefix}.host", 'missing (the device\'s address, e.g. "192.168.1.1")')
     return DeviceConfig(target=DeviceTarget(name=name, **values), timeouts=device_timeouts, behaviour=device_behaviour)
 
 
-def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """A Twisted endpoint string as (type, positional arguments, keyword arguments), honouring
-    backslash escapes of ``:`` and ``=`` as :func:`twisted.internet.endpoints.serverFromString` does."""
-    segments: list[list[tuple[str, bool]]] = [[]]
-    escaped = False
-    for char in description:
-        if escaped:
-            segments[-1].append((char, True))
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            segments.append([])
-        else:
-            segments[-1].append((char, False))
-    kind = "".join(c for c, _ in segments[0]).lower()
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for segment in segments[1:]:
-        split_at = next((i for i, (c, esc) in enumerate(segment) if c == "=" and not esc), None)
-        if split_at is None:
-            args.append("".join(c for c, _ in segment))
-        else:
-            key = "".join(c for c, _ in segment[:split_at])
-            kwargs[key] = "".join(c for c, _ in segment[split_at + 1 :])
-    return kind, args, kwargs
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_control_endpoint(source: str, description: str, token: str | None) -> str:
-    """The control endpoint to listen on. A UNIX socket without ``mode=`` gets ``mode=660``; a TCP
-    endpoint (or any other network one) is refused unless it binds loopback or a bearer token is
-    configured, because the control API can reflash every device."""
+    """The control endpoint to listen on, checked with the parser the daemon listens with. A UNIX
+    socket without ``mode=`` gets ``mode=660``; UNIX and TCP sockets get a listen backlog of
+    DEFAULT_BACKLOG unless the string sets one. A TCP endpoint (or any other network one) is refused
+    unless it binds loopback or a bearer token is configured: the control API can reflash every
+    device."""
+    key = "daemon.control"
+    kind, args, kwargs = split_endpoint(description)
+    _check_control_access(source, description, token)
+    problem = server_endpoint_problem(description)
+    if problem is not None:
+        raise ConfigError(source, key, f"{description!r} is not a usable endpoint string: {problem}")
+    if kind == "unix":
+        description = with_default(description, "mode", "660")
+        return with_default(description, "backlog", DEFAULT_BACKLOG)
+    if kind in NETWORK_KINDS:
+        return with_default(description, "backlog", DEFAULT_BACKLOG)
+    return description
+
+
+def _check_control_access(source: str, description: str, token: str | None) -> None:
+    """Without a token, only endpoints a remote host can't reach."""
+    if token is not None:
+        return
     key = "daemon.control"
     kind, args, kwargs = split_endpoint(description)
     if kind == "unix":
-        if not args and "address" not in kwargs:
-            raise ConfigError(source, key, f"{description!r} names no socket path")
-        if "mode" not in kwargs:
-            description += ":mode=660"
-        else:
-            try:
-                int(kwargs["mode"], 8)
-            except ValueError:
-                raise ConfigError(source, key, f"mode={kwargs['mode']!r} is not an octal file mode") from None
-        return description
+        return
     if kind == "systemd":
-        domain = kwargs.get("domain", "").upper()
-        if domain != "UNIX" and token is None:
+        if kwargs.get("domain", "").upper() != "UNIX":  # "unix" is UNIX mistyped: the parser says so
             raise ConfigError(
                 source,
                 key,
-                f"{description!r}: a systemd socket with domain={domain or '?'} may be reachable from the "
-                "network; use domain=UNIX or set daemon.control_token",
+                f"{description!r}: a systemd socket with domain={kwargs.get('domain', '?')} may be reachable from "
+                "the network; use domain=UNIX or set daemon.control_token",
             )
-        return description
-    if kind in ("tcp", "tcp6", "ssl"):
-        interface = kwargs.get("interface", args[1] if len(args) > 1 else "")
-        if token is None and not _is_loopback(interface):
+        return
+    if kind in NETWORK_KINDS:
+        interface = tcp_interface(args, kwargs)
+        if not is_loopback(interface):
             raise ConfigError(
                 source,
                 key,
                 f"{description!r} listens on {interface or 'every address'}: a TCP control endpoint must "
                 "bind loopback (interface=127.0.0.1) unless daemon.control_token is set",
             )
-        return description
-    if token is None:
+        return
+    raise ConfigError(
+        source,
+        key,
+        f"{description!r}: only unix:, systemd:domain=UNIX and loopback tcp: endpoints are allowed "
+        "without daemon.control_token",
+    )
+
+
+#: The characters a bearer token may have: visible ASCII (RFC 6750's b64token is a subset), so the
+#: header a client sends and the configured token are the same bytes.
+_TOKEN = re.compile(r"[\x21-\x7e]{1,1024}")
+
+
+def check_token(source: str, token: str) -> str:
+    if not _TOKEN.fullmatch(token):
         raise ConfigError(
             source,
-            key,
-            f"{description!r}: only unix:, systemd:domain=UNIX and loopback tcp: endpoints are allowed "
-            "without daemon.control_token",
+            "daemon.control_token",
+            "must be 1 to 1024 visible ASCII characters (letters, digits, punctuation; no spaces or accents), "
+            "e.g. the output of `openssl rand -hex 32`",
         )
-    return description
+    return token
+
+
+def _check_device_name(source: str, name: str) -> None:
+    if not name or "/" in name or name.strip() != name or _has_control_characters(name) or len(name) > MAX_DEVICE_NAME:
+        raise ConfigError(
+            source,
+            f"devices.{name}",
+            f"a device name must be 1 to {MAX_DEVICE_NAME} characters, without '/', control characters or "
+            "spaces around it",
+        )
 
 
 def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = None) -> DaemonConfig:
@@ -353,18 +452,13 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
             raise ConfigError(source, f"daemon.{key}", "missing (required)")
         if not values[key].strip():
             raise ConfigError(source, f"daemon.{key}", "must not be empty")
-    max_parallel = values.get("max_parallel", DEFAULT_MAX_PARALLEL)
-    if max_parallel < 1:
-        raise ConfigError(source, "daemon.max_parallel", f"must be at least 1, not {max_parallel}")
+        check_text(source, f"daemon.{key}", values[key])
     token = values.get("control_token")
-    if token is not None and not token.strip():
-        raise ConfigError(source, "daemon.control_token", "must not be empty (leave it out instead)")
+    if token is not None:
+        if not token.strip():
+            raise ConfigError(source, "daemon.control_token", "must not be empty (leave it out instead)")
+        check_token(source, token)
     control = check_control_endpoint(source, values["control"], token)
-    grace = float(values.get("shutdown_grace", 15.0))
-    if not math.isfinite(grace) or grace < 0:
-        raise ConfigError(
-            source, "daemon.shutdown_grace", f"must be a finite number of seconds, at least 0, not {grace!r}"
-        )
 
     timeouts, behaviour = UpgradeTimeouts(), UpgradeBehaviour()
     if "behaviour" in data:
@@ -377,10 +471,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         raise ConfigError(source, "devices", "must be a table of [devices.NAME] tables")
     devices: dict[str, DeviceConfig] = {}
     for name, table in devices_table.items():
-        if not name or "/" in name or name.strip() != name:
-            raise ConfigError(
-                source, f"devices.{name}", "a device name must be non-empty, without '/' or spaces around it"
-            )
+        _check_device_name(source, name)
         devices[name] = _parse_device(source, name, table, timeouts, behaviour)
 
     return DaemonConfig(
@@ -388,9 +479,13 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         control=control,
         state_dir=(base_dir / values["state_dir"]),
         firmware_dir=(base_dir / values["firmware_dir"]),
-        max_parallel=max_parallel,
+        max_parallel=values.get("max_parallel", DEFAULT_MAX_PARALLEL),
         control_token=token,
-        shutdown_grace=grace,
+        shutdown_grace=float(values.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)),
+        journal_retention_days=float(values.get("journal_retention_days", DEFAULT_RETENTION_DAYS)),
+        journal_retention_jobs=values.get("journal_retention_jobs", DEFAULT_RETENTION_JOBS),
+        control_idle_timeout=float(values.get("control_idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+        control_max_connections=values.get("control_max_connections", DEFAULT_MAX_CONNECTIONS),
         timeouts=timeouts,
         behaviour=behaviour,
         devices=devices,
@@ -414,13 +509,69 @@ def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
         raise ConfigError(source, None, f"not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(source, None, f"not valid UTF-8 TOML: {e}") from None
+    except ValueError as e:  # an integer Python won't convert from text
+        problem = "an integer has more than 4300 digits" if "digits" in str(e) else str(e)
+        raise ConfigError(source, None, f"not valid TOML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(source, None, "not valid TOML: arrays or tables nested too deep") from None
     try:
         return parse_config(data, source, base_dir=Path(source).resolve().parent)
     except ConfigError as e:
-        line = locate_key(Path(path).read_text(encoding="utf-8"), e.key) if e.key else None
-        if line is None:
-            raise
-        raise ConfigError(f"{source}:{line}", e.key, e.problem) from None
+        raise with_line(e) from None
+
+
+def with_line(error: ConfigError) -> ConfigError:
+    """``error`` with the line of its key in its source file (``file:LINE``), when the file has one."""
+    if not error.key:
+        return error
+    try:
+        text = Path(error.source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return error
+    line = locate_key(text, error.key)
+    if line is None:
+        return error
+    return ConfigError(f"{error.source}:{line}", error.key, error.problem)
+
+
+def _user() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_directories(config: DaemonConfig, access: Callable[[Path, int], bool] | None = None) -> None:
+    """Check, at start-up, that the daemon's user can use its directories: ``state_dir`` (created
+    if missing) readable and writable, ``firmware_dir`` an existing readable directory. A failure is a
+    ConfigError naming the file, the line, the key and the reason. ``access`` is :func:`os.access`
+    (a test passes its own to play a user without rights)."""
+    allowed = access or (lambda path, mode: os.access(path, mode))
+    source = config.source
+
+    def refuse(key: str, problem: str) -> ConfigError:
+        return with_line(ConfigError(source, f"daemon.{key}", problem))
+
+    state = config.state_dir
+    if not state.exists():
+        try:
+            state.mkdir(parents=True)
+        except OSError as e:
+            raise refuse("state_dir", f"{state} does not exist and can't be created: {e.strerror}") from None
+    if not state.is_dir():
+        raise refuse("state_dir", f"{state} is not a directory")
+    if not allowed(state, os.R_OK | os.W_OK | os.X_OK):
+        raise refuse("state_dir", f"{state} is not readable and writable by {_user()}")
+    firmware = config.firmware_dir
+    if not firmware.exists():
+        raise refuse("firmware_dir", f"{firmware} does not exist (create it and put the images there)")
+    if not firmware.is_dir():
+        raise refuse("firmware_dir", f"{firmware} is not a directory")
+    if not allowed(firmware, os.R_OK | os.X_OK):
+        raise refuse("firmware_dir", f"{firmware} can't be read by {_user()}")
 
 
 _TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
