@@ -1,14 +1,61 @@
-"""A fake engine job for the daemon's unit tests: the test (or a clock) drives its phases."""
+"""Fakes for the daemon's unit tests: an engine job the test (or a clock) drives through its phases,
+a journal executor the test decides the commits of, and a service made for a test."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
 
-from netota_daemon.engine.events import EventPublisher, PhaseChanged, Progress
+from netota_daemon.engine.events import EventPublisher, PhaseChanged, Progress, TransferState, Waiting
 from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase, recovery_advice
+
+
+def fired(d: Deferred) -> Any:
+    """The result of a Deferred that has already fired (its failure is raised): for tests whose
+    journal answers at once (an ImmediateExecutor) or whose ManualExecutor ran the calls."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class ManualExecutor:
+    """A journal executor whose calls wait until the test runs them (a write "commits" when the test
+    says): for tests of the "journal before acting" rule. ``fail_next`` makes the next call run
+    raise instead (a full disk)."""
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[Callable[[], Any], Deferred]] = deque()
+        self.fail_next: Exception | None = None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def submit(self, call: Callable[[], Any]) -> Deferred:
+        d: Deferred = Deferred()
+        self.pending.append((call, d))
+        return d
+
+    def run_one(self) -> None:
+        call, d = self.pending.popleft()
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            d.errback(Failure(error))
+            return
+        maybeDeferred(call).chainDeferred(d)
+
+    def run_all(self) -> None:
+        while self.pending:
+            self.run_one()
 
 
 class FakeJob:
@@ -64,6 +111,16 @@ class FakeJob:
                 self.phase, int(total * percent / 100), total, percent, int(percent), 1000.0, self.point_of_no_return
             )
         )
+
+    def waiting(self, attempt: int, last_error: str | None, message: str = "connecting") -> None:
+        self.events.publish(Waiting(self.phase, message, attempt, last_error))
+
+    def progress_event(self, **fields: Any) -> None:
+        """A progress event with the fields honest progress has (done_bytes, basis, state, ...)."""
+        self.point_of_no_return = self.point_of_no_return or fields.get("point_of_no_return", False)
+        fields.setdefault("point_of_no_return", self.point_of_no_return)
+        fields.setdefault("state", TransferState.TRANSFERRING)
+        self.events.publish(Progress(phase=self.phase, **fields))
 
     def finish(self, kind: OutcomeKind = OutcomeKind.SUCCEEDED, message: str = "done", **extra: Any) -> None:
         assert self._done is not None and not self._done.called
@@ -178,22 +235,18 @@ def streams_opened(service: Any, count: int, reactor: Any, timeout: float = 20) 
     client is following), failing after ``timeout`` seconds: an event to wait for, not a poll."""
     from twisted.internet.defer import Deferred
 
-    control = service.control
+    streams = service.streams
     opened: Deferred = Deferred()
-    original = control._open_stream
+    unsubscribe: list[Callable[[], None]] = []
 
-    def fire_if_enough() -> None:
-        if len(control.streams) >= count and not opened.called:
-            control._open_stream = original
-            opened.callback(None)
+    def fire_if_enough(_: Any = None) -> None:
+        if len(streams) >= count and not opened.called:
+            for stop in unsubscribe:
+                stop()
+            # From the reactor, once the request that opened the stream has been answered.
+            reactor.callLater(0, opened.callback, None)
 
-    def open_stream(*args: Any, **kwargs: Any) -> Any:
-        stream = original(*args, **kwargs)
-        # From the reactor, once the request that opened the stream has been answered.
-        reactor.callLater(0, fire_if_enough)
-        return stream
-
-    control._open_stream = open_stream
+    unsubscribe.append(streams.opened.subscribe(fire_if_enough))
     fire_if_enough()
     opened.addTimeout(timeout, reactor)
     return opened
@@ -220,9 +273,11 @@ def make_service(
     token: str | None = None,
     environ: dict | None = None,
     control: str | None = None,
+    journal_executor: Any = None,
+    **settings: Any,
 ) -> Any:
     """A NetotaService (not started) on a UNIX socket in a short directory, with fake jobs and a
-    firmware_dir holding ``v2.bin``."""
+    firmware_dir holding ``v2.bin``; ``settings`` are further DaemonConfig fields."""
     import os
     from pathlib import Path
 
@@ -243,7 +298,102 @@ def make_service(
         control_token=token,
         shutdown_grace=5.0,
         devices={n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in devices},
+        **settings,
     )
-    service = NetotaService(config, reactor, job_factory=factory, environ=environ or {})
+    service = NetotaService(
+        config, reactor, job_factory=factory, environ=environ or {}, journal_executor=journal_executor
+    )
     service.socket_path = socket_path
     return service
+
+
+class ApiWorld:
+    """The control API in memory: a Clock, a journal that answers at once, fake engine jobs, a
+    prober whose fetch answers at once (or never, with ``hold_probes``), and a StubTreq client over
+    the API's resource. Nothing listens; nothing leaves the process."""
+
+    def __init__(
+        self,
+        tmp_path: Any,
+        devices: tuple[str, ...] = ("a", "b", "c"),
+        max_parallel: int = 2,
+        token: str | None = None,
+        max_connections: int = 256,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        import os
+        from pathlib import Path
+
+        from treq.testing import StubTreq
+        from twisted.internet.testing import MemoryReactorClock
+
+        from netota_daemon.control.api import ControlApi
+        from netota_daemon.daemon.config import DaemonConfig, DeviceConfig
+        from netota_daemon.daemon.firmware_store import FirmwareStore
+        from netota_daemon.daemon.jobs import JobQueue
+        from netota_daemon.daemon.journal import JobJournal
+        from netota_daemon.daemon.journal_thread import AsyncJournal, ImmediateExecutor
+        from netota_daemon.daemon.probe import DeviceProber
+        from netota_daemon.daemon.registry import DeviceRegistry
+        from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
+        from netota_daemon.wire.description import main_firmware_document, parse_description
+
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+        self.firmware_dir = Path(tmp_path) / "fw"
+        self.firmware_dir.mkdir(exist_ok=True)
+        (self.firmware_dir / "v2.bin").write_bytes(os.urandom(2048))
+        device_configs = {n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in devices}
+        self.config = DaemonConfig(
+            source="test",
+            state_dir=Path(tmp_path) / "state",
+            firmware_dir=self.firmware_dir,
+            max_parallel=max_parallel,
+            shutdown_grace=5.0,
+            devices=device_configs,
+        )
+        self.journal = JobJournal(self.config.state_dir, self.clock)
+        self.registry = DeviceRegistry(device_configs.values())
+        self.factory = FakeJobFactory(stop_delay=0.0)
+        self.queue = JobQueue(
+            self.clock,
+            self.config,
+            AsyncJournal(self.journal, ImmediateExecutor()),
+            self.registry,
+            FirmwareStore(self.firmware_dir),
+            job_factory=self.factory,
+        )
+        self.hold_probes = False
+        self.held_probes: list[Deferred] = []
+
+        async def fetch(connector: Any, port: int, timeout: float, clock: Any) -> Any:
+            if self.hold_probes:
+                d: Deferred = Deferred()
+                self.held_probes.append(d)
+                await d
+            return parse_description(main_firmware_document("9.9"))
+
+        self.prober = DeviceProber(self.registry, self.clock, fetch=fetch, clock=self.clock)
+        self.api = ControlApi(
+            self.queue,
+            self.registry,
+            self.prober,
+            self.clock,
+            token=token,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        )
+        self.http = StubTreq(self.api.resource)
+
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Any:
+        """(status, headers, parsed JSON or raw bytes) of one request, answered in memory."""
+        import json
+
+        d = self.http.request(method, f"http://netota{path}", data=body, headers=headers)
+        self.http.flush()
+        response = fired(d)
+        content = self.http.content(response)
+        self.http.flush()
+        raw = fired(content)
+        kind = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        return response.code, response.headers, json.loads(raw) if kind == b"application/json" else raw

@@ -590,7 +590,7 @@ async def test_the_daemon_stopping_under_a_watcher(tmp_path, reactor):
     service.startService()
     stopped = False
     try:
-        record = service.queue.start("a", "v2.bin")
+        record = await service.queue.start("a", "v2.bin")
         client = Client()
         following = streams_opened(service, 1, reactor)
         reactor.spawnProcess(
@@ -626,7 +626,7 @@ async def test_watch_all_follows_every_job_and_reports_the_daemon_going_away(tmp
         connected = streams_opened(service, 1, reactor)
         watching = Deferred.fromCoroutine(netota(service, "watch", "--json"))
         await connected
-        job = service.queue.start("b", "v2.bin")
+        job = await service.queue.start("b", "v2.bin")
         finished = service.queue.wait(job["id"])
         finished.addTimeout(10, reactor)
         await finished
@@ -677,7 +677,7 @@ async def test_ctrl_c_while_waiting_leaves_the_job_running_and_exits_130(tmp_pat
         client.ended.addTimeout(15, reactor)
         assert await client.ended == 130
         assert b"keeps running" in client.err
-        (job,) = service.queue.jobs()
+        (job,) = await service.queue.jobs()
         assert job["state"] == "running"
     finally:
         await service.stopService()
@@ -697,7 +697,7 @@ async def test_upgrade_all_waits_for_every_device_and_prints_a_summary(tmp_path,
         assert all("finished" in line and "succeeded" in line for line in lines[1:])
         # Progress of each device, prefixed with its name, on plain timestamped lines.
         assert re.search(r"^\d\d:\d\d:\d\d a: phase 1  ", err, re.M) and re.search(r"^\S+ c: phase 2  ", err, re.M)
-        assert {j["state"] for j in service.queue.jobs()} == {"finished"}
+        assert {j["state"] for j in await service.queue.jobs()} == {"finished"}
     finally:
         await service.stopService()
 
@@ -714,7 +714,7 @@ async def test_a_batch_whose_daemon_goes_away_exits_69_with_what_it_knows(tmp_pa
         following = streams_opened(service, 2, reactor)
         batch = Deferred.fromCoroutine(netota(service, "upgrade", "a", "b", "a", "v2.bin", "--wait"))
         await following  # the client follows both jobs
-        assert len(service.queue.jobs()) == 2  # "a" named twice: one job
+        assert len(await service.queue.jobs()) == 2  # "a" named twice: one job
         await service.stopService()
         stopped = True
         code, out, err = await batch
@@ -783,7 +783,7 @@ async def test_a_broken_pipe_ends_quietly(tmp_path, reactor, argv, expected):
     service.privilegedStartService()
     service.startService()
     try:
-        record = service.queue.start("a", "v2.bin")
+        record = await service.queue.start("a", "v2.bin")
         finished = service.queue.wait(record["id"])
         finished.addTimeout(10, reactor)
         await finished

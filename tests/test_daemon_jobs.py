@@ -1,5 +1,6 @@
 """JobQueue: per-device exclusion, max_parallel with queue positions, cancel, resume, shutdown,
-journal-before-action, and event fan-out; driven by a Clock and fake engine jobs."""
+journal-before-action, and event fan-out; driven by a Clock, fake engine jobs and a journal whose
+calls run at once (ImmediateExecutor) or when the test says (ManualExecutor)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,17 @@ from netota_daemon.daemon.jobs import (
     UnknownJob,
 )
 from netota_daemon.daemon.journal import JobJournal, JobState
+from netota_daemon.daemon.journal_thread import AsyncJournal, ImmediateExecutor
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.engine.outcome import ADVICE_LOADER, OutcomeKind, Phase
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
-from tests.daemon_fakes import FakeJobFactory
+from tests.daemon_fakes import FakeJobFactory, fired
 
 DEVICES = ("a", "b", "c", "d")
 
 
 class World:
-    def __init__(self, tmp_path: Path, max_parallel: int = 2) -> None:
+    def __init__(self, tmp_path: Path, max_parallel: int = 2, executor=None) -> None:
         self.clock = Clock()
         self.clock.advance(100)
         self.firmware_dir = tmp_path / "fw"
@@ -49,13 +51,14 @@ class World:
             devices=devices,
             shutdown_grace=5.0,
         )
-        self.journal = JobJournal(self.config.state_dir, self.clock)
+        self.journal = JobJournal(self.config.state_dir, self.clock)  # read directly by the assertions
+        self.executor = executor or ImmediateExecutor()
         self.registry = DeviceRegistry(devices.values())
         self.factory = FakeJobFactory(stop_delay=1.0)
         self.queue = JobQueue(
             self.clock,
             self.config,
-            self.journal,
+            AsyncJournal(self.journal, self.executor),
             self.registry,
             FirmwareStore(self.firmware_dir),
             job_factory=self.factory,
@@ -64,7 +67,16 @@ class World:
         self.queue.subscribe(self.events.append)
 
     def start(self, device: str, firmware: str = "v2.bin", **kw) -> dict:
-        return self.queue.start(device, firmware, **kw)
+        return fired(self.queue.start(device, firmware, **kw))
+
+    def get(self, job_id: str) -> dict:
+        return fired(self.queue.get(job_id))
+
+    def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict:
+        return fired(self.queue.cancel(job_id, reason))
+
+    def resume(self, job_id: str, force: bool = False) -> dict:
+        return fired(self.queue.resume(job_id, force))
 
 
 @pytest.fixture
@@ -89,22 +101,22 @@ def test_a_second_job_for_a_busy_device_is_refused_and_the_first_is_untouched(wo
     first = world.start("a")
     with pytest.raises(DeviceBusy) as info:
         world.start("a")
-    assert info.value.status == 409 and first["id"] in info.value.message
+    assert info.value.kind.value == "busy" and first["id"] in info.value.message
     assert world.factory.jobs[first["id"]].running and world.factory.jobs[first["id"]].cancelled is None
     assert len(world.journal.jobs()) == 1
 
 
 def test_max_parallel_queues_with_positions_and_starts_in_order(world):
     ids = [world.start(d)["id"] for d in DEVICES]
-    states = [world.queue.get(i) for i in ids]
+    states = [world.get(i) for i in ids]
     assert [s["state"] for s in states] == ["running", "running", "queued", "queued"]
     assert [s["position"] for s in states] == [None, None, 1, 2]
     assert world.registry.get("d").queue_position == 2
     assert [j.job_id for j in world.factory.order] == ids[:2]
 
     world.factory.jobs[ids[1]].finish()
-    assert world.queue.get(ids[2])["state"] == "running"
-    assert world.queue.get(ids[3])["position"] == 1
+    assert world.get(ids[2])["state"] == "running"
+    assert world.get(ids[3])["position"] == 1
     assert world.registry.get("d").queue_position == 1
     position_events = [e for e in world.events if e["type"] == "state" and e["job"] == ids[3]]
     assert [e["position"] for e in position_events] == [2, 1]
@@ -147,7 +159,7 @@ def test_progress_is_visible_on_the_job_and_device(world):
     fake = world.factory.jobs[job_id]
     fake.enter(Phase.PHASE1)
     fake.progress(40.0)
-    assert world.queue.get(job_id)["progress"]["percent"] == 40.0
+    assert world.get(job_id)["progress"]["percent"] == 40.0
     assert world.registry.get("a").percent == 40.0
 
 
@@ -157,7 +169,7 @@ def test_cancel_running_job_journals_cancelling_before_stopping_the_engine(world
     fake.enter(Phase.PHASE1)
     at_cancel = []
     world.factory.on_cancel = lambda job: at_cancel.append(world.journal.get(job.job_id).state)
-    answer = world.queue.cancel(job_id, "operator said so")
+    answer = world.cancel(job_id, "operator said so")
     assert answer["state"] == "cancelling"
     assert at_cancel == [JobState.CANCELLING]
     assert fake.cancelled == "operator said so"
@@ -167,15 +179,15 @@ def test_cancel_running_job_journals_cancelling_before_stopping_the_engine(world
     assert record.resumable
     # A cancel after the job finished is refused.
     with pytest.raises(JobNotActive) as info:
-        world.queue.cancel(job_id)
-    assert info.value.status == 409 and "aborted" in info.value.message
+        world.cancel(job_id)
+    assert info.value.code == "not_active" and "aborted" in info.value.message
 
 
 def test_cancel_queued_job_ends_it_without_touching_the_device(world):
     world.start("a")
     world.start("b")
     queued = world.start("c")["id"]
-    answer = world.queue.cancel(queued)
+    answer = world.cancel(queued)
     assert answer["state"] == "finished" and answer["outcome"]["kind"] == "aborted"
     assert queued not in world.factory.jobs  # no engine job was ever made
     assert "not touched" in answer["outcome"]["advice"]
@@ -185,8 +197,8 @@ def test_cancel_queued_job_ends_it_without_touching_the_device(world):
 def test_unknown_things(world):
     with pytest.raises(UnknownDevice) as info:
         world.start("zz")
-    assert info.value.status == 404
-    for call in (world.queue.get, world.queue.cancel, world.queue.resume):
+    assert info.value.code == "unknown_device"
+    for call in (world.get, world.cancel, world.resume):
         with pytest.raises(UnknownJob):
             call("nope")
 
@@ -195,7 +207,7 @@ def test_unknown_things(world):
 def test_firmware_names_leaving_firmware_dir_are_refused(world, name):
     with pytest.raises(FirmwareNotAllowed) as info:
         world.start("a", name)
-    assert info.value.status == 403
+    assert info.value.code == "firmware_outside"
     assert world.journal.jobs() == []
 
 
@@ -253,18 +265,18 @@ def test_resume_makes_a_new_job_for_the_same_device_and_firmware(world):
     fake = world.factory.jobs[first]
     fake.enter(Phase.PHASE2)
     fake.finish(OutcomeKind.FAILED, "dropped")
-    resumed = world.queue.resume(first)
+    resumed = world.resume(first)
     assert resumed["id"] != first and resumed["resumed_from"] == first
     assert resumed["device"] == "a" and resumed["firmware"] == "v2.bin" and resumed["options"] == {"receive": 3}
     assert world.factory.jobs[resumed["id"]].verify_only is False  # phase 2 did not complete: upgrade again
     assert world.journal.get(first).resumed_by == resumed["id"]
     with pytest.raises(NotResumable):
-        world.queue.resume(first)  # once only
+        world.resume(first)  # once only
     with pytest.raises(NotResumable):
-        world.queue.resume(resumed["id"])  # still running
+        world.resume(resumed["id"])  # still running
     world.factory.jobs[resumed["id"]].finish()
     with pytest.raises(NotResumable, match="succeeded"):
-        world.queue.resume(resumed["id"])
+        world.resume(resumed["id"])
 
 
 def test_resuming_a_job_that_ended_in_verify_only_checks_the_device(world):
@@ -272,10 +284,10 @@ def test_resuming_a_job_that_ended_in_verify_only_checks_the_device(world):
     fake = world.factory.jobs[first]
     fake.enter(Phase.PHASE2)
     fake.enter(Phase.VERIFY)  # phase 2 completed: the device boots its new firmware
-    world.queue.cancel(first)
+    world.cancel(first)
     world.clock.advance(world.factory.stop_delay)
     assert world.journal.get(first).outcome.kind is OutcomeKind.ABORTED
-    resumed = world.queue.resume(first)
+    resumed = world.resume(first)
     assert world.factory.jobs[resumed["id"]].verify_only is True
 
 
@@ -294,7 +306,7 @@ def test_shutdown_records_interrupted_before_cancelling_and_keeps_it(world):
     assert not done.called
     with pytest.raises(ShuttingDown):
         world.start("d")
-    assert world.queue.cancel(running)["state"] == "interrupted"  # a cancel now changes nothing
+    assert world.cancel(running)["state"] == "interrupted"  # a cancel now changes nothing
     world.clock.advance(1.0)
     assert done.called
     record = world.journal.get(running)
@@ -337,7 +349,7 @@ def test_progress_events_are_published_at_most_ten_a_second_but_never_the_import
     published = [(e["phase"], e["percent"]) for e in world.events if e["type"] == "progress"]
     assert published == [("phase1", 10.0), ("phase1", 40.0), ("phase1", 100.0), ("phase2", 5.0), ("phase2", 6.0)]
     # The job and its device always show the latest.
-    assert world.queue.get(job_id)["progress"]["percent"] == 7.0
+    assert world.get(job_id)["progress"]["percent"] == 7.0
     assert world.registry.get("a").percent == 7.0
 
 
@@ -404,7 +416,7 @@ def test_a_journal_that_fails_never_leaves_a_device_busy_or_a_job_unstarted_acte
     world.journal.save = failing_save
     refused = world.start("a")  # accepted (created), but can't be recorded as running: not acted on
     assert world.factory.order == []
-    assert world.queue.get(refused["id"])["outcome"]["kind"] == "failed"
+    assert world.get(refused["id"])["outcome"]["kind"] == "failed"
     assert world.registry.get("a").state == "idle"
 
     world.journal.save = save
@@ -417,3 +429,235 @@ def test_a_journal_that_fails_never_leaves_a_device_busy_or_a_job_unstarted_acte
     assert world.registry.get("a").state == "idle" and not world.queue.is_active(job_id)
     world.journal.save = save
     assert world.start("a")["state"] == "running"  # the device is free
+
+
+# ----- the journal before acting, with commits the test decides (ManualExecutor)
+
+
+@pytest.fixture
+def manual(tmp_path):
+    from tests.daemon_fakes import ManualExecutor
+
+    return World(tmp_path, executor=ManualExecutor())
+
+
+def test_a_job_starts_only_after_its_rows_committed_and_is_answered_after_the_first(manual):
+    answered = []
+    manual.queue.start("a", "v2.bin").addCallback(answered.append)
+    assert manual.journal.jobs() == [] and answered == [] and manual.events == []
+    with pytest.raises(DeviceBusy):  # the device is taken while its job is being written
+        fired(manual.queue.start("a", "v2.bin"))
+    manual.executor.run_one()  # "created" commits: the client hears of it, the job waits for its "running" row
+    (job,) = answered
+    assert manual.journal.get(job["id"]).state is JobState.QUEUED
+    assert manual.factory.order == [] and [e["type"] for e in manual.events] == ["state"]
+    manual.executor.run_one()  # "running" commits: now the engine runs
+    assert [j.job_id for j in manual.factory.order] == [job["id"]]
+    assert manual.journal.get(job["id"]).state is JobState.RUNNING
+
+
+def test_an_event_waits_for_its_row_and_a_later_one_never_overtakes_it(manual):
+    manual.queue.start("a", "v2.bin")
+    manual.executor.run_all()
+    fake = manual.factory.order[0]
+    before = len(manual.events)
+    fake.enter(Phase.PHASE1)  # writes "phase phase1"
+    fake.progress(10.0)  # writes nothing, but must come after the phase
+    fake.waiting(1, "connection refused")
+    assert len(manual.events) == before  # held behind the phase row
+    manual.executor.run_one()
+    assert [e["type"] for e in manual.events[before:]] == ["phase", "progress", "waiting"]
+
+
+def test_a_cancel_stops_the_engine_only_after_cancelling_is_recorded(manual):
+    manual.queue.start("a", "v2.bin")
+    manual.executor.run_all()
+    fake = manual.factory.order[0]
+    answer = []
+    manual.queue.cancel(fake.job_id, "operator").addCallback(answer.append)
+    assert fake.cancelled is None and answer == []
+    manual.executor.run_one()
+    assert fake.cancelled == "operator" and answer[0]["state"] == "cancelling"
+    assert manual.journal.get(fake.job_id).state is JobState.CANCELLING
+
+
+def test_a_job_cancelled_while_it_is_starting_never_reaches_the_device(manual):
+    manual.queue.start("a", "v2.bin")
+    manual.executor.run_one()  # created; "running" is being written
+    (job_id,) = [e["job"] for e in manual.events]
+    answer = []
+    manual.queue.cancel(job_id, "changed my mind").addCallback(answer.append)
+    manual.executor.run_all()
+    assert manual.factory.order == []  # no engine job was made
+    record = manual.journal.get(job_id)
+    assert record.state is JobState.FINISHED and record.outcome.kind is OutcomeKind.ABORTED
+    assert "before it started" in record.outcome.message and "not touched" in record.advice
+    assert answer[0]["state"] == "cancelling"
+    assert manual.registry.get("a").state == "idle"
+
+
+def test_a_job_whose_row_can_not_be_written_is_refused_and_frees_its_device(manual):
+    from netota_daemon.daemon.jobs import JournalUnavailable
+    from netota_daemon.daemon.journal import JournalError
+
+    failed = []
+    manual.queue.start("a", "v2.bin").addErrback(failed.append)
+    manual.executor.fail_next = JournalError("disk full")
+    manual.executor.run_one()
+    assert failed and failed[0].check(JournalUnavailable) and "disk full" in failed[0].getErrorMessage()
+    manual.queue.start("a", "v2.bin")  # the device is free
+    manual.executor.run_all()
+    assert len(manual.factory.order) == 1
+
+
+def test_shutdown_stops_an_engine_only_after_interrupted_is_recorded(manual):
+    manual.queue.start("a", "v2.bin")
+    manual.executor.run_all()
+    fake = manual.factory.order[0]
+    manual.queue.shutdown()
+    assert fake.cancelled is None
+    manual.executor.run_one()
+    assert fake.cancelled is not None
+    assert manual.journal.get(fake.job_id).state is JobState.INTERRUPTED
+
+
+# ----- progress, waiting, resume, shutdown events
+
+
+def test_waiting_events_reach_the_streams_the_job_and_its_device_until_it_connects(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.waiting(1, None)
+    fake.waiting(2, "connection refused")
+    waiting = [e for e in world.events if e["type"] == "waiting"]
+    assert [(e["attempt"], e["last_error"], e["job"], e["device"]) for e in waiting] == [
+        (1, None, job_id, "a"),
+        (2, "connection refused", job_id, "a"),
+    ]
+    assert world.get(job_id)["waiting"]["last_error"] == "connection refused"
+    device = world.registry.get("a").to_json()
+    assert device["waiting"] == {
+        "phase": "detect",
+        "message": "connecting",
+        "attempt": 2,
+        "last_error": "connection refused",
+    }
+    fake.enter(Phase.PHASE1)
+    assert world.get(job_id)["waiting"] is None and world.registry.get("a").to_json()["waiting"] is None
+
+
+def test_the_progress_fields_are_kept_on_the_job_and_the_device(world):
+    from netota_daemon.engine.events import TransferState
+
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE1)
+    fake.progress_event(
+        bytes_served=5000,
+        total_bytes=9000,
+        percent=50.0,
+        device_percent=48,
+        rate=1234.5,
+        done_bytes=4500,
+        basis="offset",
+        state=TransferState.DEVICE_WORKING,
+        activity="erasing flash",
+        eta=None,
+    )
+    expected = {
+        "phase": "phase1",
+        "bytes_served": 5000,
+        "total_bytes": 9000,
+        "percent": 50.0,
+        "device_percent": 48,
+        "rate": 1234.5,
+        "point_of_no_return": False,
+        "done_bytes": 4500,
+        "basis": "offset",
+        "state": "device_working",
+        "activity": "erasing flash",
+        "eta": None,
+    }
+    assert world.get(job_id)["progress"] == expected
+    device = world.registry.get("a").to_json()
+    assert device["progress"] == expected and (device["percent"], device["rate"]) == (50.0, 1234.5)
+    assert world.events[-1] == {"type": "progress", "job": job_id, "device": "a", **expected}
+
+
+def test_the_journal_keeps_the_latest_progress_at_phase_changes_no_return_and_the_end_only(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.PHASE1)
+    for percent in (10.0, 60.0, 100.0):
+        fake.progress(percent)
+    assert world.journal.get(job_id).progress is None  # progress events write nothing
+    fake.enter(Phase.PHASE2)
+    assert world.journal.get(job_id).progress["percent"] == 100.0  # phase 1's last, kept at the change
+    fake.progress(1.0)
+    fake.progress(2.0, point_of_no_return=True)
+    stored = world.journal.get(job_id).progress
+    assert stored["percent"] == 2.0 and stored["point_of_no_return"]
+    fake.progress(70.0)
+    fake.finish()
+    reopened = JobJournal(world.config.state_dir)  # as after a restart
+    record = reopened.get(job_id)
+    assert record.progress["percent"] == 70.0 and record.progress["phase"] == "phase2"
+    assert record.to_json()["progress"] == record.progress
+    notes = [h["note"] for h in reopened.history(job_id)]
+    assert notes == ["created", "running", "phase phase1", "phase phase2", "point of no return", "finished: succeeded"]
+
+
+def test_resuming_a_job_whose_device_a_later_job_upgraded_needs_force(world):
+    from netota_daemon.daemon.jobs import Superseded
+
+    old = world.start("a")["id"]
+    world.factory.jobs[old].enter(Phase.PHASE2)
+    world.factory.jobs[old].finish(OutcomeKind.FAILED, "dropped")
+    newer = world.start("a")["id"]
+    world.factory.jobs[newer].finish(OutcomeKind.SUCCEEDED, "upgraded", firmware_version_after="2.0.0")
+    with pytest.raises(Superseded) as info:
+        world.resume(old)
+    assert info.value.code == "superseded" and newer in info.value.message and "2.0.0" in info.value.message
+    assert len(world.journal.jobs()) == 2  # nothing was started
+    resumed = world.resume(old, force=True)
+    assert resumed["resumed_from"] == old and resumed["state"] == "running"
+    # A later job that failed does not count: the device was not upgraded.
+    world.factory.jobs[resumed["id"]].finish(OutcomeKind.FAILED, "again")
+    third = world.start("b")["id"]
+    world.factory.jobs[third].finish(OutcomeKind.FAILED, "x")
+    retry = world.start("b")["id"]
+    world.factory.jobs[retry].finish(OutcomeKind.ABORTED, "y")
+    assert world.resume(third)["resumed_from"] == third
+
+
+def test_shutdown_gives_each_job_that_would_not_stop_its_final_event(world):
+    world.factory.stop_delay = 100.0
+    running, also_running, queued = (world.start(d)["id"] for d in ("a", "b", "c"))
+    done = world.queue.shutdown()
+    assert [e["job"] for e in world.events if e["type"] == "outcome"] == [queued]  # it ends at once
+    world.clock.advance(world.config.shutdown_grace)
+    assert done.called
+    outcomes = {e["job"]: e for e in world.events if e["type"] == "outcome"}
+    assert set(outcomes) == {running, also_running, queued}
+    assert outcomes[running]["state"] == "interrupted" and outcomes[running]["outcome"] is None
+    assert "netota resume" in outcomes[running]["advice"]
+    assert outcomes[queued]["state"] == "interrupted"
+    assert world.journal.get(running).state is JobState.INTERRUPTED
+    world.clock.advance(100.0)  # the engine ends at last: no second final event
+    assert [e["job"] for e in world.events if e["type"] == "outcome"].count(running) == 1
+
+
+def test_jobs_are_listed_in_pages_newest_first(world):
+    ids = []
+    for _ in range(5):
+        job_id = world.start("a")["id"]
+        world.factory.jobs[job_id].finish()
+        ids.append(job_id)
+    first, cursor = fired(world.queue.page(limit=2))
+    assert [j["id"] for j in first] == ids[:-3:-1] and cursor is not None
+    second, cursor = fired(world.queue.page(limit=2, cursor=cursor))
+    third, last = fired(world.queue.page(limit=2, cursor=cursor))
+    assert [j["id"] for j in second + third] == ids[2::-1] and last is None
+    assert fired(world.queue.page(device="b")) == ([], None)
+    with pytest.raises(UnknownDevice):
+        fired(world.queue.page(device="zz"))

@@ -6,6 +6,8 @@ import sqlite3
 from dataclasses import replace
 
 import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
 from netota_daemon.daemon.journal import (
@@ -14,6 +16,7 @@ from netota_daemon.daemon.journal import (
     JobJournal,
     JobRecord,
     JobState,
+    JournalError,
 )
 from netota_daemon.engine.outcome import ADVICE_LOADER, ADVICE_RESET, ADVICE_UNVERIFIED, Outcome, OutcomeKind, Phase
 
@@ -137,3 +140,117 @@ def test_a_row_this_version_cannot_read_is_a_clear_error(tmp_path):
     with pytest.raises(JournalError, match=r"'j1'.*newer netota"):
         journal.get("j1")
     journal.close()
+
+
+def finished(job_id: str, device: str, created: float, kind: OutcomeKind = OutcomeKind.SUCCEEDED, **extra) -> JobRecord:
+    return JobRecord(
+        id=job_id,
+        device=device,
+        firmware="f",
+        created=created,
+        state=JobState.FINISHED,
+        outcome=Outcome(kind=kind, message="", phase=Phase.DONE, **extra),
+    )
+
+
+def test_pages_follow_the_cursor_newest_first(tmp_path):
+    journal = JobJournal(tmp_path)
+    for n in range(7):
+        journal.create(finished(f"j{n}", "a" if n % 2 else "b", float(n)))
+    page = journal.page(limit=3)
+    assert [r.id for r in page.records] == ["j6", "j5", "j4"] and page.next_cursor is not None
+    page = journal.page(limit=3, cursor=page.next_cursor)
+    assert [r.id for r in page.records] == ["j3", "j2", "j1"]
+    last = journal.page(limit=3, cursor=page.next_cursor)
+    assert [r.id for r in last.records] == ["j0"] and last.next_cursor is None
+    assert [r.id for r in journal.page(device="a").records] == ["j5", "j3", "j1"]
+    with pytest.raises(ValueError):
+        journal.page(cursor="1; DROP TABLE jobs")
+
+
+def test_retention_prunes_old_and_surplus_ended_jobs_in_batches_but_never_active_or_a_devices_newest(tmp_path):
+    clock = Clock()
+    clock.advance(100 * 86400)
+    journal = JobJournal(tmp_path, clock)
+    day = 86400.0
+    journal.create(finished("a-old", "a", 1 * day))
+    journal.create(JobRecord(id="a-running", device="a", firmware="f", created=2 * day, state=JobState.RUNNING))
+    journal.create(finished("b-old", "b", 3 * day))  # b's newest: kept, however old
+    for n in range(10):
+        journal.create(finished(f"c{n}", "c", 90 * day + n))
+    journal.save(journal.get("a-old"), "a note")  # history rows go with their job
+    boundary = journal.prune_boundary(keep_days=30, keep_jobs=0)
+    keep = journal.newest_of_each_device()
+    after, total = 0, 0
+    while True:
+        last, count = journal.prune_batch(after, boundary, keep, batch=1)
+        total += count
+        if last == after:
+            break
+        after = last
+    assert total == 1
+    assert journal.get("a-old") is None and journal.history("a-old") == []
+    assert journal.get("a-running") is not None and journal.get("b-old") is not None
+    # Now by count: keep the newest 5 jobs (c9 ... c5); c's older ones go, a's running and b's newest stay.
+    boundary = journal.prune_boundary(keep_days=0, keep_jobs=5)
+    _, count = journal.prune_batch(0, boundary, journal.newest_of_each_device(), batch=100)
+    assert count == 5
+    assert {r.id for r in journal.jobs()} == {"a-running", "b-old", "c5", "c6", "c7", "c8", "c9"}
+    assert journal.prune_boundary(keep_days=0, keep_jobs=0) is None
+
+
+def test_a_later_upgrade_of_the_device_supersedes_an_earlier_job(tmp_path):
+    journal = JobJournal(tmp_path)
+    journal.create(finished("old", "a", 1.0, OutcomeKind.FAILED))
+    journal.create(finished("other-device", "b", 2.0))
+    assert journal.superseded_by("old") is None
+    journal.create(finished("later-failure", "a", 3.0, OutcomeKind.FAILED))
+    assert journal.superseded_by("old") is None
+    journal.create(finished("later", "a", 4.0, firmware_version_after="2.0.0"))
+    assert journal.superseded_by("old").id == "later"
+    assert journal.superseded_by("later") is None and journal.superseded_by("nope") is None
+
+
+def test_a_journal_written_before_progress_was_kept_opens_and_gains_the_column(tmp_path):
+    with sqlite3.connect(tmp_path / JOURNAL_FILE) as db:  # the schema as the first release wrote it
+        db.executescript(
+            """
+            CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, device TEXT NOT NULL,
+                firmware TEXT NOT NULL, state TEXT NOT NULL, phase TEXT NOT NULL,
+                point_of_no_return INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, finished REAL,
+                outcome TEXT, message TEXT NOT NULL DEFAULT '', advice TEXT NOT NULL DEFAULT '', resumed_from TEXT,
+                resumed_by TEXT, options TEXT NOT NULL DEFAULT '{}');
+            CREATE TABLE job_history (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL,
+                state TEXT NOT NULL, phase TEXT NOT NULL, note TEXT NOT NULL DEFAULT '');
+            INSERT INTO jobs (id, device, firmware, state, phase, created) VALUES ('j1', 'a', 'f', 'finished', 'done', 1);
+            """
+        )
+    journal = JobJournal(tmp_path)
+    record = journal.get("j1")
+    assert record.progress is None and record.to_json()["progress"] is None
+    journal.save(replace(record, progress={"percent": 50.0}), "progress kept")
+    assert JobJournal(tmp_path).get("j1").progress == {"percent": 50.0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_journal_thread_runs_calls_in_order_off_the_reactor_thread(tmp_path, reactor):
+    import threading
+
+    from netota_daemon.daemon.journal_thread import AsyncJournal, ThreadExecutor
+
+    executor = ThreadExecutor(reactor)
+    journal = AsyncJournal(JobJournal(tmp_path), executor)
+    journal.start()
+    record = JobRecord(id="j1", device="a", firmware="f", created=1.0)
+    writes = [journal.create(record)]
+    for n in range(50):
+        writes.append(journal.save(replace(record, message=f"step {n}"), f"step {n}"))
+    read = journal.get("j1")  # after every write before it
+    threads = await executor.submit(lambda: threading.current_thread().name)
+    await gatherResults(writes)
+    assert (await read).message == "step 49"
+    assert [h["note"] for h in await journal.history("j1")][-1] == "step 49"
+    assert threads != threading.current_thread().name
+    await journal.close()
+    with pytest.raises(JournalError, match="closed"):
+        await journal.get("j1")

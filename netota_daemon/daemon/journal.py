@@ -2,7 +2,13 @@
 
 The daemon writes a change here *before* it acts on it (start, cancel, shutdown), so a crash or a
 ``kill -9`` loses no job: on the next start :meth:`JobJournal.recover` marks the jobs that were
-running as interrupted, with the phase they reached and the recovery advice. History is kept.
+running as interrupted, with the phase they reached and the recovery advice. History is kept for
+the configured retention (:meth:`JobJournal.prune_batch`); every query that could grow with it is
+bounded (pages, indexes, limits).
+
+The class is synchronous SQLite. While the daemon runs, every call is made on the journal's own
+thread (:mod:`netota_daemon.daemon.journal_thread`), never on the reactor's; only the start-up
+recovery, before the control socket listens, calls it directly.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class JobRecord:
     resumed_from: str | None = None
     resumed_by: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] | None = None  # the latest progress object, kept at phase changes, no return, end
 
     @property
     def active(self) -> bool:
@@ -107,6 +114,7 @@ class JobRecord:
             "resumed_from": self.resumed_from,
             "resumed_by": self.resumed_by,
             "options": dict(self.options),
+            "progress": dict(self.progress) if self.progress is not None else None,
         }
 
 
@@ -130,6 +138,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     options TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_device ON jobs (device);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE TABLE IF NOT EXISTS job_history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL REFERENCES jobs (id),
@@ -157,7 +167,23 @@ _COLUMNS = (
     "resumed_from",
     "resumed_by",
     "options",
+    "progress",
 )
+
+#: Columns added after the first release, with their definitions: added to an older journal on open.
+_ADDED_COLUMNS = {"progress": "TEXT"}
+
+#: Jobs in one page of ``GET /v1/jobs`` by default, and at most.
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+#: Jobs deleted in one pruning transaction: small, so the queue's writes are never held up long.
+PRUNE_BATCH = 500
+#: How many of a device's newest ended jobs are searched for its last known firmware version.
+VERSION_SEARCH = 100
+#: History entries returned for one job (a job writes a handful; a bound all the same).
+MAX_HISTORY = 1000
+
+ENDED_STATES = (JobState.FINISHED, JobState.INTERRUPTED)
 
 
 def _to_row(record: JobRecord) -> dict[str, Any]:
@@ -177,13 +203,19 @@ def _to_row(record: JobRecord) -> dict[str, Any]:
         "resumed_from": record.resumed_from,
         "resumed_by": record.resumed_by,
         "options": json.dumps(record.options, sort_keys=True),
+        "progress": json.dumps(record.progress, sort_keys=True) if record.progress is not None else None,
     }
+
+
+class JournalError(Exception):
+    """The journal can't be opened, read or written (state_dir missing, unwritable, corrupt, a row
+    written by a newer version)."""
 
 
 def _from_row(row: sqlite3.Row) -> JobRecord:
     try:
         return _record_from_row(row)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise JournalError(
             f"job {row['id']!r} in the journal can't be read ({e}): was it written by a newer netota? "
             "Run that version, or move the journal file aside to start a new one"
@@ -207,27 +239,37 @@ def _record_from_row(row: sqlite3.Row) -> JobRecord:
         resumed_from=row["resumed_from"],
         resumed_by=row["resumed_by"],
         options=json.loads(row["options"] or "{}"),
+        progress=json.loads(row["progress"]) if row["progress"] else None,
     )
 
 
-class JournalError(Exception):
-    """The journal can't be opened or written (state_dir missing, unwritable, corrupt)."""
+@dataclass(frozen=True)
+class JobPage:
+    """One page of the job list, newest first; ``next_cursor`` asks for the page after it (None: last)."""
+
+    records: list[JobRecord]
+    next_cursor: str | None
 
 
 class JobJournal:
     """The jobs table and its history, one SQLite file; each write is committed (fsync) before it
-    returns. Small writes on the reactor thread: a job changes state a handful of times."""
+    returns. Called from one thread at a time (the journal's thread while the daemon runs)."""
 
     def __init__(self, state_dir: str | Path, clock: IReactorTime | None = None) -> None:
         self.path = Path(state_dir) / JOURNAL_FILE
         self._clock = clock
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None)
+            # Opened here, used on the journal's thread: one thread at a time, never two at once.
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, definition in _ADDED_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
         except (OSError, sqlite3.Error) as e:
             raise JournalError(f"can't open the job journal {self.path}: {e}") from None
 
@@ -246,6 +288,12 @@ class JobJournal:
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
             raise JournalError(f"can't write the job journal {self.path}: {e}") from None
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._db.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as e:
+            raise JournalError(f"can't read the job journal {self.path}: {e}") from None
 
     def _history(self, record: JobRecord, note: str) -> tuple[str, Any]:
         return (
@@ -275,11 +323,11 @@ class JobJournal:
         return self.save(replace(record, **changes), note)
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _from_row(row) if row else None
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _from_row(rows[0]) if rows else None
 
     def jobs(self, device: str | None = None, limit: int | None = None) -> list[JobRecord]:
-        """Jobs, newest first."""
+        """Jobs, newest first (every one without ``limit``: for tests and tools, not the daemon)."""
         sql = "SELECT * FROM jobs"
         params: list[Any] = []
         if device is not None:
@@ -289,34 +337,120 @@ class JobJournal:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [_from_row(r) for r in self._db.execute(sql, params)]
+        return [_from_row(r) for r in self._read(sql, params)]
+
+    def page(self, device: str | None = None, limit: int = DEFAULT_PAGE, cursor: str | None = None) -> JobPage:
+        """At most ``limit`` jobs, newest first, older than ``cursor`` (a page's ``next_cursor``: digits,
+        else ValueError)."""
+        limit = max(1, min(limit, MAX_PAGE))
+        clauses, params = [], []
+        if device is not None:
+            clauses.append("device = ?")
+            params.append(device)
+        if cursor is not None:
+            if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19:
+                raise ValueError(f"{cursor!r} is not a job list cursor")
+            clauses.append("seq < ?")
+            params.append(int(cursor))
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._read(f"SELECT * FROM jobs{where} ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return JobPage([_from_row(r) for r in rows], str(rows[-1]["seq"]) if more else None)
 
     def history(self, job_id: str) -> list[dict[str, Any]]:
         """Every recorded change of one job, oldest first."""
-        rows = self._db.execute(
-            "SELECT time, state, phase, note FROM job_history WHERE job_id = ? ORDER BY seq", (job_id,)
+        rows = self._read(
+            "SELECT time, state, phase, note FROM job_history WHERE job_id = ? ORDER BY seq LIMIT ?",
+            (job_id, MAX_HISTORY),
         )
         return [dict(r) for r in rows]
 
     def last_firmware_version(self, device: str) -> str | None:
-        """The newest firmware version any of the device's jobs read from it (after, else before)."""
-        rows = self._db.execute(
-            "SELECT outcome FROM jobs WHERE device = ? AND outcome IS NOT NULL ORDER BY seq DESC", (device,)
+        """The newest firmware version one of the device's last jobs read from it (after, else before)."""
+        rows = self._read(
+            "SELECT outcome FROM jobs WHERE device = ? AND outcome IS NOT NULL ORDER BY seq DESC LIMIT ?",
+            (device, VERSION_SEARCH),
         )
         for (outcome,) in rows:
-            data = json.loads(outcome)
+            try:
+                data = json.loads(outcome)
+            except ValueError:
+                continue
             version = data.get("firmware_version_after") or data.get("firmware_version_before")
             if version:
                 return str(version)
         return None
 
+    def superseded_by(self, job_id: str) -> JobRecord | None:
+        """A later job of the same device that upgraded it (succeeded, or found it already current),
+        the newest one; None if there is none (or no job ``job_id``)."""
+        rows = self._read("SELECT seq, device FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        seq, device = rows[0]["seq"], rows[0]["device"]
+        later = self._read(
+            "SELECT * FROM jobs WHERE device = ? AND seq > ? AND state = ? ORDER BY seq DESC",
+            (device, seq, JobState.FINISHED.value),
+        )
+        for row in later:
+            record = _from_row(row)
+            if record.outcome is not None and record.outcome.kind in (
+                OutcomeKind.SUCCEEDED,
+                OutcomeKind.ALREADY_CURRENT,
+            ):
+                return record
+        return None
+
+    # ----- retention
+
+    def prune_boundary(self, keep_days: float, keep_jobs: int) -> int | None:
+        """The newest ``seq`` retention allows to prune (jobs up to it are beyond the count, or
+        created more than ``keep_days`` ago); None if none. 0 turns a limit off."""
+        boundary: int | None = None
+        if keep_jobs > 0:
+            rows = self._read("SELECT seq FROM jobs ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep_jobs,))
+            if rows:
+                boundary = rows[0]["seq"]
+        if keep_days > 0:
+            cutoff = self._now() - keep_days * 86400.0
+            rows = self._read("SELECT MAX(seq) AS seq FROM jobs WHERE created < ?", (cutoff,))
+            if rows and rows[0]["seq"] is not None:
+                boundary = max(boundary or 0, rows[0]["seq"])
+        return boundary
+
+    def newest_of_each_device(self) -> set[int]:
+        """The ``seq`` of each device's newest job: never pruned (its device's last job and image)."""
+        return {row[0] for row in self._read("SELECT MAX(seq) FROM jobs GROUP BY device")}
+
+    def prune_batch(self, after: int, boundary: int, keep: set[int], batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """Delete ended jobs (and their history) with ``after < seq <= boundary``, except ``keep``, looking
+        at ``batch`` jobs in one transaction. Returns (the last seq looked at, how many were deleted);
+        the last seq equals ``after`` when nothing was left."""
+        rows = self._read(
+            "SELECT seq, id, state FROM jobs WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after, boundary, batch)
+        )
+        if not rows:
+            return after, 0
+        ended = {s.value for s in ENDED_STATES}
+        victims = [row for row in rows if row["state"] in ended and row["seq"] not in keep]
+        if victims:
+            marks = ", ".join("?" for _ in victims)
+            self._write(
+                [
+                    (f"DELETE FROM job_history WHERE job_id IN ({marks})", [row["id"] for row in victims]),
+                    (f"DELETE FROM jobs WHERE seq IN ({marks})", [row["seq"] for row in victims]),
+                ]
+            )
+        return rows[-1]["seq"], len(victims)
+
     def recover(self) -> list[JobRecord]:
         """Mark every job left queued or running by a previous daemon as interrupted, with the phase
         it reached and the advice; returns them."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT * FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq",
             tuple(s.value for s in ACTIVE_STATES),
-        ).fetchall()
+        )
         recovered = []
         for row in rows:
             record = _from_row(row)

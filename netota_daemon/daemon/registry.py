@@ -1,8 +1,8 @@
 """``DeviceRegistry``: the configured devices and what each is doing now.
 
-The job queue keeps it current (queued, running with phase/percent/rate, idle with the last outcome
-and firmware version), the prober adds each device's last probe; the control API shows it
-(``GET /v1/devices``, ``netota devices``).
+The job queue keeps it current (queued, running with its phase, latest progress and connection
+attempts, idle with the last outcome and firmware version), the prober adds each device's last
+probe; the control API shows it (``GET /v1/devices``, ``netota devices``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from netota_daemon.daemon.config import DeviceConfig
-from netota_daemon.engine.events import Progress
+from netota_daemon.engine.events import Progress, Waiting
 from netota_daemon.engine.outcome import Outcome, Phase
 
 
@@ -24,8 +24,10 @@ class DeviceStatus:
     state: str = "idle"  # idle | queued | running
     job: str | None = None
     phase: Phase | None = None
-    percent: float | None = None
+    percent: float | None = None  # of the current phase (None right after a phase change)
     rate: float | None = None
+    progress: dict[str, Any] | None = None  # the running job's latest progress object (its own phase)
+    waiting: dict[str, Any] | None = None  # the running job's latest connection attempt, until it connects
     queue_position: int | None = None
     last_job: str | None = None
     last_outcome: str | None = None
@@ -46,6 +48,8 @@ class DeviceStatus:
             "phase": self.phase.value if self.phase else None,
             "percent": self.percent,
             "rate": self.rate,
+            "progress": dict(self.progress) if self.progress is not None else None,
+            "waiting": dict(self.waiting) if self.waiting is not None else None,
             "queue_position": self.queue_position,
             "last_job": self.last_job,
             "last_outcome": self.last_outcome,
@@ -72,30 +76,44 @@ class DeviceRegistry:
 
     # Changes, called by the job queue.
 
+    def _clear(self, status: DeviceStatus) -> None:
+        status.phase = status.percent = status.rate = None
+        status.progress = status.waiting = None
+
     def queued(self, name: str, job_id: str, position: int) -> None:
         status = self._devices[name]
         status.state, status.job, status.queue_position = "queued", job_id, position
-        status.phase = status.percent = status.rate = None
+        self._clear(status)
 
     def running(self, name: str, job_id: str) -> None:
         status = self._devices[name]
         status.state, status.job, status.queue_position = "running", job_id, None
-        status.phase, status.percent, status.rate = Phase.DETECT, None, None
+        self._clear(status)
+        status.phase = Phase.DETECT
 
     def phase(self, name: str, phase: Phase) -> None:
         status = self._devices[name]
         status.phase = phase
         status.percent = status.rate = None
+        status.waiting = None
 
     def progress(self, name: str, event: Progress) -> None:
         status = self._devices[name]
         status.phase, status.percent, status.rate = event.phase, event.percent, event.rate
+        data = event.to_json()
+        del data["type"]
+        status.progress, status.waiting = data, None
+
+    def waiting(self, name: str, event: Waiting) -> None:
+        data = event.to_json()
+        del data["type"]
+        self._devices[name].waiting = data
 
     def idle(self, name: str, job_id: str, outcome: Outcome | None) -> None:
         """The device's job ended (``outcome`` None: it was interrupted without one)."""
         status = self._devices[name]
         status.state, status.job, status.queue_position = "idle", None, None
-        status.phase = status.percent = status.rate = None
+        self._clear(status)
         status.last_job = job_id
         if outcome is not None:
             status.last_outcome = outcome.kind.value
