@@ -1,10 +1,11 @@
 """``NetotaService``: the daemon as one ``MultiService``, where the daemon's parts (``daemon/``) and
 its control API (``control/``) are put together; ``tap.py`` builds it for twistd.
 
-It owns the journal, the device registry, the job queue, the control API listener and the systemd
-notifications: the journal is recovered before the control socket listens; READY is sent once it
-listens; on stop, STOPPING is sent, running jobs are stopped (STOP on the wire) and recorded as
-interrupted, then the listener closes.
+It owns the journal (and its thread), the device registry, the job queue, the journal's retention,
+the control API listener and the systemd notifications: the journal is recovered before the control
+socket listens; READY is sent once it listens; on stop, STOPPING is sent, running jobs are stopped
+(STOP on the wire) and recorded as interrupted, every event stream gets their final events and a
+``shutdown`` event, then the listener closes and the journal's thread ends.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from netota_daemon import __version__
-from netota_daemon.control.resource import ControlResource
+from netota_daemon.control.api import ControlApi
 from netota_daemon.daemon.config import DaemonConfig
 from netota_daemon.daemon.firmware_store import FirmwareStore
 from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
 from netota_daemon.daemon.journal import JobJournal, JobState, JournalError
+from netota_daemon.daemon.journal_thread import AsyncJournal, JournalExecutor, ThreadExecutor
 from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
+from netota_daemon.daemon.retention import JournalRetention
 from netota_daemon.daemon.systemd import SystemdNotifier, WatchdogService, watchdog_interval
 
 log = Logger()
@@ -35,6 +37,35 @@ log = Logger()
 
 class ControlEndpointError(Exception):
     """The control endpoint string can't be turned into a listener."""
+
+
+#: Descriptors the daemon needs besides its control connections: the journal, logs, the notify
+#: socket, and a few connections per device (CTP, HTTP, OTA, a reconnect command's pipes).
+FIXED_DESCRIPTORS = 64
+DESCRIPTORS_PER_DEVICE = 8
+
+
+class DescriptorLimitError(Exception):
+    """The process may not open as many files as the configuration needs."""
+
+
+def raise_file_limit(needed: int, source: str = "", limits: Any = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` (never above the hard limit, never lowered); the
+    resulting soft limit, or DescriptorLimitError when even the hard limit is too low. ``limits`` is
+    the :mod:`resource` module (a test passes its own)."""
+    if limits is None:
+        import resource as limits
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    if soft == limits.RLIM_INFINITY or soft >= needed:
+        return int(soft)
+    if hard != limits.RLIM_INFINITY and hard < needed:
+        raise DescriptorLimitError(
+            f"{source}: daemon.control_max_connections: the daemon needs {needed} file descriptors for its "
+            f"connections and devices, but may open at most {hard} (raise LimitNOFILE= in the unit, or lower "
+            "control_max_connections)"
+        )
+    limits.setrlimit(limits.RLIMIT_NOFILE, (needed, hard))
+    return needed
 
 
 class ControlListener(Service):
@@ -100,6 +131,8 @@ class NetotaService(MultiService):
         reactor: Any = None,
         job_factory: JobFactory = default_job_factory,
         environ: Mapping[str, str] | None = None,
+        journal_executor: JournalExecutor | None = None,
+        file_limits: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -108,18 +141,26 @@ class NetotaService(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
-        self.journal = JobJournal(config.state_dir, reactor)
+        self._file_limits = file_limits
+        self.journal_store = JobJournal(config.state_dir, reactor)
+        self.journal = AsyncJournal(self.journal_store, journal_executor or ThreadExecutor(reactor))
         self.registry = DeviceRegistry(config.devices.values())
         self.queue = JobQueue(
             reactor, config, self.journal, self.registry, FirmwareStore(config.firmware_dir), job_factory=job_factory
         )
         self.notifier = SystemdNotifier(environ)
         self.prober = DeviceProber(self.registry, reactor)
-        self.control = ControlResource(
-            self.queue, self.registry, reactor, token=config.control_token, prober=self.prober
+        self.control = ControlApi(
+            self.queue,
+            self.registry,
+            self.prober,
+            reactor,
+            token=config.control_token,
+            idle_timeout=config.control_idle_timeout,
+            max_connections=config.control_max_connections,
         )
-        site = Site(self.control)
-        site.displayTracebacks = False
+        self.streams = self.control.streams
+        site = self.control.site
         try:
             endpoint = serverFromString(reactor, config.control)
         except (IndexError, KeyError) as e:
@@ -135,12 +176,19 @@ class NetotaService(MultiService):
             endpoint, site, self._listening, f"{config.source}: daemon.control: {config.control}"
         )
         self.listener.setServiceParent(self)
+        self.retention = JournalRetention(
+            self.journal, config.journal_retention_days, config.journal_retention_jobs, reactor
+        )
+        self.retention.setServiceParent(self)
         interval = watchdog_interval(environ)
         if interval is not None:
             WatchdogService(self.notifier, interval, reactor).setServiceParent(self)
 
     def _recover(self) -> None:
-        for record in self.journal.recover():
+        """Before the control socket listens (on this thread: nothing else runs yet), bounded by the
+        journal's indexes whatever its size."""
+        store = self.journal_store
+        for record in store.recover():
             log.warn(
                 "job {job} on {device} interrupted in phase {phase}: {advice}",
                 job=record.id,
@@ -149,21 +197,29 @@ class NetotaService(MultiService):
                 advice=record.advice,
             )
         for name in self.registry.names():
-            last = next(iter(self.journal.jobs(device=name, limit=1)), None)
+            last = next(iter(store.jobs(device=name, limit=1)), None)
             if last is not None:
                 self.registry.remember(
                     name,
                     last.id,
                     None if last.state is JobState.INTERRUPTED else last.outcome,
-                    self.journal.last_firmware_version(name),
+                    store.last_firmware_version(name),
                 )
 
     def privilegedStartService(self) -> None:
+        needed = (
+            self.config.control_max_connections + FIXED_DESCRIPTORS + DESCRIPTORS_PER_DEVICE * len(self.config.devices)
+        )
         try:
+            raise_file_limit(needed, self.config.source, self._file_limits)
             self._recover()
-        except JournalError as e:  # e.g. a row written by a newer version: one clear line, no traceback
+        except (JournalError, DescriptorLimitError) as e:  # one clear line, no traceback
             raise SystemExit(f"netota: {e}") from None
         super().privilegedStartService()
+
+    def startService(self) -> None:
+        self.journal.start()
+        super().startService()
 
     def _listening(self, port: IListeningPort) -> None:
         log.info(
@@ -175,19 +231,23 @@ class NetotaService(MultiService):
         )
         self.notifier.ready(f"listening on {self.config.control}")
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         self.notifier.stopping("stopping: interrupting running jobs")
         log.info("netota stopping")
-        d = self.queue.shutdown()
-        d.addBoth(lambda _: self.control.close_streams("the daemon is shutting down"))
-        d.addBoth(lambda _: MultiService.stopService(self))
-
-        def closed(result: Any) -> Any:
-            self.control.stopped = True  # before the journal closes under a still-open connection
-            self.journal.close()
-            self.notifier.close()
-            log.info("netota stopped")
-            return result
-
-        d.addBoth(closed)
-        return d
+        try:
+            await self.queue.shutdown()
+        except Exception:
+            log.failure("netota: stopping the jobs failed")
+        # Every stream has seen each job's final event by now; then the shutdown event, then its end.
+        self.streams.close_all("the daemon is shutting down")
+        await maybeDeferred(MultiService.stopService, self)
+        self.control.stopped = True  # before the journal closes under a still-open connection
+        try:
+            await self.journal.close()
+        except Exception:
+            log.failure("netota: closing the journal failed")
+        self.notifier.close()
+        log.info("netota stopped")

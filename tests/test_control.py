@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 
 from netota_daemon.cli.control_client import ApiRefused, ControlClient
 from netota_daemon.engine.outcome import Phase
-from tests.daemon_fakes import AutoJobFactory, FakeJobFactory, make_service
+from tests.daemon_fakes import AutoJobFactory, FakeJobFactory, make_service, streams_opened
 
 
 async def started(service):
@@ -103,7 +103,9 @@ async def test_queued_jobs_show_their_position(held, reactor):
         (b'{"device": "a", "firmware": "escape.bin"}', 403, "firmware_outside"),
         (b'{"device": "a", "firmware": "missing.bin"}', 404, "firmware_not_found"),
         (b'{"device": "a", "firmware": "v2.bin", "options": {"nope": 1}}', 400, "bad_options"),
-        (b'{"device": "a", "firmware": "v2.bin", "options": {"deadline": NaN}}', 400, "bad_options"),
+        (b'{"device": "a", "firmware": "v2.bin", "options": {"deadline": NaN}}', 400, "bad_json"),
+        (b'{"device": "a", "firmware": "v2.bin", "options": {"deadline": 1e999}}', 400, "bad_json"),
+        (b'{"device": "a", "firmware": "v2.bin", "options": {"deadline": 1e300}}', 400, "bad_options"),
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -144,11 +146,14 @@ async def test_cancel_then_cancel_again_is_refused_then_resume(held, reactor):
     client = client_for(held, reactor)
     job = (await client.request("POST", "/v1/jobs", {"device": "a", "firmware": "v2.bin"}))["job"]
     events: list[tuple[str, dict]] = []
-    stream = client.stream(f"/v1/jobs/{job['id']}/events", lambda t, d: events.append((t, d)) and False)
+    following = streams_opened(held, 1, reactor)
+    d = Deferred.fromCoroutine(
+        client.stream(f"/v1/jobs/{job['id']}/events", lambda t, d: events.append((t, d)) and False)
+    )
+    d.addTimeout(10, reactor)
+    await following
     cancelled = (await client.request("POST", f"/v1/jobs/{job['id']}/cancel", {"reason": "test"}))["job"]
     assert cancelled["state"] == "cancelling"
-    d = Deferred.fromCoroutine(stream)
-    d.addTimeout(10, reactor)
     await d  # the stream ends after the outcome
     assert events[0][0] == "job"
     assert events[-1][0] == "outcome" and events[-1][1]["outcome"]["kind"] == "aborted"
@@ -221,12 +226,12 @@ async def test_a_request_after_the_daemon_stopped_is_503_not_an_internal_error(t
 
     service = make_service(tmp_path, reactor, FakeJobFactory())
     await started(service)
-    job = service.queue.start("a", "v2.bin")
+    job = await service.queue.start("a", "v2.bin")
     await service.stopService()
     request = DummyRequest([b"v1", b"jobs", job["id"].encode()])
-    body = service.control.render(request)
-    assert request.responseCode == 503
-    assert json.loads(body)["error"]["code"] == "shutting_down"
+    service.control.render(request)
+    assert request.responseCode == 503 and request.finished
+    assert json.loads(b"".join(request.written))["error"]["code"] == "shutting_down"
 
 
 class _SlowReaderRequest:
@@ -269,7 +274,7 @@ class _SlowReaderRequest:
 def test_a_stream_whose_reader_stalls_holds_only_the_latest_progress_of_each_job():
     from twisted.internet.task import Clock
 
-    from netota_daemon.control.resource import EventStream
+    from netota_daemon.control.events import EventStream
 
     subscribers = []
     request = _SlowReaderRequest()
@@ -293,3 +298,44 @@ def test_a_stream_whose_reader_stalls_holds_only_the_latest_progress_of_each_job
     got = [(t, d["job"], d.get("percent")) for t, d in request.events()]
     assert got == [("progress", "j1", 1.0), ("phase", "j2", None), ("progress", "j1", 99.9), ("outcome", "j1", None)]
     assert request.finished and request.producer is None and subscribers == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_shutdown_every_watcher_gets_each_jobs_final_event_then_shutdown_then_its_end(tmp_path, reactor):
+    """SIGTERM or a restart with clients watching: each stream (all jobs, or one) carries the
+    final event of every job it follows, then ``shutdown``, then the response ends cleanly."""
+    service = make_service(tmp_path, reactor, AutoJobFactory(hold_in=Phase.PHASE1), max_parallel=2)
+    await started(service)
+    client = client_for(service, reactor)
+    jobs = {}
+    for device in ("a", "b", "c"):  # a and b run, c is queued
+        jobs[device] = (await client.request("POST", "/v1/jobs", {"device": device, "firmware": "v2.bin"}))["job"]
+    assert jobs["c"]["state"] == "queued"
+    watched: dict[str, list[tuple[str, dict]]] = {}
+    ended = []
+    following = streams_opened(service, 4, reactor)
+    for name, path in (
+        ("all 1", "/v1/events"),
+        ("all 2", "/v1/events"),
+        ("job a", f"/v1/jobs/{jobs['a']['id']}/events"),
+        ("job c", f"/v1/jobs/{jobs['c']['id']}/events"),
+    ):
+        events = watched.setdefault(name, [])
+        d = Deferred.fromCoroutine(client.stream(path, lambda t, d, events=events: events.append((t, d)) and False))
+        d.addTimeout(20, reactor)
+        ended.append(d)
+    await following
+    await service.stopService()
+    for d in ended:
+        await d  # each stream ended cleanly (a broken one raises DaemonUnavailable)
+    ids = {jobs[d]["id"] for d in jobs}
+    for name in ("all 1", "all 2"):
+        events = watched[name]
+        assert events[-1][0] == "shutdown", name
+        finals = {d["job"]: d for t, d in events if t == "outcome"}
+        assert set(finals) == ids, name
+        assert all(d["state"] == "interrupted" for d in finals.values())
+    for name, job in (("job a", jobs["a"]), ("job c", jobs["c"])):
+        types = [t for t, _ in watched[name]]
+        assert types[0] == "job" and types[-2:] == ["outcome", "shutdown"], (name, types)
+        assert watched[name][-2][1]["job"] == job["id"] and watched[name][-2][1]["state"] == "interrupted"

@@ -1,0 +1,236 @@
+"""The control endpoint's connections: what a peer can send before the API sees a request, and how
+many it can hold open.
+
+:class:`ControlChannel` is Twisted's ``HTTPChannel`` with bounds: input that is not HTTP (a TLS
+hello, a CTP frame) is answered with a JSON 400 and closed on its first bytes; a request line or
+header over :data:`MAX_LINE` bytes, more than :data:`MAX_HEADERS` headers, a malformed request or
+a body over the API's limit get a JSON 400 or 413 and the connection closes; a request that does not
+arrive whole within the idle timeout gets a JSON 408 (a half-open or trickling peer), and a
+connection idle that long between requests is closed. Responses that stream (event streams) are
+not timed out: their own keep-alives and reader bounds apply.
+
+:class:`ControlSite` keeps at most ``max_connections`` connections: when a new one would pass the
+limit, the connection idle the longest (no request in progress) is closed to make room, so a
+client always gets in while connections are only held open; when every connection is busy, the
+new one is answered 503 and closed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from netota_daemon.control.errors import ApiError, raw_response
+from netota_daemon.control.json_body import MAX_BODY
+
+log = Logger()
+
+#: The longest request line or header line, in bytes.
+MAX_LINE = 8192
+#: Request line and headers together.
+MAX_HEAD = 16384
+MAX_HEADERS = 64
+#: Connections an event stream may not take: kept for ordinary requests (the CLI's).
+STREAM_RESERVE = 8
+
+_METHOD = re.compile(rb"[A-Z]{1,16}")
+
+
+class ControlRequest(Request):
+    """A request whose body is bounded while it arrives (a chunked body has no length up front)."""
+
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            channel = self.channel
+            if isinstance(channel, ControlChannel):
+                channel.refuse(ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes"))
+            return
+        super().handleContentChunk(data)
+
+
+class ControlChannel(HTTPChannel):
+    MAX_LENGTH = MAX_LINE
+    totalHeadersSize = MAX_HEAD
+    maxHeaders = MAX_HEADERS
+
+    site: ControlSite
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._screening = True  # the next bytes start a request: check they look like one
+        self._prefix = b""
+        self._request_deadline: IDelayedCall | None = None
+        self._busy = False  # a request is being answered
+        self._refused = False
+        self._abort: IDelayedCall | None = None
+        self.last_activity = 0.0
+
+    # ----- life
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.last_activity = self.site.clock.seconds()
+        self.site.channel_opened(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_deadline()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self.site.channel_closed(self)
+        super().connectionLost(reason)
+
+    @property
+    def idle(self) -> bool:
+        """No request being answered (an incomplete one counts as idle: nothing waits on it)."""
+        return not self._busy
+
+    def evict(self) -> None:
+        """Close to make room for a new connection."""
+        self._cancel_deadline()
+        self.transport.loseConnection()
+
+    # ----- input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self.last_activity = self.site.clock.seconds()
+        if not self._busy and self._request_deadline is None:
+            # A request begins: it must arrive whole in time (more bytes don't buy more time).
+            self.setTimeout(None)
+            self._request_deadline = self.callLater(self.site.idle_timeout, self._too_slow)
+        if self._screening and not self._screen(data):
+            return
+        super().dataReceived(data)
+
+    def _screen(self, data: bytes) -> bool:
+        """False (and refused) if the first bytes of a request can't be an HTTP request line."""
+        self._prefix = (self._prefix + data[:32]).lstrip(b"\r\n")
+        match = _METHOD.match(self._prefix)
+        token = match.group() if match else b""
+        rest = self._prefix[len(token) :]
+        if rest:
+            if token and rest[:1] == b" ":
+                self._screening, self._prefix = False, b""
+                return True
+            self.refuse(ApiError(400, "not_http", "this is netota's HTTP control API; that is not an HTTP request"))
+            return False
+        if len(self._prefix) > 16:
+            self.refuse(ApiError(400, "not_http", "this is netota's HTTP control API; that is not an HTTP request"))
+            return False
+        return True
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(ApiError(400, "bad_request", f"a request line or header is longer than {MAX_LINE} bytes"))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's one place for a request it can't parse (bad request line, bad or too many
+        # headers, a bad length): a JSON answer like every other refusal, not a bare status line.
+        self.refuse(ApiError(400, "bad_request", "a malformed HTTP request (request line, headers or length)"))
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self.length is not None and self.length > MAX_BODY:
+            self.refuse(ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes"))
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_deadline()
+        self._busy = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        self._busy = False
+        self._screening, self._prefix = True, b""
+        self.last_activity = self.site.clock.seconds()
+        super().requestDone(request)
+        if self.transport is not None and not self.transport.disconnecting:
+            self.setTimeout(self.site.idle_timeout)  # idle until the next request begins
+
+    def _too_slow(self) -> None:
+        self._request_deadline = None
+        self.refuse(
+            ApiError(408, "request_timeout", f"the request did not arrive whole within {self.site.idle_timeout:g} s")
+        )
+
+    def _cancel_deadline(self) -> None:
+        if self._request_deadline is not None and self._request_deadline.active():
+            self._request_deadline.cancel()
+        self._request_deadline = None
+
+    def refuse(self, error: ApiError) -> None:
+        """Answer ``error`` as a whole JSON response and close (the request can't be served)."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        self.setTimeout(None)
+        if self.transport is None or self.transport.disconnecting:
+            return
+        self.transport.write(raw_response(error))
+        self.loseConnection()
+        # A peer that does not read the answer does not keep the connection either.
+        self._abort = self.callLater(self.abortTimeout, self.transport.abortConnection)
+
+
+class _Refuser(Protocol):
+    """Answers 503 at once and closes: every connection is busy."""
+
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(raw_response(self.error))
+        self.transport.loseConnection()
+
+
+class ControlSite(Site):
+    """The control API's HTTP site, with its connection bounds."""
+
+    protocol = ControlChannel  # type: ignore[assignment]
+    requestFactory = ControlRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        idle_timeout: float,
+        max_connections: int,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.channels: set[ControlChannel] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.channels) >= self.max_connections:
+            idle = [c for c in self.channels if c.idle]
+            if not idle:
+                log.warn("control: {count} connections, all busy: refusing one", count=len(self.channels))
+                return _Refuser(
+                    ApiError(503, "too_many_connections", f"{len(self.channels)} connections are open and busy")
+                )
+            victim = min(idle, key=lambda c: c.last_activity)
+            self.channels.discard(victim)
+            victim.evict()
+        return super().buildProtocol(addr)
+
+    def channel_opened(self, channel: ControlChannel) -> None:
+        self.channels.add(channel)
+
+    def channel_closed(self, channel: ControlChannel) -> None:
+        self.channels.discard(channel)

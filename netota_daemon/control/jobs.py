@@ -1,0 +1,83 @@
+"""The job endpoints: ``GET /v1/jobs`` (a page of the history), ``POST /v1/jobs`` (start),
+``GET /v1/jobs/ID``, ``POST /v1/jobs/ID/cancel`` and ``POST /v1/jobs/ID/resume``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from netota_daemon.control.errors import ApiError
+from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route, field_of
+from netota_daemon.daemon.jobs import JobQueue, UnknownJob
+from netota_daemon.daemon.journal import DEFAULT_PAGE, MAX_PAGE
+
+START_FIELDS = {"device", "firmware", "options"}
+CANCEL_FIELDS = {"reason"}
+RESUME_FIELDS = {"force"}
+MAX_REASON = 500
+MAX_JOB_ID = 64
+
+
+def _digits(text: str, longest: int) -> bool:
+    """ASCII digits only ("²" and "٣" are digits to str.isdigit), at most ``longest`` of them."""
+    return text.isascii() and text.isdigit() and len(text) <= longest
+
+
+class JobEndpoints:
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(("jobs",), {"GET": self.list, "POST": self.start}),
+            Route(("jobs", "{job}"), {"GET": self.show}),
+            Route(("jobs", "{job}", "cancel"), {"POST": self.cancel}),
+            Route(("jobs", "{job}", "resume"), {"POST": self.resume}),
+        ]
+
+    async def list(self, request: ApiRequest) -> Answer:
+        query = request.query(("device", "limit", "cursor"))
+        limit = DEFAULT_PAGE
+        if "limit" in query:
+            text = query["limit"]
+            if not _digits(text, 8) or not 1 <= int(text) <= MAX_PAGE:
+                raise ApiError(400, "bad_query", f"limit must be an integer from 1 to {MAX_PAGE}, not {text[:20]!r}")
+            limit = int(text)
+        cursor = query.get("cursor")
+        if cursor is not None and not _digits(cursor, 19):
+            raise ApiError(400, "bad_query", f"cursor {cursor[:20]!r} is not a cursor this daemon gave (next_cursor)")
+        jobs, next_cursor = await self.queue.page(query.get("device"), limit, cursor)
+        return Answer({"jobs": jobs, "next_cursor": next_cursor})
+
+    async def start(self, request: ApiRequest) -> Answer:
+        request.query(())
+        body = request.body(START_FIELDS, {"device", "firmware"})
+        for name in ("device", "firmware"):
+            field_of(body, name, str, "a string")
+        job = await self.queue.start(body["device"], body["firmware"], body.get("options"))
+        return Answer({"job": job}, 201, {"location": f"/{API_PREFIX}/jobs/{job['id']}"})
+
+    def _job_id(self, request: ApiRequest) -> str:
+        job_id = request.params["job"]
+        if len(job_id) > MAX_JOB_ID:
+            raise UnknownJob(f"no job {job_id[:MAX_JOB_ID]!r}...")
+        return job_id
+
+    async def show(self, request: ApiRequest) -> Answer:
+        request.query(())
+        return Answer({"job": await self.queue.get(self._job_id(request))})
+
+    async def cancel(self, request: ApiRequest) -> Answer:
+        request.query(())
+        body = request.body(CANCEL_FIELDS)
+        reason = field_of(body, "reason", str, "a string", "cancelled by user")
+        if len(reason) > MAX_REASON or not reason.strip():
+            raise ApiError(400, "bad_field", f"reason must be a non-empty text of at most {MAX_REASON} characters")
+        job: dict[str, Any] = await self.queue.cancel(self._job_id(request), reason)
+        return Answer({"job": job})
+
+    async def resume(self, request: ApiRequest) -> Answer:
+        request.query(())
+        body = request.body(RESUME_FIELDS)
+        force = field_of(body, "force", bool, "true or false", False)
+        job = await self.queue.resume(self._job_id(request), force=force)
+        return Answer({"job": job}, 201, {"location": f"/{API_PREFIX}/jobs/{job['id']}"})

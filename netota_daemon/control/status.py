@@ -1,0 +1,30 @@
+"""``GET /v1/status`` (and ``GET /v1``): the daemon's version and how busy it is."""
+
+from __future__ import annotations
+
+from netota_daemon import __version__
+from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route
+from netota_daemon.daemon.jobs import JobQueue
+from netota_daemon.daemon.registry import DeviceRegistry
+
+
+class StatusEndpoints:
+    def __init__(self, queue: JobQueue, registry: DeviceRegistry) -> None:
+        self.queue = queue
+        self.registry = registry
+
+    def routes(self) -> list[Route]:
+        return [Route((), {"GET": self.status}), Route(("status",), {"GET": self.status})]
+
+    def status(self, request: ApiRequest) -> Answer:
+        request.query(())
+        return Answer(
+            {
+                "version": __version__,
+                "api": API_PREFIX,
+                "max_parallel": self.queue.max_parallel,
+                "running": self.queue.running_count(),
+                "queued": self.queue.queued_count(),
+                "devices": len(self.registry.names()),
+            }
+        )
