@@ -109,7 +109,7 @@ def server_endpoint_problem(description: str) -> str | None:
             if not 0 <= mode <= 0o777:
                 return f"mode={kwargs['mode']!r} is not a file mode (000 to 777)"
     try:
-        serverFromString(_NoReactor(), description)
+        serverFromString(_NoReactor(), description)  # type: ignore[no-untyped-call]
     except Exception as e:  # the parser's own errors: TypeError, ValueError, KeyError, OSError (ssl files)
         return _clean(e)
     return None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -86,10 +86,10 @@ class ControlListener(Service):
         self.factory = factory
         self.on_listening = on_listening
         self.port: IListeningPort | None = None
-        self._listening: Deferred | None = None
+        self._listening: Deferred[IListeningPort] | None = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
         self._listen()
 
     def _listen(self) -> None:
@@ -110,17 +110,18 @@ class ControlListener(Service):
         return port
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._listen()
         assert self._listening is not None
         self._listening.addCallback(self.on_listening)
         self._listening.addErrback(lambda f: log.failure("control endpoint failed", f))
 
-    def stopService(self) -> Deferred | None:
-        super().stopService()
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
         if self.port is not None:
             port, self.port = self.port, None
-            return maybeDeferred(port.stopListening)
+            stopped = port.stopListening()
+            return stopped if isinstance(stopped, Deferred) else succeed(None)
         return None
 
 
@@ -134,7 +135,7 @@ class NetotaService(MultiService):
         journal_executor: JournalExecutor | None = None,
         file_limits: Any = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -162,7 +163,7 @@ class NetotaService(MultiService):
         self.streams = self.control.streams
         site = self.control.site
         try:
-            endpoint = serverFromString(reactor, config.control)
+            endpoint = serverFromString(reactor, config.control)  # type: ignore[no-untyped-call]
         except (IndexError, KeyError) as e:
             raise ControlEndpointError(
                 f"{config.source}: daemon.control: {config.control!r}: systemd passed no such socket "
@@ -175,14 +176,14 @@ class NetotaService(MultiService):
         self.listener = ControlListener(
             endpoint, site, self._listening, f"{config.source}: daemon.control: {config.control}"
         )
-        self.listener.setServiceParent(self)
+        self.listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.retention = JournalRetention(
             self.journal, config.journal_retention_days, config.journal_retention_jobs, reactor
         )
-        self.retention.setServiceParent(self)
+        self.retention.setServiceParent(self)  # type: ignore[no-untyped-call]
         interval = watchdog_interval(environ)
         if interval is not None:
-            WatchdogService(self.notifier, interval, reactor).setServiceParent(self)
+            WatchdogService(self.notifier, interval, reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _recover(self) -> None:
         """Before the control socket listens (on this thread: nothing else runs yet), bounded by the
@@ -215,11 +216,11 @@ class NetotaService(MultiService):
             self._recover()
         except (JournalError, DescriptorLimitError) as e:  # one clear line, no traceback
             raise SystemExit(f"netota: {e}") from None
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         self.journal.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
 
     def _listening(self, port: IListeningPort) -> None:
         log.info(

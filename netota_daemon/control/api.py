@@ -49,7 +49,7 @@ class ControlApi:
 
     def render(self, request: object) -> object:
         """Render one request (tests drive the resource in memory with this)."""
-        return self.resource.render(request)  # type: ignore[arg-type]
+        return self.resource.render(request)
 
     def close_streams(self, reason: str) -> None:
         self.streams.close_all(reason)

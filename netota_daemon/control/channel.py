@@ -21,8 +21,9 @@ import re
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -55,7 +56,7 @@ class ControlRequest(Request):
             if isinstance(channel, ControlChannel):
                 channel.refuse(ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes"))
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
 
 class ControlChannel(HTTPChannel):
@@ -66,7 +67,7 @@ class ControlChannel(HTTPChannel):
     site: ControlSite
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._screening = True  # the next bytes start a request: check they look like one
         self._prefix = b""
         self._request_deadline: IDelayedCall | None = None
@@ -78,16 +79,16 @@ class ControlChannel(HTTPChannel):
     # ----- life
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]
         self.last_activity = self.site.clock.seconds()
         self.site.channel_opened(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self.site.channel_closed(self)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     @property
     def idle(self) -> bool:
@@ -97,7 +98,8 @@ class ControlChannel(HTTPChannel):
     def evict(self) -> None:
         """Close to make room for a new connection."""
         self._cancel_deadline()
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     # ----- input
 
@@ -107,11 +109,11 @@ class ControlChannel(HTTPChannel):
         self.last_activity = self.site.clock.seconds()
         if not self._busy and self._request_deadline is None:
             # A request begins: it must arrive whole in time (more bytes don't buy more time).
-            self.setTimeout(None)
-            self._request_deadline = self.callLater(self.site.idle_timeout, self._too_slow)
+            self.setTimeout(None)  # type: ignore[no-untyped-call]
+            self._request_deadline = self.callLater(self.site.idle_timeout, self._too_slow)  # type: ignore[no-untyped-call]
         if self._screening and not self._screen(data):
             return
-        super().dataReceived(data)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def _screen(self, data: bytes) -> bool:
         """False (and refused) if the first bytes of a request can't be an HTTP request line."""
@@ -139,7 +141,7 @@ class ControlChannel(HTTPChannel):
         self.refuse(ApiError(400, "bad_request", "a malformed HTTP request (request line, headers or length)"))
 
     def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
         if self.length is not None and self.length > MAX_BODY:
             self.refuse(ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes"))
 
@@ -148,15 +150,15 @@ class ControlChannel(HTTPChannel):
             return
         self._cancel_deadline()
         self._busy = True
-        super().allContentReceived()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def requestDone(self, request: Request) -> None:
         self._busy = False
         self._screening, self._prefix = True, b""
         self.last_activity = self.site.clock.seconds()
-        super().requestDone(request)
-        if self.transport is not None and not self.transport.disconnecting:
-            self.setTimeout(self.site.idle_timeout)  # idle until the next request begins
+        super().requestDone(request)  # type: ignore[no-untyped-call]
+        if not self._closing():
+            self.setTimeout(self.site.idle_timeout)  # type: ignore[no-untyped-call]  # idle until the next request
 
     def _too_slow(self) -> None:
         self._request_deadline = None
@@ -175,13 +177,17 @@ class ControlChannel(HTTPChannel):
             return
         self._refused = True
         self._cancel_deadline()
-        self.setTimeout(None)
-        if self.transport is None or self.transport.disconnecting:
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        transport: Any = self.transport  # a TCP or UNIX transport: it can abort
+        if self._closing():
             return
-        self.transport.write(raw_response(error))
-        self.loseConnection()
+        transport.write(raw_response(error))
+        self.loseConnection()  # type: ignore[no-untyped-call]
         # A peer that does not read the answer does not keep the connection either.
-        self._abort = self.callLater(self.abortTimeout, self.transport.abortConnection)
+        self._abort = self.callLater(self.abortTimeout, transport.abortConnection)  # type: ignore[no-untyped-call]
+
+    def _closing(self) -> bool:
+        return self.transport is None or bool(getattr(self.transport, "disconnecting", False))
 
 
 class _Refuser(Protocol):
@@ -210,7 +216,7 @@ class ControlSite(Site):
         idle_timeout: float,
         max_connections: int,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        super().__init__(resource, timeout=idle_timeout, reactor=clock)  # type: ignore[no-untyped-call]
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -227,7 +233,7 @@ class ControlSite(Site):
             victim = min(idle, key=lambda c: c.last_activity)
             self.channels.discard(victim)
             victim.evict()
-        return super().buildProtocol(addr)
+        return super().buildProtocol(addr)  # type: ignore[no-untyped-call]
 
     def channel_opened(self, channel: ControlChannel) -> None:
         self.channels.add(channel)

@@ -16,11 +16,10 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from netota_daemon.control.errors import ApiError
-from netota_daemon.control.routing import STREAMING, ApiRequest, Route, _Streaming
+from netota_daemon.control.routing import STREAMING, ApiRequest, HttpRequest, Route, _Streaming
 from netota_daemon.daemon.jobs import JobQueue, QueueEvent
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.engine.events import EventPublisher
@@ -48,7 +47,7 @@ class EventStream:
 
     def __init__(
         self,
-        request: Request,
+        request: HttpRequest,
         accept: Callable[[QueueEvent], bool],
         last: Callable[[QueueEvent], bool],
         clock: IReactorTime,
@@ -173,7 +172,7 @@ class EventStreams:
         return len(self.open_streams)
 
     def _open(
-        self, request: Request, accept: Callable[[QueueEvent], bool], last: Callable[[QueueEvent], bool]
+        self, request: HttpRequest, accept: Callable[[QueueEvent], bool], last: Callable[[QueueEvent], bool]
     ) -> EventStream:
         stream = EventStream(request, accept, last, self.clock)
         self.open_streams.add(stream)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 
 from netota_daemon.control.errors import ApiError, from_refusal, json_bytes
 from netota_daemon.control.json_body import MAX_BODY, BodyError, decode_json
@@ -32,6 +32,32 @@ API_PREFIX = "v1"
 #: Longest query string value, and most parameters, a request may carry.
 MAX_QUERY_VALUE = 1024
 MAX_QUERY_PARAMETERS = 16
+
+
+class HttpRequest(Protocol):
+    """What the API uses of a ``twisted.web`` request (typed: Twisted's own methods are not)."""
+
+    method: bytes
+    path: bytes
+    postpath: list[bytes]
+    args: dict[bytes, list[bytes]] | None
+    content: IO[bytes] | None
+
+    def getHeader(self, key: bytes) -> bytes | None: ...
+
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+
+    def setResponseCode(self, code: int) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def notifyFinish(self) -> Deferred[None]: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +101,7 @@ class Route:
 class ApiRequest:
     """One request as a handler sees it: path parameters, checked query and body."""
 
-    def __init__(self, request: Request, params: dict[str, str]) -> None:
+    def __init__(self, request: HttpRequest, params: dict[str, str]) -> None:
         self.request = request
         self.params = params
 
@@ -87,6 +113,7 @@ class ApiRequest:
             raise ApiError(400, "bad_query", f"more than {MAX_QUERY_PARAMETERS} query parameters")
         out: dict[str, str] = {}
         for raw_key, values in args.items():
+            values = values or []
             key = _text(raw_key, "a query parameter name")
             if key not in allowed:
                 shown = ", ".join(sorted(allowed)) or "none"
@@ -154,7 +181,7 @@ class ControlResource(Resource):
     isLeaf = True
 
     def __init__(self, token: str | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._token = token.encode("utf-8") if token is not None else None
         self._routes: list[Route] = []
         # Set once the daemon has stopped (journal closed): a request on a connection accepted
@@ -166,7 +193,8 @@ class ControlResource(Resource):
 
     # ----- plumbing
 
-    def render(self, request: Request) -> int:
+    def render(self, twisted_request: Any) -> int:
+        request = cast(HttpRequest, twisted_request)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = maybeDeferred(self._handle, request)
@@ -174,14 +202,14 @@ class ControlResource(Resource):
         d.addErrback(lambda f: log.failure("control API: answering failed", f))
         return NOT_DONE_YET
 
-    def _handle(self, request: Request) -> Deferred[Any] | Any:
+    def _handle(self, request: HttpRequest) -> Deferred[Any] | Any:
         if self.stopped:
             raise ApiError(503, "shutting_down", "the daemon has stopped")
         self._authorize(request)
         handler, params = self._route(request)
         return ensureDeferred(_awaitable(handler(ApiRequest(request, params))))
 
-    def _answer(self, answer: Answer | _Streaming, request: Request, gone: list[bool]) -> None:
+    def _answer(self, answer: Answer | _Streaming, request: HttpRequest, gone: list[bool]) -> None:
         if isinstance(answer, _Streaming) or gone:
             return
         request.setResponseCode(answer.status)
@@ -191,7 +219,7 @@ class ControlResource(Resource):
         request.write(json_bytes(answer.data))
         request.finish()
 
-    def _refused(self, failure: Failure, request: Request, gone: list[bool]) -> None:
+    def _refused(self, failure: Failure, request: HttpRequest, gone: list[bool]) -> None:
         error = failure.value
         if isinstance(error, JobError):
             error = from_refusal(error)
@@ -203,7 +231,7 @@ class ControlResource(Resource):
         write_error(request, error)
         request.finish()
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: HttpRequest) -> None:
         if self._token is None:
             return
         header = request.getHeader(b"authorization") or b""
@@ -217,7 +245,7 @@ class ControlResource(Resource):
                 {"www-authenticate": 'Bearer realm="netota"'},
             )
 
-    def _route(self, request: Request) -> tuple[Handler, dict[str, str]]:
+    def _route(self, request: HttpRequest) -> tuple[Handler, dict[str, str]]:
         shown = request.path.decode("utf-8", "replace")[:200]
         try:
             parts = [p.decode("utf-8") for p in request.postpath]
@@ -254,7 +282,7 @@ async def _awaitable(result: Any) -> Any:
     return result
 
 
-def write_error(request: Request, error: ApiError) -> None:
+def write_error(request: HttpRequest, error: ApiError) -> None:
     """Write ``error`` as the response (not finished)."""
     request.setResponseCode(error.status)
     for name, value in error.headers.items():

@@ -253,7 +253,9 @@ class JobQueue:
         data["position"] = self.position(record.id)
         active = self._active.get(record.id)
         if active is not None:
-            data["progress"] = progress_json(active.progress) if active.progress else record.progress
+            # While it runs: the latest progress of the phase it is in (none yet right after a change).
+            current = active.progress if active.progress and active.progress.phase is record.phase else None
+            data["progress"] = progress_json(current) if current else None
             data["waiting"] = waiting_json(active.waiting) if active.waiting else None
         else:
             data["waiting"] = None
@@ -323,7 +325,7 @@ class JobQueue:
         step.addCallback(lambda _: self._events.publish(event))
 
     def _write_failed(self, failure: Failure, event: QueueEvent) -> None:
-        failure.trap(JournalError)
+        failure.trap(JournalError)  # type: ignore[no-untyped-call]
         log.error(
             "job {job} on {device}: the journal could not record {what}: {error}",
             job=event.get("job"),
@@ -565,7 +567,7 @@ class JobQueue:
         return d
 
     async def _ended(self, job_id: str) -> JobRecord:
-        record = await self._read(self._journal.get(job_id))
+        record: JobRecord | None = await self._read(self._journal.get(job_id))
         if record is None:
             raise UnknownJob(f"no job {job_id!r}")
         return record
@@ -840,7 +842,9 @@ class JobQueue:
             pending.append(d)
             step = self._order.after(written)
             step.addErrback(self._write_failed, self._state_event(interrupted))
-            step.addCallback(lambda _, engine=active.engine: engine.cancel(reason))
+            engine = active.engine
+            assert engine is not None
+            step.addCallback(self._stop_engine, engine, reason)
         await self._settle()
         if not pending:
             return
@@ -858,6 +862,10 @@ class JobQueue:
             if not active.final_published:  # the streams hear of its end before the daemon goes
                 active.final_published = True
                 self._events.publish(self._outcome_event(active.record))
+
+    @staticmethod
+    def _stop_engine(_: object, engine: EngineJob, reason: str) -> None:
+        engine.cancel(reason)
 
     async def _interrupt_unstarted(self, active: ActiveJob, written: Deferred[Any]) -> None:
         record = active.record

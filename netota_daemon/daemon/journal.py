@@ -343,7 +343,8 @@ class JobJournal:
         """At most ``limit`` jobs, newest first, older than ``cursor`` (a page's ``next_cursor``: digits,
         else ValueError)."""
         limit = max(1, min(limit, MAX_PAGE))
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if device is not None:
             clauses.append("device = ?")
             params.append(device)

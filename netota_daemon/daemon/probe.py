@@ -87,6 +87,10 @@ def probe_error_message(exc: BaseException, url: str, via: str) -> str:
     return f"GET {url}{via}: {connection_error_message(exc)}"
 
 
+async def _awaited(awaitable: Awaitable[DeviceDescription]) -> DeviceDescription:
+    return await awaitable
+
+
 class DeviceProber:
     """Probes configured devices; ``fetch`` and ``clock`` are replaceable for tests."""
 
@@ -130,7 +134,9 @@ class DeviceProber:
         url = description_url(target.host, target.http_port)
         via = f" (via {target.interface})" if target.interface else ""
         try:
-            fetched = defer.ensureDeferred(self.fetch(connector, target.http_port, timeout, self.clock))
+            fetched: defer.Deferred[DeviceDescription] = defer.Deferred.fromCoroutine(
+                _awaited(self.fetch(connector, target.http_port, timeout, self.clock))
+            )
             description = await bounded(self.clock, fetched, timeout, "the description document")
         except defer.CancelledError:
             raise

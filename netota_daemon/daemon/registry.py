@@ -26,7 +26,7 @@ class DeviceStatus:
     phase: Phase | None = None
     percent: float | None = None  # of the current phase (None right after a phase change)
     rate: float | None = None
-    progress: dict[str, Any] | None = None  # the running job's latest progress object (its own phase)
+    progress: dict[str, Any] | None = None  # the running job's latest progress object in its current phase
     waiting: dict[str, Any] | None = None  # the running job's latest connection attempt, until it connects
     queue_position: int | None = None
     last_job: str | None = None
@@ -95,7 +95,7 @@ class DeviceRegistry:
         status = self._devices[name]
         status.phase = phase
         status.percent = status.rate = None
-        status.waiting = None
+        status.progress = status.waiting = None
 
     def progress(self, name: str, event: Progress) -> None:
         status = self._devices[name]

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from netota_daemon.daemon.journal_thread import AsyncJournal
 
@@ -39,7 +40,7 @@ class JournalRetention(Service):
         self.pruned = 0  # jobs pruned since the daemon started
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if self.keep_days > 0 or self.keep_jobs > 0:
             self._loop.start(self.interval, now=True)
 
@@ -63,7 +64,7 @@ class JournalRetention(Service):
                 )
             return count
 
-        def failed(failure: object) -> int:
+        def failed(failure: Failure) -> int:
             self._running = None
             log.failure("journal: pruning failed", failure)
             return 0
@@ -79,11 +80,16 @@ class JournalRetention(Service):
         if self._running is None:
             done.callback(None)
         else:
-            self._running.addBoth(lambda result: (done.callback(None), result)[1])
+
+            def passed(result: int) -> int:
+                done.callback(None)
+                return result
+
+            self._running.addBoth(passed)
         return done
 
     def stopService(self) -> Deferred[int] | None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         if self._loop.running:
             self._loop.stop()

@@ -110,11 +110,11 @@ class WatchdogService(Service):
         self._loop.clock = clock
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         log.info("systemd watchdog: pinging every {interval} s", interval=self.interval)
         self._loop.start(self.interval, now=True)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._loop.running:
             self._loop.stop()
