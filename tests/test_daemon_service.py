@@ -127,29 +127,43 @@ def test_twistd_lists_the_netota_plugin():
     assert not (plugin_dir / "__init__.py").exists() and not (plugin_dir / "plugins" / "__init__.py").exists()
 
 
-def test_twistd_stops_at_a_bad_config_with_the_key(tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text('[daemon]\ncontrol = "tcp:8700"\nstate_dir = "s"\nfirmware_dir = "f"\n')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "netota",
-            "--config",
-            str(path),
-        ],
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def twistd(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "netota", "--config", str(config)],
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=str(tmp_path),
+        cwd=str(cwd),
     )
+
+
+@pytest.mark.parametrize(
+    "daemon, line",
+    [
+        ('control = "tcp:8700"\nstate_dir = "s"\nfirmware_dir = "f"\n', "3: daemon.control: 'tcp:8700' listens on"),
+        (
+            'control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "f"\nmax_parallel = 1' + "0" * 400 + "\n",
+            "6: daemon.max_parallel",
+        ),
+        (
+            'control = "tcp:P:127.0.0.1:interface=127.0.0.1"\nstate_dir = "s"\nfirmware_dir = "f"\n',
+            "3: daemon.control:",
+        ),
+        ('control = "unix:/x"\nstate_dir = "s"\nfirmware_dir = "missing"\n', "5: daemon.firmware_dir: "),
+    ],
+)
+def test_twistd_stops_at_a_bad_config_with_one_line_and_no_usage_text(tmp_path, daemon, line):
+    path = tmp_path / "bad.toml"
+    path.write_text("# netota\n[daemon]\n" + daemon)
+    result = twistd(path, tmp_path)
     assert result.returncode != 0
-    assert "daemon.control" in result.stdout + result.stderr
-    assert "control_token" in result.stdout + result.stderr
+    output = (result.stdout + result.stderr).strip()
+    assert output.startswith(f"netota: {path}:{line}"), output
+    assert len(output.splitlines()) == 1 and "Usage:" not in output and "Traceback" not in output
 
 
 def test_twistd_stops_at_an_unreadable_journal_in_one_line(tmp_path):
@@ -288,3 +302,56 @@ def test_a_control_endpoint_that_cannot_listen_stops_start_up_with_one_clear_lin
     assert message.startswith("netota: can't listen on the control endpoint") and "daemon.control" in message
     assert path in message and "No such file or directory" in message
     service.journal_store.close()
+
+
+def test_the_file_descriptor_limit_is_raised_to_what_the_connections_need_or_start_up_stops():
+    from netota_daemon.service import DescriptorLimitError, raise_file_limit
+
+    class Limits:
+        RLIMIT_NOFILE, RLIM_INFINITY = 7, -1
+
+        def __init__(self, soft: int, hard: int) -> None:
+            self.limits = (soft, hard)
+
+        def getrlimit(self, which: int) -> tuple[int, int]:
+            assert which == self.RLIMIT_NOFILE
+            return self.limits
+
+        def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+            self.limits = limits
+
+    low = Limits(256, 4096)
+    assert raise_file_limit(1000, "f", low) == 1000 and low.limits == (1000, 4096)
+    high = Limits(2048, 4096)
+    assert raise_file_limit(1000, "f", high) == 2048 and high.limits == (2048, 4096)  # never lowered
+    with pytest.raises(DescriptorLimitError, match=r"daemon.control_max_connections: .* needs 9000 .* at most 4096"):
+        raise_file_limit(9000, "f", Limits(256, 4096))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_jobs_latest_progress_is_shown_after_a_restart(tmp_path, reactor):
+    """The journal keeps the progress at phase changes, no return and the end: GET /v1/jobs/ID after
+    a restart shows where the job had got to."""
+    service = make_service(tmp_path, reactor, AutoJobFactory(step=0.002, hold_in=Phase.VERIFY))
+    service.privilegedStartService()
+    service.startService()
+    client = ControlClient(reactor, f"unix:{service.socket_path}")
+    job = (await client.request("POST", "/v1/jobs", {"device": "a", "firmware": "v2.bin"}))["job"]
+    changes = Changes(reactor)
+    # Wait for the event that matters (verify reached), each published event poking the wait.
+    unsubscribe = service.queue.subscribe(changes.poke)
+    await changes.until(lambda: service.registry.get("a").phase is Phase.VERIFY, "the job to reach verify", timeout=20)
+    unsubscribe()
+    await service.stopService()  # interrupted in verify: the last progress is phase 2's 100 %
+
+    again = make_service(tmp_path, reactor, AutoJobFactory())
+    again.privilegedStartService()
+    again.startService()
+    try:
+        client = ControlClient(reactor, f"unix:{again.socket_path}")
+        shown = (await client.request("GET", f"/v1/jobs/{job['id']}"))["job"]
+        assert shown["state"] == "interrupted" and shown["phase"] == "verify"
+        assert shown["progress"]["phase"] == "phase2" and shown["progress"]["percent"] == 100.0
+        assert shown["progress"]["point_of_no_return"] is True and shown["waiting"] is None
+    finally:
+        await again.stopService()

@@ -98,3 +98,47 @@ def test_a_notify_socket_nobody_reads_never_blocks_the_daemon(notify_socket):
     assert not sender.is_alive(), "sendto blocked on a full notify socket"
     assert results[0] is True and results[-1] is False
     notifier.close()
+
+
+def _unit(name: str) -> dict[str, dict[str, str]]:
+    import configparser
+    from pathlib import Path
+
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # keys are case-sensitive in systemd
+    parser.read(Path(__file__).resolve().parent.parent / "etc" / "systemd" / name)
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def test_the_units_leave_room_for_the_connections_and_let_the_group_reach_the_socket():
+    from netota_daemon.daemon.config import DEFAULT_MAX_CONNECTIONS
+    from netota_daemon.endpoint_strings import DEFAULT_BACKLOG
+    from netota_daemon.service import DESCRIPTORS_PER_DEVICE, FIXED_DESCRIPTORS
+
+    service = _unit("netota.service")["Service"]
+    assert int(service["LimitNOFILE"]) >= DEFAULT_MAX_CONNECTIONS + FIXED_DESCRIPTORS + 64 * DESCRIPTORS_PER_DEVICE
+    socket_unit = _unit("netota.socket")["Socket"]
+    assert socket_unit["SocketGroup"] == "netota" and int(socket_unit["SocketMode"], 8) == 0o660
+    # Created by systemd (root) before the service first ran: the group must be able to traverse it.
+    assert int(socket_unit["DirectoryMode"], 8) & 0o011 == 0o011
+    assert int(socket_unit["Backlog"]) >= DEFAULT_BACKLOG
+    drop_in = _unit("netota.service.d/socket-activation.conf")["Service"]
+    assert drop_in["RuntimeDirectoryPreserve"] == "yes"
+
+
+@pytest.mark.skipif(not __import__("shutil").which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_systemd_accepts_the_units():
+    import subprocess
+    from pathlib import Path
+
+    units = Path(__file__).resolve().parent.parent / "etc" / "systemd"
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(units / "netota.service"), str(units / "netota.socket")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines() if "/opt/netota/bin/twistd" not in line and line
+    ]
+    assert problems == []
