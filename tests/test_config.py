@@ -14,7 +14,7 @@ from netota_daemon.daemon.config import (
     load_config,
 )
 from netota_daemon.endpoint_strings import split_endpoint
-from netota_daemon.engine.settings import UpgradeTimeouts
+from netota_daemon.engine.settings import UpgradeBehaviour, UpgradeTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,9 @@ def test_example_config_parses_with_every_documented_key():
         assert f"\n{name} = " in text, name
     for name in _DAEMON_KEYS:
         assert f"\n{name} = " in text or f"\n# {name} = " in text, name
+    for name in UpgradeBehaviour.field_names():
+        assert f"\n{name} = " in text.split("\n[behaviour]", 1)[1], name
+    assert config.behaviour == UpgradeBehaviour()
 
 
 def test_minimal_config_has_defaults_and_relative_paths_from_the_file(tmp_path):
@@ -72,6 +75,23 @@ def test_minimal_config_has_defaults_and_relative_paths_from_the_file(tmp_path):
     assert config.devices == {}
     assert config.control == "unix:/tmp/x.sock:mode=660:backlog=1024"  # 0660, and a listen backlog over Twisted's 50
     assert config.timeouts == UpgradeTimeouts()
+
+
+def test_behaviour_switches_are_read_from_behaviour_and_still_from_timeouts(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            MINIMAL
+            + "[behaviour]\nphase2_error_retries = 3\n[timeouts]\necho_final_notice = true\n"
+            + '[devices.a]\nhost = "h"\n[devices.a.behaviour]\nphase2_error_retries = 0\n'
+            + '[devices.b]\nhost = "h"\n',
+        )
+    )
+    assert config.behaviour == UpgradeBehaviour(echo_final_notice=True, phase2_error_retries=3)
+    assert config.devices["a"].behaviour == UpgradeBehaviour(echo_final_notice=True, phase2_error_retries=0)
+    assert config.devices["b"].behaviour == config.behaviour
+    error = error_for(tmp_path, MINIMAL + "[behaviour]\nphase2_error_retries = " + "9" * 400 + "\n")
+    assert error.key == "behaviour.phase2_error_retries" and "at most 1000000" in error.problem
 
 
 def test_timeouts_override_daemon_wide_then_per_device(tmp_path):

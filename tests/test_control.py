@@ -339,3 +339,77 @@ async def test_on_shutdown_every_watcher_gets_each_jobs_final_event_then_shutdow
         types = [t for t, _ in watched[name]]
         assert types[0] == "job" and types[-2:] == ["outcome", "shutdown"], (name, types)
         assert watched[name][-2][1]["job"] == job["id"] and watched[name][-2][1]["state"] == "interrupted"
+
+
+def test_a_reader_that_never_reads_is_cut_off_once_a_mebibyte_of_events_waits_for_it():
+    from twisted.internet.task import Clock
+
+    from netota_daemon.control.events import MAX_UNREAD_BYTES, EventStream
+
+    class Transport:
+        aborted = False
+
+        def abortConnection(self) -> None:
+            self.aborted = True
+
+    subscribers = []
+    request = _SlowReaderRequest()
+    request.transport = Transport()
+    stream = EventStream(request, accept=lambda e: True, last=lambda e: False, clock=Clock())
+    stream.open(lambda deliver: (subscribers.append(deliver), lambda: subscribers.remove(deliver))[1])
+    stream.pauseProducing()
+    state = {"type": "state", "job": "j1", "device": "d", "state": "running", "message": "x" * 1000}
+    deliver = subscribers[0]
+    for _ in range(2 * MAX_UNREAD_BYTES // 1000):  # a phase, state or outcome is never dropped...
+        deliver(state)
+        if request.transport.aborted:
+            break
+    assert request.transport.aborted and stream.closed and subscribers == []  # ...the reader is
+    assert len(b"".join(request.written)) <= MAX_UNREAD_BYTES + 2048
+
+
+class _RawClient:
+    """Bytes to the control socket and everything it answers, until it closes the connection."""
+
+    def __init__(self) -> None:
+        from twisted.internet.protocol import Protocol
+
+        self.received = b""
+        self.closed: Deferred = Deferred()
+        outer = self
+
+        class _Protocol(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                outer.received += data
+
+            def connectionLost(self, reason=None) -> None:
+                outer.closed.callback(outer.received)
+
+        self.protocol = _Protocol()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listening_daemon_answers_a_tls_hello_with_json_and_closes_idle_connections(tmp_path, reactor):
+    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+
+    service = make_service(tmp_path, reactor, FakeJobFactory(), control_idle_timeout=0.5)
+    await started(service)
+    try:
+        hello = _RawClient()
+        await connectProtocol(UNIXClientEndpoint(reactor, service.socket_path), hello.protocol)
+        hello.protocol.transport.write(bytes.fromhex("16030100c4010000c00303") + bytes(32))
+        answer = await hello.closed.addTimeout(10, reactor)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["error"]["code"] == "not_http"
+
+        idle = _RawClient()
+        await connectProtocol(UNIXClientEndpoint(reactor, service.socket_path), idle.protocol)
+        assert await idle.closed.addTimeout(10, reactor) == b""  # closed after 0.5 s, nothing said
+
+        half = _RawClient()
+        await connectProtocol(UNIXClientEndpoint(reactor, service.socket_path), half.protocol)
+        half.protocol.transport.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        answer = await half.closed.addTimeout(10, reactor)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+    finally:
+        await service.stopService()

@@ -11,7 +11,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from netota_daemon.control.channel import ControlChannel
 from netota_daemon.control.json_body import MAX_DEPTH, BodyError, decode_json
 from netota_daemon.engine.outcome import OutcomeKind, Phase
 from netota_daemon.wire.ctp import request as ctp_request
@@ -294,7 +293,3 @@ def test_when_every_connection_is_busy_a_new_one_gets_503_and_streams_leave_room
     for d in world.held_probes:
         d.callback(None)
     assert all(c.transport.value().startswith(b"HTTP/1.1 200 ") for c in busy)
-
-
-def test_channels_are_control_channels(world):
-    assert isinstance(Connection(world).channel, ControlChannel)

@@ -21,9 +21,6 @@ from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.daemon_fakes import short_socket_dir
 from tests.waiting import Changes
 
-pytest.importorskip("netota_daemon.sim.device")
-pytest.importorskip("netota_daemon.engine.job")
-
 TWISTD = "from twisted.scripts.twistd import run; run()"
 TIME_SCALE = "0.02"  # device seconds -> real seconds: the device's 5 s reply wait is 100 ms, enough on 2 loaded cores
 # The simulated loader resets itself after 60 s (scaled) without read progress; a test that holds a

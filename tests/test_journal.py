@@ -246,11 +246,12 @@ async def test_the_journal_thread_runs_calls_in_order_off_the_reactor_thread(tmp
     for n in range(50):
         writes.append(journal.save(replace(record, message=f"step {n}"), f"step {n}"))
     read = journal.get("j1")  # after every write before it
-    threads = await executor.submit(lambda: threading.current_thread().name)
+    thread = await executor.submit(threading.current_thread)
     await gatherResults(writes)
     assert (await read).message == "step 49"
     assert [h["note"] for h in await journal.history("j1")][-1] == "step 49"
-    assert threads != threading.current_thread().name
+    assert thread is not threading.current_thread()
+    assert thread.daemon  # a daemon that is never stopped (a crash) does not keep the process alive
     await journal.close()
     with pytest.raises(JournalError, match="closed"):
         await journal.get("j1")

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from netota_daemon.control.errors import ApiError
-from netota_daemon.control.routing import STREAMING, ApiRequest, HttpRequest, Route, _Streaming
+from netota_daemon.control.routing import STREAMING, ApiRequest, HttpRequest, Route, Streaming
 from netota_daemon.daemon.jobs import JobQueue, QueueEvent
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.engine.events import EventPublisher
@@ -192,7 +192,7 @@ class EventStreams:
         # While the daemon shuts down, a job's stream stays open past its outcome for the shutdown event.
         return event.get("type") == "outcome" and not self.queue.stopping
 
-    async def job_events(self, request: ApiRequest) -> _Streaming:
+    async def job_events(self, request: ApiRequest) -> Streaming:
         request.query(())
         job_id = request.params["job"]
         snapshot = await self.queue.get(job_id)  # 404 before the stream opens
@@ -210,7 +210,7 @@ class EventStreams:
         self.opened.publish(stream)
         return STREAMING
 
-    def all_events(self, request: ApiRequest) -> _Streaming:
+    def all_events(self, request: ApiRequest) -> Streaming:
         request.query(())
         self._check_room()
         stream = self._open(request.request, accept=lambda e: True, last=lambda e: False)

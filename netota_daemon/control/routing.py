@@ -69,13 +69,13 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class _Streaming:
+class Streaming:
     """The handler writes and finishes the response itself."""
 
 
-STREAMING = _Streaming()
+STREAMING = Streaming()
 
-Handler = Callable[["ApiRequest"], "Answer | _Streaming | Awaitable[Answer | _Streaming]"]
+Handler = Callable[["ApiRequest"], "Answer | Streaming | Awaitable[Answer | Streaming]"]
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,8 @@ class ControlResource(Resource):
         handler, params = self._route(request)
         return ensureDeferred(_awaitable(handler(ApiRequest(request, params))))
 
-    def _answer(self, answer: Answer | _Streaming, request: HttpRequest, gone: list[bool]) -> None:
-        if isinstance(answer, _Streaming) or gone:
+    def _answer(self, answer: Answer | Streaming, request: HttpRequest, gone: list[bool]) -> None:
+        if isinstance(answer, Streaming) or gone:
             return
         request.setResponseCode(answer.status)
         for name, value in answer.headers.items():

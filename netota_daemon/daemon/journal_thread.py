@@ -11,6 +11,7 @@ at once, on the caller's thread) or one that lets them decide when a write commi
 from __future__ import annotations
 
 from collections.abc import Callable
+from threading import Thread
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -36,12 +37,22 @@ class JournalExecutor(Protocol):
     def stop(self) -> None: ...
 
 
+def _daemon_thread(*args: Any, **kwargs: Any) -> Thread:
+    return Thread(*args, daemon=True, **kwargs)
+
+
+class _JournalPool(ThreadPool):
+    # A daemon thread: should the service never be stopped (a crash), the process still exits. Each
+    # write is a committed SQLite transaction, so a write cut short is one never acted on.
+    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
+
+
 class ThreadExecutor:
     """One worker thread (a one-thread :class:`ThreadPool`): calls run in submission order."""
 
     def __init__(self, reactor: IReactorFromThreads, name: str = "netota-journal") -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._pool = _JournalPool(minthreads=1, maxthreads=1, name=name)
 
     def start(self) -> None:
         if not self._pool.started:
