@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from netota_daemon import __version__
 from netota_daemon.control.api import ControlApi
-from netota_daemon.daemon.config import DaemonConfig
+from netota_daemon.daemon.config import ConfigError, DaemonConfig, with_line
 from netota_daemon.daemon.firmware_store import FirmwareStore
 from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
 from netota_daemon.daemon.journal import JobJournal, JobState, JournalError
@@ -59,11 +59,11 @@ def raise_file_limit(needed: int, source: str = "", limits: Any = None) -> int:
     if soft == limits.RLIM_INFINITY or soft >= needed:
         return int(soft)
     if hard != limits.RLIM_INFINITY and hard < needed:
-        raise DescriptorLimitError(
-            f"{source}: daemon.control_max_connections: the daemon needs {needed} file descriptors for its "
-            f"connections and devices, but may open at most {hard} (raise LimitNOFILE= in the unit, or lower "
-            "control_max_connections)"
+        problem = (
+            f"the daemon needs {needed} file descriptors for its connections and devices, but may open at "
+            f"most {hard} (raise LimitNOFILE= in the unit, or lower control_max_connections)"
         )
+        raise DescriptorLimitError(str(with_line(ConfigError(source, "daemon.control_max_connections", problem))))
     limits.setrlimit(limits.RLIMIT_NOFILE, (needed, hard))
     return needed
 

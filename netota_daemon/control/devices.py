@@ -20,11 +20,11 @@ class DeviceEndpoints:
 
     def routes(self) -> list[Route]:
         return [
-            Route(("devices",), {"GET": self.list}),
+            Route(("devices",), {"GET": self.list_devices}),
             Route(("devices", "probe"), {"POST": self.probe}),
         ]
 
-    def list(self, request: ApiRequest) -> Answer:
+    def list_devices(self, request: ApiRequest) -> Answer:
         request.query(())
         return Answer({"devices": self.registry.to_json()})
 

@@ -28,13 +28,13 @@ class JobEndpoints:
 
     def routes(self) -> list[Route]:
         return [
-            Route(("jobs",), {"GET": self.list, "POST": self.start}),
+            Route(("jobs",), {"GET": self.list_jobs, "POST": self.start}),
             Route(("jobs", "{job}"), {"GET": self.show}),
             Route(("jobs", "{job}", "cancel"), {"POST": self.cancel}),
             Route(("jobs", "{job}", "resume"), {"POST": self.resume}),
         ]
 
-    async def list(self, request: ApiRequest) -> Answer:
+    async def list_jobs(self, request: ApiRequest) -> Answer:
         query = request.query(("device", "limit", "cursor"))
         limit = DEFAULT_PAGE
         if "limit" in query:
