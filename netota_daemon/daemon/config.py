@@ -134,7 +134,7 @@ _DEVICE_KEYS: dict[str, _Spec] = {
     "source_address": _STRING,
     "reconnect_command": _STRING,
     "expected_ssid": _STRING,
-    "ftp_port": _INT,
+    "ftp_port": _Spec((int,), "an integer"),
     "ftp_user": _STRING,
     "ftp_password": _STRING,
 }

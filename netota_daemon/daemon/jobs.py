@@ -59,8 +59,12 @@ class EngineJob(Protocol):
     """What the queue needs of an engine job (``netota_daemon.engine.job.UpgradeJob``)."""
 
     events: EventPublisher[JobEvent]
-    phase: Phase
-    point_of_no_return: bool
+
+    @property
+    def phase(self) -> Phase: ...
+
+    @property
+    def point_of_no_return(self) -> bool: ...
 
     def run(self) -> Deferred[Outcome]: ...
 
