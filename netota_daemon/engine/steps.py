@@ -232,6 +232,8 @@ class JobSteps:
                 "requests": result.requests,
                 "bad_headers": result.bad_headers,
                 "all_size": result.all_size,
+                "stop_sent": result.stop_sent,
+                "receive_timeouts": result.receive_timeouts,
             }
         )
         log.info(
