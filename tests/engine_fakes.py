@@ -397,7 +397,9 @@ class FakeLink:
         self.open_sessions: set[Any] = set()
         self.hooks: list[dict[str, str]] = []
         self.ota_phases: list[int] = []
+        self.streamed_images: list[Any] = []
         self.upload_settings: list[FtpUploadSettings] = []
+        self.uploaded_images: list[Any] = []
         self.upload_resets: list[float] = []  # when an upload was cancelled (its data connection reset)
 
     def record(self, what: str, **detail: Any) -> None:
@@ -454,6 +456,7 @@ class FakeLink:
     def connect_ota(
         self,
         timeout: float,
+        image: Any,
         settings: StreamSettings,
         on_progress: Callable[[StreamProgress], None],
         on_all_size: Callable[[int], None],
@@ -463,6 +466,7 @@ class FakeLink:
         plans = device.phase2 if phase == 2 else device.phase1
         plan = plans.popleft() if len(plans) > 1 else plans[0]
         self.ota_phases.append(phase)
+        self.streamed_images.append(image)
         self.settings = settings
         return self._connect("ota", lambda: FakeStream(self, phase, plan, on_progress, on_all_size))
 
@@ -486,13 +490,14 @@ class FakeLink:
 
 
 def _upload(
-    link: FakeLink, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
+    link: FakeLink, image: Any, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
 ) -> defer.Deferred[UploadResult]:
     device = link.device
     clock = device.clock
     plans = device.uploads
     plan = plans.popleft() if len(plans) > 1 else plans[0]
     link.upload_settings.append(settings)
+    link.uploaded_images.append(image)
     link.record("upload", mode=device.mode.value)
     total = IMAGE_SIZE
     timers: list[Any] = []

@@ -217,3 +217,46 @@ def test_a_downgrade_is_said_plainly_before_it_starts(tmp_path):
     assert outcome.kind is OutcomeKind.SUCCEEDED
     notes = [e.message for e in world.events if isinstance(e, PhaseChanged) and e.phase is Phase.DETECT]
     assert "downgrade: the device runs firmware 1.0.0, the image is version 0.9.0" in notes
+
+
+# -- a rack of both kinds: one job, several images --------------------------------------------------
+
+
+def job_with(tmp_path, world: World, *images: bytes) -> UpgradeJob:
+    paths = []
+    for index, data in enumerate(images):
+        path = tmp_path / f"image-{index}.bin"
+        path.write_bytes(data)
+        paths.append(FirmwareImage(path))
+    return UpgradeJob(world.clock, TARGET, paths, UpgradeTimeouts(), "job-1", link=world.link)
+
+
+@pytest.mark.parametrize("ota_type", ["0", "1"])
+def test_with_one_image_of_each_kind_the_job_sends_the_devices_own(tmp_path, ota_type):
+    world = World(tmp_path, image_bytes_of("double"), ota_type=ota_type)
+    job = job_with(
+        tmp_path, world, image_bytes_of("single", version="2.1.0"), image_bytes_of("double", version="2.2.0")
+    )
+    outcome = run_to_end(world.clock, job)
+    assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
+    sent = world.link.uploaded_images if ota_type == "0" else world.link.streamed_images
+    assert {image.path.name for image in sent} == {"image-1.bin" if ota_type == "0" else "image-0.bin"}
+    assert outcome.details["image"].endswith("image-1.bin" if ota_type == "0" else "image-0.bin")
+
+
+def test_two_images_of_the_devices_kind_are_ambiguous_and_nothing_is_sent(tmp_path):
+    world = World(tmp_path, image_bytes_of("double"))
+    job = job_with(
+        tmp_path, world, image_bytes_of("double", version="2.1.0"), image_bytes_of("double", version="2.2.0")
+    )
+    outcome = run_to_end(world.clock, job)
+    assert outcome.kind is OutcomeKind.NOT_APPLICABLE and "more than one" in outcome.message
+    assert world.link.names() == ["fetch"]
+
+
+def test_none_of_the_devices_kind_is_refused_naming_each_image(tmp_path):
+    world = World(tmp_path, image_bytes_of("double"))
+    job = job_with(tmp_path, world, image_bytes_of("single"), image_bytes_of("single", version="2.2.0"))
+    outcome = run_to_end(world.clock, job)
+    assert outcome.kind is OutcomeKind.NOT_APPLICABLE
+    assert "image-0.bin is simulator test image, single backup" in outcome.message and world.link.names() == ["fetch"]

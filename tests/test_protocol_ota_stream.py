@@ -403,3 +403,14 @@ def test_the_final_notice_and_ok_are_told_as_device_work_then_done(image):
     assert s.progress[-1].activity is DeviceActivity.FINISHING
     s.send(Status.OK, percent=100)
     assert s.progress[-1].ok
+
+
+def test_the_result_counts_every_receive_timeout_and_says_stop_was_sent(image):
+    s = Session(image, receive_timeout=5.0, max_receive_timeouts=10)
+    s.send(Status.READ, seek=0, size=10)
+    s.clock.pump([5.0] * 3)  # three timeouts, then a header resets the run but not the count
+    s.send(Status.READ, seek=10, size=10)
+    s.clock.pump([5.0] * 11)
+    s.close_from_app_side()
+    (result,) = s.results
+    assert (result.end, result.receive_timeouts, result.stop_sent) == (StreamEnd.TIMEOUT, 14, True)

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from netota_daemon.engine.outcome import FailureClass, Phase, UpgradeFailed
 from netota_daemon.engine.steps import JobSteps, RouteEnd
+from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ftp_upload import UploadEnd, UploadResult
 
 log = Logger()
@@ -38,7 +39,7 @@ def upload_backoff() -> Callable[[int], float]:
     return backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=lambda: 0.0)
 
 
-async def upgrade_double_backup(steps: JobSteps, image_size: int) -> RouteEnd:
+async def upgrade_double_backup(steps: JobSteps, image: FirmwareImage) -> RouteEnd:
     steps.set_phase(Phase.UPLOAD, f"FTP upload to port {steps.target.ftp_port} into the device's second bank")
     facts = steps.facts
     delay = upload_backoff()
@@ -52,7 +53,7 @@ async def upgrade_double_backup(steps: JobSteps, image_size: int) -> RouteEnd:
                 f"attempt {facts.upload_attempts}: the upload starts again from the beginning "
                 f"(the last attempt: {facts.last_problem})",
             )
-        result = await steps.upload(image_size)
+        result = await steps.upload(image)
         facts.uploads.append(
             {
                 "end": result.end.value,

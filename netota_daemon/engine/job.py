@@ -20,6 +20,7 @@ becomes an :class:`Outcome`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -56,28 +57,28 @@ log = Logger()
 __all__ = ["JobFacts", "UpgradeJob", "default_link"]
 
 
-def default_link(
-    reactor: Any, target: DeviceTarget, image: FirmwareImage, log_context: dict[str, Any]
-) -> TwistedDeviceLink:
+def default_link(reactor: Any, target: DeviceTarget, log_context: dict[str, Any]) -> TwistedDeviceLink:
     """The real link to ``target``: sockets through its interface and source address."""
     connector = DeviceConnector(reactor, target.host, target.interface, target.source_address)
     ports = DevicePorts(ctp=target.ctp_port, http=target.http_port, ota=target.ota_port, ftp=target.ftp_port)
-    return TwistedDeviceLink(reactor, connector, ports, image, log_context)
+    return TwistedDeviceLink(reactor, connector, ports, log_context)
 
 
 class UpgradeJob:
     """One upgrade of one device. See the module docstring.
 
     ``reactor`` is the job's clock (``IReactorTime``); the default link also uses it for its
-    connections and processes. ``verify_only`` resumes a job that ended while its device rebooted
-    into the new firmware: the image is on the device, so only the version is read back.
+    connections and processes. ``image`` is one image, or several (for a rack of both kinds of
+    build: the job takes the one of its device's kind, see :meth:`_choose_image`). ``verify_only``
+    resumes a job that ended while its device rebooted into the new firmware: the image is on the
+    device, so only the version is read back.
     """
 
     def __init__(
         self,
         reactor: IReactorTime,
         target: DeviceTarget,
-        image: FirmwareImage,
+        image: FirmwareImage | Sequence[FirmwareImage],
         timeouts: UpgradeTimeouts,
         job_id: str,
         log_context: dict[str, Any] | None = None,
@@ -87,7 +88,10 @@ class UpgradeJob:
     ) -> None:
         self.clock = reactor
         self.target = target
-        self.image = image
+        self.images: tuple[FirmwareImage, ...] = (image,) if isinstance(image, FirmwareImage) else tuple(image)
+        if not self.images:
+            raise ValueError("an upgrade job needs an image")
+        self.image = self.images[0]  # the one it sends, once chosen
         self.timeouts = timeouts
         self.job_id = job_id
         self.verify_only = verify_only
@@ -97,7 +101,7 @@ class UpgradeJob:
         self.outcome: Outcome | None = None
         self.steps = JobSteps(
             reactor,
-            link or default_link(reactor, target, image, self.log_context),
+            link or default_link(reactor, target, self.log_context),
             target,
             timeouts,
             behaviour or UpgradeBehaviour(),
@@ -204,14 +208,14 @@ class UpgradeJob:
         # The loader's fixed document always says 1.0.1: it tells nothing of the installed firmware.
         self.facts.version_before = None if description.in_loader else description.firmware_version
         self.facts.route = Route.SINGLE_BACKUP if description.single_backup else Route.DOUBLE_BACKUP
-        refusal = self._image_refusal(description)
+        refusal = self._choose_image(description)
         if refusal is not None:
             return refusal
         self._tell_downgrade()
         if self.facts.route is Route.SINGLE_BACKUP:
-            end = await upgrade_single_backup(steps, description)
+            end = await upgrade_single_backup(steps, description, self.image)
         else:
-            end = await upgrade_double_backup(steps, self.image.size)
+            end = await upgrade_double_backup(steps, self.image)
         if end is RouteEnd.ALREADY_CURRENT:
             steps.set_phase(Phase.DONE, "the device already runs this firmware")
             return self._outcome(
@@ -221,26 +225,41 @@ class UpgradeJob:
             )
         return await self._verify_outcome()
 
-    def _image_refusal(self, description: DeviceDescription) -> Outcome | None:
-        """An outcome when the image must not go to this device (nothing is sent), else None."""
-        info = self.image.kind
+    def _choose_image(self, description: DeviceDescription) -> Outcome | None:
+        """Pick the image to send (``self.image``), or the outcome that refuses them all (nothing is
+        sent then). One image: it is sent unless its kind is known and is not the device's. Several:
+        the one of the device's kind; else the one of unknown kind; else none."""
         route = self.facts.route
         wanted = FirmwareKind.SINGLE_BACKUP if route is Route.SINGLE_BACKUP else FirmwareKind.DOUBLE_BACKUP
+        build = f"a {route.value.replace('_', '-')} build (ota_type {description.ota_type or 'absent'})"
+        matching = [i for i in self.images if i.kind.kind is wanted]
+        unknown = [i for i in self.images if i.kind.kind is FirmwareKind.UNKNOWN]
+        if len(matching) > 1 or (not matching and len(unknown) > 1):
+            names = ", ".join(i.path.name for i in (matching or unknown))
+            return self._outcome(
+                OutcomeKind.NOT_APPLICABLE,
+                f"more than one of the images could be for {build}: {names}; give one of each kind",
+                Happened.NOT_APPLICABLE,
+            )
+        candidates = matching or unknown
+        if not candidates:
+            described = "; ".join(f"{i.path.name} is {i.kind.description}" for i in self.images)
+            return self._outcome(
+                OutcomeKind.NOT_APPLICABLE,
+                f"the device runs {build}, but {described}: single- and double-backup images can't "
+                "cross-upgrade; nothing was sent",
+                Happened.NOT_APPLICABLE,
+            )
+        chosen = self.image = candidates[0]
+        info = chosen.kind
+        if len(self.images) > 1:
+            log.info("sending {name} to {build}", name=chosen.path.name, build=build, **self.log_context)
         if info.kind is FirmwareKind.UNKNOWN:
             log.warn(
                 "the image's kind can't be told from its bytes ({description}): sending it as a {route} image",
                 description=info.description,
                 route=route.value.replace("_", "-"),
                 **self.log_context,
-            )
-            return None
-        build = f"a {route.value.replace('_', '-')} build (ota_type {description.ota_type or 'absent'})"
-        if info.kind is not wanted:
-            return self._outcome(
-                OutcomeKind.NOT_APPLICABLE,
-                f"the image is {info.description}, but the device runs {build}: single- and double-backup "
-                "images can't cross-upgrade; nothing was sent",
-                Happened.NOT_APPLICABLE,
             )
         if info.intact is False:
             return self._failed(

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from twisted.internet import defer
 
+from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ftp_upload import FtpUploadSettings, UploadProgress, UploadResult
 from netota_daemon.protocols.ota_stream import StreamProgress, StreamSettings
 from netota_daemon.protocols.reconnect_hook import HookResult
@@ -49,11 +50,12 @@ class DeviceLink(Protocol):
     def connect_ota(
         self,
         timeout: float,
+        image: FirmwareImage,
         settings: StreamSettings,
         on_progress: Callable[[StreamProgress], None],
         on_all_size: Callable[[int], None],
     ) -> defer.Deferred[OtaSession]:
-        """One connection attempt to the OTA port (3335); the stream then serves the job's image."""
+        """One connection attempt to the OTA port (3335); the stream then serves ``image``."""
         ...
 
     def run_hook(self, command: str, env: Mapping[str, str], timeout: float) -> defer.Deferred[HookResult]:
@@ -61,8 +63,8 @@ class DeviceLink(Protocol):
         ...
 
     def upload(
-        self, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
+        self, image: FirmwareImage, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
     ) -> defer.Deferred[UploadResult]:
-        """Double backup: one FTP upload of the job's image to the device's FTP port; cancelling it
+        """Double backup: one FTP upload of ``image`` to the device's FTP port; cancelling it
         resets the data connection (an RST burns nothing) and never sends ABOR."""
         ...

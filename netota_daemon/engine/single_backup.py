@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from netota_daemon.engine.outcome import FailureClass, Phase, UpgradeFailed
 from netota_daemon.engine.retry import RetriesExhausted
 from netota_daemon.engine.steps import JobSteps, RouteEnd
+from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.endpoints import connection_error_message
 from netota_daemon.protocols.ota_stream import StreamEnd, StreamResult
 from netota_daemon.wire.description import DeviceDescription
@@ -24,19 +25,19 @@ from netota_daemon.wire.description import DeviceDescription
 log = Logger()
 
 
-async def upgrade_single_backup(steps: JobSteps, description: DeviceDescription) -> RouteEnd:
+async def upgrade_single_backup(steps: JobSteps, description: DeviceDescription, image: FirmwareImage) -> RouteEnd:
     """Both phases (or phase 2 alone when the device is already in its loader)."""
     if description.in_loader:
         log.info("the device is already in its update loader: resuming at phase 2", **steps.log_context)
     else:
-        if await _phase1(steps) is StreamEnd.SAME:
+        if await _phase1(steps, image) is StreamEnd.SAME:
             return RouteEnd.ALREADY_CURRENT
         await _wait_for_loader(steps)
-    await _phase2(steps)
+    await _phase2(steps, image)
     return RouteEnd.UPGRADED
 
 
-async def _phase1(steps: JobSteps) -> StreamEnd:
+async def _phase1(steps: JobSteps, image: FirmwareImage) -> StreamEnd:
     steps.set_phase(Phase.PHASE1, "main firmware: NET_OTA_SINGLE, then the first stream")
     ctp = await steps.open_ctp()
     try:
@@ -48,7 +49,7 @@ async def _phase1(steps: JobSteps) -> StreamEnd:
                 f"the device refused NET_OTA_SINGLE (status {status!r}): it can't start a single-backup upgrade",
             )
         ctp.start_keepalive(steps.timeouts.keepalive_interval)
-        result = await steps.stream(Phase.PHASE1)
+        result = await steps.stream(Phase.PHASE1, image)
         steps.facts.phase1_completed = result.end is StreamEnd.OK  # the device now reboots into its loader
     finally:
         await steps.close_ctp(ctp)
@@ -76,7 +77,7 @@ async def _wait_for_loader(steps: JobSteps) -> None:
         ) from None
 
 
-async def _phase2(steps: JobSteps) -> None:
+async def _phase2(steps: JobSteps, image: FirmwareImage) -> None:
     steps.set_phase(Phase.PHASE2, "update loader: the second stream rewrites flash")
     facts = steps.facts
     errors_left = steps.behaviour.phase2_error_retries
@@ -91,7 +92,7 @@ async def _phase2(steps: JobSteps) -> None:
                 f"(the last attempt: {facts.last_problem})",
             )
         try:
-            result = await _phase2_attempt(steps)
+            result = await _phase2_attempt(steps, image)
         except UpgradeFailed as e:
             if e.failure not in (FailureClass.CONNECTION, FailureClass.TIMEOUT):
                 raise
@@ -128,7 +129,7 @@ async def _phase2(steps: JobSteps) -> None:
         await steps.sleep(steps.timeouts.poll_interval)
 
 
-async def _phase2_attempt(steps: JobSteps) -> StreamResult:
+async def _phase2_attempt(steps: JobSteps, image: FirmwareImage) -> StreamResult:
     ctp = await steps.open_ctp()
     try:
         await steps.ctp_step(ctp.app_access(steps.timeouts.ctp_reply), "APP_ACCESS")
@@ -158,7 +159,7 @@ async def _phase2_attempt(steps: JobSteps) -> StreamResult:
             f"expected the update loader (ota_type 1, ota_step 1), the device answered ota_type "
             f"{description.ota_type!r} ota_step {description.ota_step!r}",
         )
-    return await steps.stream(Phase.PHASE2)
+    return await steps.stream(Phase.PHASE2, image)
 
 
 def stream_failure_class(end: StreamEnd) -> FailureClass:

@@ -28,6 +28,7 @@ from netota_daemon.engine.outcome import FailureClass, Phase, Route, UpgradeFail
 from netota_daemon.engine.progress import ProgressMeter
 from netota_daemon.engine.retry import RetriesExhausted, retry_until_deadline
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
+from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ctp_client import CtpConnectionLost, CtpErrorReply, CtpReplyTimeout
 from netota_daemon.protocols.description_fetch import DescriptionFetchError
 from netota_daemon.protocols.endpoints import RETRYABLE_ERRORS, connection_error_message
@@ -201,7 +202,7 @@ class JobSteps:
             raise UpgradeFailed(FailureClass.PROTOCOL_ERROR, f"{what}: {e}") from None
 
     # -- the OTA stream and the upload ---------------------------------------------------------
-    async def stream(self, phase: Phase) -> StreamResult:
+    async def stream(self, phase: Phase, image: FirmwareImage) -> StreamResult:
         settings = StreamSettings(
             first_header_timeout=self.timeouts.ota_accept,
             receive_timeout=self.timeouts.receive,
@@ -215,7 +216,7 @@ class JobSteps:
 
         stream = await self.connect(
             lambda timeout: self.link.connect_ota(
-                timeout, settings, on_progress, lambda size: self._on_all_size(phase, size)
+                timeout, image, settings, on_progress, lambda size: self._on_all_size(phase, size)
             ),
             f"connecting to the OTA port {self.target.ota_port}",
             on_late=lambda late: late.abort(StreamEnd.ABORTED, "the job is stopping"),
@@ -231,6 +232,8 @@ class JobSteps:
                 "requests": result.requests,
                 "bad_headers": result.bad_headers,
                 "all_size": result.all_size,
+                "stop_sent": result.stop_sent,
+                "receive_timeouts": result.receive_timeouts,
             }
         )
         log.info(
@@ -253,8 +256,8 @@ class JobSteps:
                 **self.log_context,
             )
 
-    async def upload(self, total: int) -> UploadResult:
-        """One FTP upload of the image (double backup); a stop resets its data connection."""
+    async def upload(self, image: FirmwareImage) -> UploadResult:
+        """One FTP upload of ``image`` (double backup); a stop resets its data connection."""
         target, timeouts = self.target, self.timeouts
         settings = FtpUploadSettings(
             user=target.ftp_user,
@@ -264,6 +267,7 @@ class JobSteps:
             final_reply_timeout=timeouts.ftp_final_reply,
         )
         meter = self.meters[Phase.UPLOAD]
+        total = image.size
         started = self.clock.seconds()
 
         def on_progress(progress: UploadProgress) -> None:
@@ -275,7 +279,7 @@ class JobSteps:
                 )
             )
 
-        uploading = self.link.upload(settings, on_progress)
+        uploading = self.link.upload(image, settings, on_progress)
         self.uploads.add(uploading)
         try:
             result = await self.wait(uploading)

@@ -53,13 +53,11 @@ class TwistedDeviceLink:
         reactor: Any,
         connector: DeviceConnector,
         ports: DevicePorts,
-        image: FirmwareImage,
         log_context: dict[str, Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.connector = connector
         self.ports = ports
-        self.image = image
         self.log_context = dict(log_context or {})
 
     @property
@@ -86,12 +84,13 @@ class TwistedDeviceLink:
     def connect_ota(
         self,
         timeout: float,
+        image: FirmwareImage,
         settings: StreamSettings,
         on_progress: Callable[[StreamProgress], None],
         on_all_size: Callable[[int], None],
     ) -> defer.Deferred[OtaSession]:
         factory = OtaStreamFactory(
-            image=self.image,
+            image=image,
             clock=self._clock,
             settings=settings,
             on_progress=on_progress,
@@ -107,8 +106,6 @@ class TwistedDeviceLink:
         return run_hook(self.reactor, self._clock, command, env, timeout)
 
     def upload(
-        self, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
+        self, image: FirmwareImage, settings: FtpUploadSettings, on_progress: Callable[[UploadProgress], None]
     ) -> defer.Deferred[UploadResult]:
-        return upload_image(
-            self.connector, self.ports.ftp, self.image, settings, self._clock, on_progress, self.log_context
-        )
+        return upload_image(self.connector, self.ports.ftp, image, settings, self._clock, on_progress, self.log_context)

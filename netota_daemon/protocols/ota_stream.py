@@ -104,6 +104,7 @@ class StreamResult:
     bad_headers: int = 0
     device_percent: int = 0
     stop_sent: bool = False
+    receive_timeouts: int = 0  # every receive timeout of the session (not only the last run of them)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ class OtaStreamProtocol(Protocol):
         self.all_size = 0
         self.device_percent = 0
         self.stop_sent = False
+        self.receive_timeouts = 0
         self.furthest = 0
         self.activity: DeviceActivity | None = DeviceActivity.STARTING
         self._served_after_all_size = 0
@@ -395,6 +397,7 @@ class OtaStreamProtocol(Protocol):
             )
             return
         self._timeouts += 1
+        self.receive_timeouts += 1
         log.info(
             "OTA receive timeout {count}/{limit}",
             count=self._timeouts,
@@ -422,6 +425,7 @@ class OtaStreamProtocol(Protocol):
             bad_headers=self.bad_headers,
             device_percent=self.device_percent,
             stop_sent=self.stop_sent,
+            receive_timeouts=self.receive_timeouts,
         )
 
     def _finish(self, end: StreamEnd, message: str) -> None:
