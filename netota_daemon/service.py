@@ -10,6 +10,7 @@ socket listens; READY is sent once it listens; on stop, STOPPING is sent, runnin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,20 +18,28 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from netota_daemon import __version__
 from netota_daemon.control.api import ControlApi
+from netota_daemon.control.firmware import FirmwareEndpoints
+from netota_daemon.control.metrics_page import MetricsPage
+from netota_daemon.control.web import HttpRoot
 from netota_daemon.daemon.config import ConfigError, DaemonConfig, with_line
+from netota_daemon.daemon.firmware_catalog import FirmwareCatalog
 from netota_daemon.daemon.firmware_store import FirmwareStore
 from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
 from netota_daemon.daemon.journal import JobJournal, JobState, JournalError
 from netota_daemon.daemon.journal_thread import AsyncJournal, JournalExecutor, ThreadExecutor
+from netota_daemon.daemon.metrics import DaemonMetrics, QueueEventFeed
 from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.daemon.retention import JournalRetention
 from netota_daemon.daemon.systemd import SystemdNotifier, WatchdogService, watchdog_interval
+from netota_daemon.endpoint_strings import NETWORK_KINDS, is_loopback, split_endpoint, tcp_interface
 
 log = Logger()
 
@@ -102,7 +111,7 @@ class ControlListener(Service):
             # Start-up stops with one line naming the endpoint (twistd prints a SystemExit's message),
             # not a traceback from inside the reactor.
             raise SystemExit(
-                f"netota: can't listen on the control endpoint ({self.description}): {failures[0].getErrorMessage()}"
+                f"netota: can't listen on the {self.name} endpoint ({self.description}): {failures[0].getErrorMessage()}"
             )
 
     def _got_port(self, port: IListeningPort) -> IListeningPort:
@@ -151,6 +160,16 @@ class NetotaService(MultiService):
         )
         self.notifier = SystemdNotifier(environ)
         self.prober = DeviceProber(self.registry, reactor)
+        self.metrics = DaemonMetrics(
+            {name: device.target.interface for name, device in config.devices.items()},
+            __version__,
+            start_time=reactor.seconds(),
+        )
+        self.queue.subscribe(QueueEventFeed(self.metrics, reactor))
+        self.journal_store.on_write = self.metrics.journal_write
+        self.catalog = FirmwareCatalog(
+            config.firmware_dir, in_use=self._firmware_in_use, max_upload=config.firmware_max_upload
+        )
         self.control = ControlApi(
             self.queue,
             self.registry,
@@ -159,24 +178,23 @@ class NetotaService(MultiService):
             token=config.control_token,
             idle_timeout=config.control_idle_timeout,
             max_connections=config.control_max_connections,
+            firmware=FirmwareEndpoints(self.catalog, self._run_blocking),
+            metrics=self.metrics,
         )
         self.streams = self.control.streams
-        site = self.control.site
-        try:
-            endpoint = serverFromString(reactor, config.control)  # type: ignore[no-untyped-call]
-        except (IndexError, KeyError) as e:
-            raise ControlEndpointError(
-                f"{config.source}: daemon.control: {config.control!r}: systemd passed no such socket "
-                f"(LISTEN_FDS/LISTEN_FDNAMES; is the daemon started by its .socket unit?): {e!r}"
-            ) from None
-        except ValueError as e:
-            raise ControlEndpointError(
-                f"{config.source}: daemon.control: {config.control!r} can't be used: {e}"
-            ) from None
-        self.listener = ControlListener(
-            endpoint, site, self._listening, f"{config.source}: daemon.control: {config.control}"
-        )
+        self.metrics.subscribers.set_function(lambda: len(self.streams))
+        self.listener = self._listener("control", config.control, self.control.site, self._listening)
         self.listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if config.web is not None:
+            self._listener("web", config.web, self.control.make_site(dashboard=True)).setServiceParent(self)  # type: ignore[no-untyped-call]
+        if config.metrics is not None:
+            # Only /metrics; the token is asked for where the endpoint can be reached from the network.
+            kind, args, kwargs = split_endpoint(config.metrics)
+            remote = kind in NETWORK_KINDS and not is_loopback(tcp_interface(args, kwargs))
+            page = MetricsPage(self.metrics, config.control_token if remote else None)
+            site = Site(HttpRoot(None, page))
+            site.displayTracebacks = False
+            self._listener("metrics", config.metrics, site).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.retention = JournalRetention(
             self.journal, config.journal_retention_days, config.journal_retention_jobs, reactor
         )
@@ -184,6 +202,38 @@ class NetotaService(MultiService):
         interval = watchdog_interval(environ)
         if interval is not None:
             WatchdogService(self.notifier, interval, reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _listener(
+        self, key: str, description: str, site: Any, on_listening: Callable[[IListeningPort], None] | None = None
+    ) -> ControlListener:
+        config = self.config
+        try:
+            endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        except (IndexError, KeyError) as e:
+            raise ControlEndpointError(
+                f"{config.source}: daemon.{key}: {description!r}: systemd passed no such socket "
+                f"(LISTEN_FDS/LISTEN_FDNAMES; is the daemon started by its .socket unit?): {e!r}"
+            ) from None
+        except ValueError as e:
+            raise ControlEndpointError(f"{config.source}: daemon.{key}: {description!r} can't be used: {e}") from None
+
+        def listening(port: IListeningPort) -> None:
+            address = port.getHost()
+            where = f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
+            log.info("netota: {key} endpoint listening on {where}", key=key, where=where)
+            if on_listening is not None:
+                on_listening(port)
+
+        listener = ControlListener(endpoint, site, listening, f"{config.source}: daemon.{key}: {description}")
+        listener.name = key
+        return listener
+
+    def _firmware_in_use(self) -> list[str]:
+        """The firmware file names queued and running jobs use (as the catalogue names them)."""
+        return [os.path.normpath(job["firmware"]) for job in self.queue.active_jobs()]
+
+    def _run_blocking(self, call: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)
 
     def _recover(self) -> None:
         """Before the control socket listens (on this thread: nothing else runs yet), bounded by the
@@ -200,11 +250,13 @@ class NetotaService(MultiService):
         for name in self.registry.names():
             last = next(iter(store.jobs(device=name, limit=1)), None)
             if last is not None:
-                self.registry.remember(
+                outcome = None if last.state is JobState.INTERRUPTED else last.outcome
+                version = store.last_firmware_version(name)
+                self.registry.remember(name, last.id, outcome, version)
+                self.metrics.device_changed(
                     name,
-                    last.id,
-                    None if last.state is JobState.INTERRUPTED else last.outcome,
-                    store.last_firmware_version(name),
+                    firmware_version=version,
+                    last_outcome=outcome.kind.value if outcome is not None else "interrupted",
                 )
 
     def privilegedStartService(self) -> None:
@@ -214,6 +266,8 @@ class NetotaService(MultiService):
         try:
             raise_file_limit(needed, self.config.source, self._file_limits)
             self._recover()
+            for name in self.catalog.remove_partials():
+                log.warn("removed {name}: an upload a crash left half written", name=name)
         except (JournalError, DescriptorLimitError) as e:  # one clear line, no traceback
             raise SystemExit(f"netota: {e}") from None
         super().privilegedStartService()  # type: ignore[no-untyped-call]

@@ -4,15 +4,22 @@ OpenAPI document, a dashboard page) are modules of their own, added to the resou
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IReactorTime
 
 from netota_daemon.control.channel import STREAM_RESERVE, ControlSite
 from netota_daemon.control.devices import DeviceEndpoints
 from netota_daemon.control.events import EventStreams
+from netota_daemon.control.firmware import FirmwareEndpoints, is_upload
 from netota_daemon.control.jobs import JobEndpoints
+from netota_daemon.control.metrics_page import MetricsPage
+from netota_daemon.control.openapi import OpenApiEndpoints
 from netota_daemon.control.routing import ControlResource
 from netota_daemon.control.status import StatusEndpoints
+from netota_daemon.control.web import HttpRoot, load_assets
 from netota_daemon.daemon.jobs import JobQueue
+from netota_daemon.daemon.metrics import DaemonMetrics
 from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
 
@@ -27,17 +34,33 @@ class ControlApi:
         token: str | None = None,
         idle_timeout: float = 60.0,
         max_connections: int = 256,
+        firmware: FirmwareEndpoints | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
+        self.clock = clock
+        self.token = token
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self.streams = EventStreams(queue, registry, clock, max_streams=max(1, max_connections - STREAM_RESERVE))
         self.resource = ControlResource(token)
-        for group in (
-            StatusEndpoints(queue, registry),
-            DeviceEndpoints(registry, prober),
-            JobEndpoints(queue),
-            self.streams,
-        ):
+        groups: list[Any] = [StatusEndpoints(queue, registry), DeviceEndpoints(registry, prober), JobEndpoints(queue)]
+        groups += [self.streams, OpenApiEndpoints()]
+        if firmware is not None:
+            groups.append(firmware)
+        for group in groups:
             self.resource.add(group.routes())
-        self.site = ControlSite(self.resource, clock, idle_timeout, max_connections)
+        self.upload_limit = firmware.catalog.max_upload if firmware is not None else None
+        self.metrics_page = MetricsPage(metrics, token) if metrics is not None else None
+        self.site = self.make_site(dashboard=False)
+
+    def make_site(self, dashboard: bool) -> ControlSite:
+        """A site for one endpoint: the API and ``/metrics``, and the dashboard's page if asked
+        (``daemon.web``). Every site shares the API, its streams and its bounds."""
+        root = HttpRoot(self.resource, self.metrics_page, load_assets() if dashboard else None)
+        return ControlSite(root, self.clock, self.idle_timeout, self.max_connections, self._upload_limit)
+
+    def _upload_limit(self, method: bytes, path: bytes) -> int | None:
+        return self.upload_limit if self.upload_limit is not None and is_upload(method, path) else None
 
     @property
     def stopped(self) -> bool:

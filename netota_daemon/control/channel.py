@@ -18,6 +18,7 @@ new one is answered 503 and closed.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -45,18 +46,24 @@ _METHOD = re.compile(rb"[A-Z]{1,16}")
 
 
 class ControlRequest(Request):
-    """A request whose body is bounded while it arrives (a chunked body has no length up front)."""
+    """A request whose body is bounded while it arrives (a chunked body has no length up front).
+    ``body_limit`` is the API's :data:`MAX_BODY`, or the upload limit for a firmware upload."""
 
     _received = 0
+    body_limit = MAX_BODY
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        if self._received > MAX_BODY:
+        if self._received > self.body_limit:
             channel = self.channel
             if isinstance(channel, ControlChannel):
-                channel.refuse(ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes"))
+                channel.refuse(too_large(self.body_limit))
             return
         super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"the request body is larger than {limit} bytes")
 
 
 class ControlChannel(HTTPChannel):
@@ -141,9 +148,13 @@ class ControlChannel(HTTPChannel):
         self.refuse(ApiError(400, "bad_request", "a malformed HTTP request (request line, headers or length)"))
 
     def allHeadersReceived(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        limit = self.site.body_limit(self._command, self._path)  # this request's line, as HTTPChannel parsed it
+        if isinstance(request, ControlRequest):
+            request.body_limit = limit
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
-        if self.length is not None and self.length > MAX_BODY:
-            self.refuse(ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes"))
+        if self.length is not None and self.length > limit:
+            self.refuse(too_large(limit))
 
     def allContentReceived(self) -> None:
         if self._refused:
@@ -215,8 +226,10 @@ class ControlSite(Site):
         clock: IReactorTime,
         idle_timeout: float,
         max_connections: int,
+        upload_limit: Callable[[bytes, bytes], int | None] = lambda method, path: None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=clock)  # type: ignore[no-untyped-call]
+        self._upload_limit = upload_limit
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -234,6 +247,12 @@ class ControlSite(Site):
             self.channels.discard(victim)
             victim.evict()
         return super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+
+    def body_limit(self, method: bytes, path: bytes) -> int:
+        """The largest body a request with this method and path may carry: :data:`MAX_BODY`, or
+        what ``upload_limit`` allows for an upload."""
+        limit = self._upload_limit(method, path)
+        return MAX_BODY if limit is None else limit
 
     def channel_opened(self, channel: ControlChannel) -> None:
         self.channels.add(channel)

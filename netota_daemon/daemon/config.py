@@ -40,6 +40,8 @@ DEFAULT_RETENTION_DAYS = 365.0
 DEFAULT_RETENTION_JOBS = 100_000
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
+#: The largest firmware upload (PUT /v1/firmware/NAME) unless daemon.firmware_max_upload says otherwise.
+DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
 
 #: The longest any engine wait may be set to (a week); longer is a typo, and would overflow timers.
 MAX_SECONDS = 7 * 24 * 3600.0
@@ -88,6 +90,9 @@ class DaemonConfig:
     journal_retention_jobs: int = DEFAULT_RETENTION_JOBS  # at most this many jobs are kept (0: no count limit)
     control_idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # an idle or incomplete control connection is closed
     control_max_connections: int = DEFAULT_MAX_CONNECTIONS  # open control connections at once
+    web: str | None = None  # the dashboard's endpoint (and the API beside it), if any
+    metrics: str | None = None  # an endpoint serving only /metrics, if any
+    firmware_max_upload: int = DEFAULT_MAX_UPLOAD  # bytes a PUT /v1/firmware/NAME may carry
     timeouts: UpgradeTimeouts = field(default_factory=UpgradeTimeouts)
     behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
@@ -123,6 +128,9 @@ _DAEMON_KEYS: dict[str, _Spec] = {
     "journal_retention_jobs": _Spec((int,), "an integer", 0, 100_000_000),
     "control_idle_timeout": _Spec((int, float), "a number", 0, 86400, above=True, unit=" seconds"),
     "control_max_connections": _Spec((int,), "an integer", 16, 65536),
+    "web": _STRING,
+    "metrics": _STRING,
+    "firmware_max_upload": _Spec((int,), "an integer", 1024, 4 * 1024**3, unit=" bytes"),
 }
 
 _DEVICE_KEYS: dict[str, _Spec] = {
@@ -349,15 +357,15 @@ def _parse_device(
     return DeviceConfig(target=DeviceTarget(name=name, **values), timeouts=device_timeouts, behaviour=device_behaviour)
 
 
-def check_control_endpoint(source: str, description: str, token: str | None) -> str:
+def check_control_endpoint(source: str, description: str, token: str | None, key: str = "daemon.control") -> str:
     """The control endpoint to listen on, checked with the parser the daemon listens with. A UNIX
     socket without ``mode=`` gets ``mode=660``; UNIX and TCP sockets get a listen backlog of
     DEFAULT_BACKLOG unless the string sets one. A TCP endpoint (or any other network one) is refused
     unless it binds loopback or a bearer token is configured: the control API can reflash every
-    device."""
-    key = "daemon.control"
+    device. ``key``: the config key it came from (``daemon.web`` and ``daemon.metrics`` follow the
+    same rule)."""
     kind, args, kwargs = split_endpoint(description)
-    _check_control_access(source, description, token)
+    _check_control_access(source, description, token, key)
     problem = server_endpoint_problem(description)
     if problem is not None:
         raise ConfigError(source, key, f"{description!r} is not a usable endpoint string: {problem}")
@@ -369,11 +377,10 @@ def check_control_endpoint(source: str, description: str, token: str | None) -> 
     return description
 
 
-def _check_control_access(source: str, description: str, token: str | None) -> None:
+def _check_control_access(source: str, description: str, token: str | None, key: str) -> None:
     """Without a token, only endpoints a remote host can't reach."""
     if token is not None:
         return
-    key = "daemon.control"
     kind, args, kwargs = split_endpoint(description)
     if kind == "unix":
         return
@@ -392,7 +399,7 @@ def _check_control_access(source: str, description: str, token: str | None) -> N
             raise ConfigError(
                 source,
                 key,
-                f"{description!r} listens on {interface or 'every address'}: a TCP control endpoint must "
+                f"{description!r} listens on {interface or 'every address'}: a TCP endpoint must "
                 "bind loopback (interface=127.0.0.1) unless daemon.control_token is set",
             )
         return
@@ -459,6 +466,11 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
             raise ConfigError(source, "daemon.control_token", "must not be empty (leave it out instead)")
         check_token(source, token)
     control = check_control_endpoint(source, values["control"], token)
+    extra_endpoints: dict[str, str] = {}
+    for key in ("web", "metrics"):
+        if key in values:
+            check_text(source, f"daemon.{key}", values[key])
+            extra_endpoints[key] = check_control_endpoint(source, values[key], token, f"daemon.{key}")
 
     timeouts, behaviour = UpgradeTimeouts(), UpgradeBehaviour()
     if "behaviour" in data:
@@ -486,6 +498,9 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         journal_retention_jobs=values.get("journal_retention_jobs", DEFAULT_RETENTION_JOBS),
         control_idle_timeout=float(values.get("control_idle_timeout", DEFAULT_IDLE_TIMEOUT)),
         control_max_connections=values.get("control_max_connections", DEFAULT_MAX_CONNECTIONS),
+        web=extra_endpoints.get("web"),
+        metrics=extra_endpoints.get("metrics"),
+        firmware_max_upload=values.get("firmware_max_upload", DEFAULT_MAX_UPLOAD),
         timeouts=timeouts,
         behaviour=behaviour,
         devices=devices,

@@ -40,7 +40,7 @@ PARTIAL_PREFIX = ".upload-"
 
 
 class CatalogError(Exception):
-    """A refusal: ``reason`` is ``bad_name``, ``not_found``, ``in_use``, ``too_large``, ``empty``,
+    """A refusal: ``reason`` is ``bad_name``, ``outside`` (a path that leaves firmware_dir), ``not_found``, ``in_use``, ``too_large``, ``empty``,
     ``exists`` or ``unavailable`` (the directory can't be written or read)."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -82,7 +82,7 @@ def check_name(name: Any) -> str:
     if len(encoded) > MAX_NAME_BYTES:
         raise CatalogError("bad_name", f"a firmware name has at most {MAX_NAME_BYTES} bytes")
     if "/" in name or "\\" in name or name in (".", ".."):
-        raise CatalogError("bad_name", f"firmware name {name[:80]!r} must be a plain file name (no directory, no '..')")
+        raise CatalogError("outside", f"firmware name {name[:80]!r} leaves firmware_dir: give a plain file name")
     if name.startswith("."):
         raise CatalogError("bad_name", f"firmware name {name[:80]!r} must not start with a dot")
     if any(not c.isprintable() for c in name):

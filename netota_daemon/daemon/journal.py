@@ -17,7 +17,7 @@ import enum
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -258,6 +258,8 @@ class JobJournal:
     def __init__(self, state_dir: str | Path, clock: IReactorTime | None = None) -> None:
         self.path = Path(state_dir) / JOURNAL_FILE
         self._clock = clock
+        #: Called (on the writing thread) with the seconds each committed write took: the metrics.
+        self.on_write: Callable[[float], None] | None = None
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             # Opened here, used on the journal's thread: one thread at a time, never two at once.
@@ -277,6 +279,7 @@ class JobJournal:
         return self._clock.seconds() if self._clock is not None else time.time()
 
     def _write(self, statements: Iterable[tuple[str, Any]]) -> None:
+        began = time.perf_counter()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -288,6 +291,8 @@ class JobJournal:
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
             raise JournalError(f"can't write the job journal {self.path}: {e}") from None
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - began)
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:

@@ -1,0 +1,89 @@
+"""The firmware endpoints: ``GET /v1/firmware`` (the catalogue of ``firmware_dir``),
+``GET /v1/firmware/NAME``, ``PUT /v1/firmware/NAME`` (upload) and ``DELETE /v1/firmware/NAME``.
+
+The catalogue's work (hashing, copying, fsync) blocks, so it runs through ``run_blocking`` (a thread
+in the daemon; inline in tests). An upload's body has arrived whole before the handler runs: the
+control channel bounds it to :data:`MAX_UPLOAD` bytes as it arrives, and Twisted keeps a body that
+large in an anonymous temporary file on disk, never in memory; the catalogue then copies it into
+``firmware_dir`` through a hidden temporary file that is fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from netota_daemon.control.errors import ApiError
+from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route
+from netota_daemon.daemon.firmware_catalog import CatalogError, FirmwareCatalog
+
+RunBlocking = Callable[[Callable[[], Any]], Deferred[Any]]
+
+#: What each refusal of the catalogue becomes: (HTTP status, error code).
+REFUSALS = {
+    "bad_name": (400, "bad_firmware_name"),
+    "outside": (403, "firmware_outside"),
+    "not_found": (404, "firmware_not_found"),
+    "in_use": (409, "firmware_in_use"),
+    "exists": (409, "firmware_exists"),
+    "too_large": (413, "too_large"),
+    "empty": (400, "firmware_invalid"),
+    "unavailable": (503, "firmware_dir_unavailable"),
+}
+
+
+def refusal(error: CatalogError) -> ApiError:
+    status, code = REFUSALS.get(error.reason, (400, "firmware_invalid"))
+    return ApiError(status, code, error.message)
+
+
+def is_upload(method: bytes, path: bytes) -> bool:
+    """Whether a request line is a firmware upload (its body may be up to the catalogue's limit)."""
+    return method.upper() == b"PUT" and path.split(b"?", 1)[0].startswith(f"/{API_PREFIX}/firmware/".encode())
+
+
+class FirmwareEndpoints:
+    def __init__(self, catalog: FirmwareCatalog, run_blocking: RunBlocking) -> None:
+        self.catalog = catalog
+        self.run_blocking = run_blocking
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(("firmware",), {"GET": self.list}),
+            Route(("firmware", "{name}"), {"GET": self.show, "PUT": self.upload, "DELETE": self.remove}),
+        ]
+
+    async def _run(self, call: Callable[[], Any]) -> Any:
+        try:
+            return await self.run_blocking(call)
+        except CatalogError as e:
+            raise refusal(e) from None
+
+    async def list(self, request: ApiRequest) -> Answer:
+        request.query(())
+        items = await self._run(self.catalog.list)
+        return Answer({"firmware": [item.to_json() for item in items]})
+
+    async def show(self, request: ApiRequest) -> Answer:
+        request.query(())
+        name = request.params["name"]
+        item = await self._run(lambda: self.catalog.get(name))
+        return Answer({"firmware": item.to_json()})
+
+    async def upload(self, request: ApiRequest) -> Answer:
+        request.query(())
+        name = request.params["name"]
+        body = request.request.content
+        if body is None:
+            raise ApiError(400, "firmware_invalid", "the upload has no body")
+        body.seek(0)
+        item = await self._run(lambda: self.catalog.add(name, body))
+        return Answer({"firmware": item.to_json()}, 201, {"location": f"/{API_PREFIX}/firmware/{name}"})
+
+    async def remove(self, request: ApiRequest) -> Answer:
+        request.query(())
+        name = request.params["name"]
+        item = await self._run(lambda: self.catalog.remove(name))
+        return Answer({"removed": item.to_json()})
