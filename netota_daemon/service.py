@@ -230,7 +230,7 @@ class NetotaService(MultiService):
 
     def _firmware_in_use(self) -> list[str]:
         """The firmware file names queued and running jobs use (as the catalogue names them)."""
-        return [os.path.normpath(job["firmware"]) for job in self.queue.active_jobs()]
+        return [os.path.normpath(name) for job in self.queue.active_jobs() for name in job["firmware_set"]]
 
     def _run_blocking(self, call: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)

@@ -122,6 +122,7 @@ SCHEMAS = {
             "id": {"type": "string"},
             "device": {"type": "string"},
             "firmware": {"type": "string"},
+            "firmware_set": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 4},
             "state": {"type": "string", "enum": ["queued", "running", "cancelling", "finished", "interrupted"]},
             "phase": PHASE,
             "point_of_no_return": {"type": "boolean"},
@@ -247,7 +248,17 @@ PATHS = {
             "summary": "start an upgrade",
             "requestBody": body(
                 obj(
-                    {"device": {"type": "string"}, "firmware": {"type": "string"}, "options": {"type": "object"}},
+                    {
+                        "device": {"type": "string"},
+                        "firmware": {
+                            "description": "one image, or one of each kind (the device is sent the one for its build)",
+                            "oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 4},
+                            ],
+                        },
+                        "options": {"type": "object"},
+                    },
                     ("device", "firmware"),
                     extra=False,
                 ),

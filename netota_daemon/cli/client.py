@@ -373,7 +373,8 @@ async def cmd_upgrade(client: Any, args: argparse.Namespace) -> int:
         if len(args.targets) < 2:
             raise ValueError("give DEVICE [DEVICE ...] FIRMWARE, or --all FIRMWARE")
         devices = list(dict.fromkeys(args.targets[:-1]))  # a device named twice gets one job
-    firmware = args.targets[-1]
+    also = list(dict.fromkeys(getattr(args, "also", None) or []))
+    firmware: str | list[str] = [args.targets[-1], *also] if also else args.targets[-1]
     options = _parse_options(args.option)
     if len(devices) > 1 or args.all:
         return await _upgrade_many(client, args, devices, firmware, options)
@@ -388,12 +389,13 @@ async def cmd_upgrade(client: Any, args: argparse.Namespace) -> int:
             print(outcome_line(job))
         return 0
     if not args.json:
-        sys.stderr.write(f"job {job['id']}: upgrading {job['device']} with {job['firmware']}\n")
+        images = " or ".join(job.get("firmware_set") or [job["firmware"]])
+        sys.stderr.write(f"job {job['id']}: upgrading {job['device']} with {images}\n")
     return await _follow_job(client, job["id"], args)
 
 
 async def _upgrade_many(
-    client: Any, args: argparse.Namespace, devices: list[str], firmware: str, options: dict[str, Any]
+    client: Any, args: argparse.Namespace, devices: list[str], firmware: str | list[str], options: dict[str, Any]
 ) -> int:
     """One job per device; with --wait, follow them all and print a summary. The exit code is 0 when
     every device succeeded (or was already current), else that of the first device, in the order
@@ -762,7 +764,10 @@ def add_parser(subparsers: Any) -> None:
         cmd_upgrade,
         draws=True,
     )
-    p.usage = "netota upgrade [options] DEVICE [DEVICE ...] FIRMWARE\n       netota upgrade [options] --all FIRMWARE"
+    p.usage = (
+        "netota upgrade [options] DEVICE [DEVICE ...] FIRMWARE [--also FIRMWARE]\n"
+        "       netota upgrade [options] --all FIRMWARE [--also FIRMWARE]"
+    )
     p.add_argument(
         "targets", nargs="+", metavar="DEVICE|FIRMWARE", help="the device name(s), then the firmware file name"
     )
@@ -779,6 +784,13 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="override one engine timeout for this job (e.g. deadline=600); repeatable",
+    )
+    p.add_argument(
+        "--also",
+        action="append",
+        metavar="FIRMWARE",
+        help="an image of the other kind: each device is sent the one for its build (single or double "
+        "backup), so one command upgrades a rack of both kinds; repeatable",
     )
 
     p = sub("jobs", "List jobs, newest first.", cmd_jobs)

@@ -21,6 +21,7 @@ STATUS_OF_REFUSAL: dict[RefusalKind, int] = {
     RefusalKind.FIRMWARE_OUTSIDE: 403,
     RefusalKind.FIRMWARE_NOT_FOUND: 404,
     RefusalKind.FIRMWARE_INVALID: 400,
+    RefusalKind.WRONG_IMAGE_KIND: 400,
     RefusalKind.JOURNAL_UNAVAILABLE: 503,
 }
 

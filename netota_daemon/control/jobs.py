@@ -51,8 +51,8 @@ class JobEndpoints:
     async def start(self, request: ApiRequest) -> Answer:
         request.query(())
         body = request.body(START_FIELDS, {"device", "firmware"})
-        for name in ("device", "firmware"):
-            field_of(body, name, str, "a string")
+        field_of(body, "device", str, "a string")
+        field_of(body, "firmware", (str, list), "a file name, or a list of file names (one image of each kind)")
         job = await self.queue.start(body["device"], body["firmware"], body.get("options"))
         return Answer({"job": job}, 201, {"location": f"/{API_PREFIX}/jobs/{job['id']}"})
 

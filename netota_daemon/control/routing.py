@@ -165,12 +165,12 @@ def _text(raw: bytes, what: str) -> str:
         raise ApiError(400, "bad_query", f"{what} is not UTF-8") from None
 
 
-def field_of(body: dict[str, Any], name: str, kind: type, what: str, default: Any = None) -> Any:
+def field_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, default: Any = None) -> Any:
     """``body[name]`` if it has type ``kind`` (a bool is never a number), else 400 ``bad_field``."""
     if name not in body:
         return default
     value = body[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # a bool is an int
         raise ApiError(400, "bad_field", f"{name} must be {what}")
     return value
 

@@ -42,6 +42,7 @@ from netota_daemon.engine.outcome import (
 )
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
+from netota_daemon.wire.firmware_kind import FirmwareKind
 
 log = Logger()
 
@@ -88,6 +89,7 @@ class RefusalKind(str, enum.Enum):
     FIRMWARE_OUTSIDE = "firmware_outside"  # the name leaves firmware_dir
     FIRMWARE_NOT_FOUND = "firmware_not_found"
     FIRMWARE_INVALID = "firmware_invalid"
+    WRONG_IMAGE_KIND = "wrong_image_kind"  # no image of the set fits the device's build (as its probe told it)
     JOURNAL_UNAVAILABLE = "journal_unavailable"  # the change could not be recorded, so it was not made
 
 
@@ -155,6 +157,52 @@ class JournalUnavailable(JobError):
     kind = RefusalKind.JOURNAL_UNAVAILABLE
 
 
+class WrongImageKind(JobError):
+    kind = RefusalKind.WRONG_IMAGE_KIND
+
+
+#: Images one job may be given (one of each kind is what a mixed rack needs).
+MAX_FIRMWARE_SET = 4
+#: A probed device's mode, as the build whose images it takes.
+BUILD_OF_MODE = {
+    "main": FirmwareKind.SINGLE_BACKUP,
+    "loader": FirmwareKind.SINGLE_BACKUP,
+    "double_backup": FirmwareKind.DOUBLE_BACKUP,
+}
+
+
+def firmware_set(firmware: Any) -> tuple[str, ...]:
+    """The names of a job's images: one name, or a list of 1..MAX_FIRMWARE_SET different names."""
+    names = [firmware] if isinstance(firmware, str) else firmware
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FirmwareInvalid("firmware must be a file name, or a list of file names (one image of each kind)")
+    if len(names) > MAX_FIRMWARE_SET:
+        raise FirmwareInvalid(f"a job takes at most {MAX_FIRMWARE_SET} images, not {len(names)}")
+    if len(set(names)) != len(names):
+        raise FirmwareInvalid("the same image is named twice")
+    return tuple(names)
+
+
+def check_image_kinds(names: tuple[str, ...], images: list[FirmwareImage], device_mode: str | None) -> None:
+    """Refuse, before anything is sent, a set with two images of one known kind (the engine could not
+    choose), and a set with nothing for the device's build when its probe told the build."""
+    seen: dict[FirmwareKind, str] = {}
+    for name, image in zip(names, images, strict=True):
+        kind = image.kind.kind
+        if kind is not FirmwareKind.UNKNOWN and kind in seen:
+            raise FirmwareInvalid(
+                f"{seen[kind]} and {name} are both {kind.value.replace('_', '-')} images: give one of each kind"
+            )
+        seen.setdefault(kind, name)
+    wanted = BUILD_OF_MODE.get(device_mode or "")
+    if wanted is not None and wanted not in seen and FirmwareKind.UNKNOWN not in seen:
+        kinds = ", ".join(f"{name} is {image.kind.description}" for name, image in zip(names, images, strict=True))
+        raise WrongImageKind(
+            f"the device runs a {wanted.value.replace('_', '-')} build (its last probe said {device_mode}), but {kinds}: "
+            "single- and double-backup images can't cross-upgrade; nothing was sent"
+        )
+
+
 def _firmware_error(e: FirmwareRefused) -> JobError:
     return {"outside": FirmwareNotAllowed, "not_found": FirmwareNotFound}.get(e.reason, FirmwareInvalid)(e.message)
 
@@ -192,7 +240,7 @@ class ActiveJob:
     """A queued or running job, in memory."""
 
     record: JobRecord
-    image: FirmwareImage
+    image: FirmwareImage | tuple[FirmwareImage, ...]  # one image, or the set the engine chooses from
     target: DeviceTarget
     timeouts: UpgradeTimeouts
     behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
@@ -403,7 +451,7 @@ class JobQueue:
     def start(
         self,
         device: str,
-        firmware: str,
+        firmware: str | list[str],
         options: Any = None,
         resumed_from: str | None = None,
         verify_only: bool = False,
@@ -413,7 +461,7 @@ class JobQueue:
         return self._track(self._start(device, firmware, options, resumed_from, verify_only))
 
     async def _start(
-        self, device: str, firmware: str, options: Any, resumed_from: str | None, verify_only: bool
+        self, device: str, firmware: Any, options: Any, resumed_from: str | None, verify_only: bool
     ) -> dict[str, Any]:
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
@@ -427,16 +475,22 @@ class JobQueue:
             state = active.record.state.value if active else "being created"
             raise DeviceBusy(f"device {device} is busy with job {busy} ({state})")
         checked = self._check_options(options)
+        names = firmware_set(firmware)
         try:
-            image = self._firmware.open(firmware)
+            images = [self._firmware.open(name) for name in names]
         except FirmwareRefused as e:
             raise _firmware_error(e) from None
-        device_config = self._registry.get(device).config
+        status = self._registry.get(device)
+        probe = status.probe or {}
+        check_image_kinds(names, images, probe.get("mode") if probe.get("ok") else None)
+        image: FirmwareImage | tuple[FirmwareImage, ...] = images[0] if len(images) == 1 else tuple(images)
+        device_config = status.config
         timeouts, behaviour = split_settings(checked, device_config.timeouts, device_config.behaviour)
         record = JobRecord(
             id=uuid.uuid4().hex[:12],
             device=device,
-            firmware=firmware,
+            firmware=names[0],
+            also=names[1:],
             created=self._reactor.seconds(),
             resumed_from=resumed_from,
             options=checked,
@@ -463,8 +517,8 @@ class JobQueue:
             "job {job} on {device}: accepted, firmware {firmware} ({size} bytes)",
             job=record.id,
             device=device,
-            firmware=firmware,
-            size=image.size,
+            firmware=", ".join(names),
+            size=sum(i.size for i in images),
         )
         self._registry.queued(device, record.id, self.position(record.id) or 0)
         self._events.publish(self._state_event(record))
@@ -503,7 +557,8 @@ class JobQueue:
                     f"would flash {record.firmware} over it; resume with force to do it anyway"
                 )
         verify_only = record.phase in (Phase.VERIFY, Phase.DONE)
-        started = await self._start(record.device, record.firmware, record.options, job_id, verify_only)
+        firmware = record.firmware if not record.also else list(record.firmware_set)
+        started = await self._start(record.device, firmware, record.options, job_id, verify_only)
         try:
             await self._order.after(
                 self._journal.update(job_id, note=f"resumed by {started['id']}", resumed_by=started["id"])

@@ -78,6 +78,12 @@ class JobRecord:
     resumed_by: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, Any] | None = None  # the latest progress object, kept at phase changes, no return, end
+    also: tuple[str, ...] = ()  # further images of the job's set (one of each kind): the engine sends one
+
+    @property
+    def firmware_set(self) -> tuple[str, ...]:
+        """Every image the job was given, ``firmware`` first."""
+        return (self.firmware, *self.also)
 
     @property
     def active(self) -> bool:
@@ -101,6 +107,7 @@ class JobRecord:
             "id": self.id,
             "device": self.device,
             "firmware": self.firmware,
+            "firmware_set": list(self.firmware_set),
             "state": self.state.value,
             "phase": self.phase.value,
             "point_of_no_return": self.point_of_no_return,
@@ -168,10 +175,11 @@ _COLUMNS = (
     "resumed_by",
     "options",
     "progress",
+    "also",
 )
 
 #: Columns added after the first release, with their definitions: added to an older journal on open.
-_ADDED_COLUMNS = {"progress": "TEXT"}
+_ADDED_COLUMNS = {"progress": "TEXT", "also": "TEXT"}
 
 #: Jobs in one page of ``GET /v1/jobs`` by default, and at most.
 DEFAULT_PAGE = 100
@@ -204,6 +212,7 @@ def _to_row(record: JobRecord) -> dict[str, Any]:
         "resumed_by": record.resumed_by,
         "options": json.dumps(record.options, sort_keys=True),
         "progress": json.dumps(record.progress, sort_keys=True) if record.progress is not None else None,
+        "also": json.dumps(list(record.also)) if record.also else None,
     }
 
 
@@ -240,6 +249,7 @@ def _record_from_row(row: sqlite3.Row) -> JobRecord:
         resumed_by=row["resumed_by"],
         options=json.loads(row["options"] or "{}"),
         progress=json.loads(row["progress"]) if row["progress"] else None,
+        also=tuple(str(name) for name in json.loads(row["also"])) if row["also"] else (),
     )
 
 
