@@ -59,6 +59,7 @@ class Run:
                 pasv_base=0,  # PASV ports from the kernel: tests must not collide on fixed ones
                 double_backup=True,
                 time_scale=TIME_SCALE,
+                reboot_seconds=20.0,  # away 1 s after its reset (a real one: seconds), 20x the poll
                 **sim,
             ),
         )

@@ -260,3 +260,30 @@ def test_none_of_the_devices_kind_is_refused_naming_each_image(tmp_path):
     outcome = run_to_end(world.clock, job)
     assert outcome.kind is OutcomeKind.NOT_APPLICABLE
     assert "image-0.bin is simulator test image, single backup" in outcome.message and world.link.names() == ["fetch"]
+
+
+def test_a_device_that_stops_answering_without_refusing_is_seen_to_go_within_the_presence_check(world):
+    """After its reset a real device's address goes silent (no refusal): a fetch that gets no answer
+    within a second counts as the device being away, not a fetch left to wait its whole http timeout."""
+    device = world.device
+
+    def goes_silent() -> None:
+        def go() -> None:
+            device.timers.discard(call)
+            device.mode = Mode.GONE  # connections hang, fetches get no answer
+            back = device.clock.callLater(
+                5.0, lambda: (device.timers.discard(back), setattr(device, "mode", Mode.MAIN))
+            )
+            device.timers.add(back)
+            device.version = device.new_version
+
+        call = device.clock.callLater(2.0, go)
+        device.timers.add(call)
+
+    device.bank_switched = goes_silent
+    outcome = world.run(http=10.0, poll_interval=1.0)
+    assert outcome.kind is OutcomeKind.SUCCEEDED and outcome.firmware_version_after == "2.0.0", outcome
+    silent = [c.time for c in world.link.calls if c.what == "fetch" and c.detail["mode"] == "gone"]
+    # the first silent fetch is the reboot wait's; it is cut at the 1 s presence check (not the 10 s
+    # http timeout) and verify's first fetch follows at once
+    assert silent[1] - silent[0] == pytest.approx(1.0)

@@ -1,5 +1,7 @@
 """The rack: N simulated devices, every one at 192.168.1.1 in its own network namespace, upgraded
-at once by one ``twistd netota`` through one interface per device.
+at once by one ``twistd netota`` through one interface per device. The last device runs a
+double-backup build (FTP on the real port 21 inside its namespace): one ``netota upgrade --all
+single.ufw --also double.ufw`` upgrades the mixed rack, each device with the image for its build.
 
 Every 192.168.1.x address here lives only inside the network namespaces that
 :class:`netota_daemon.sim.rack.SimulatedRack` creates and deletes (``ip netns``), even when a test
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
 import pytest
 
@@ -44,7 +47,31 @@ def firmware(tmp_path):
     firmware_dir = tmp_path / "firmware"
     firmware_dir.mkdir()
     path = make_image(firmware_dir / "ac79-2.0.0.ufw", "2.0.0", 300_000)
+    make_image(firmware_dir / DOUBLE_IMAGE, "2.0.0", 250_000, kind="double")
     return path
+
+
+#: The double-backup image beside the single-backup one, in the same firmware_dir.
+DOUBLE_IMAGE = "ac79-2.0.0-ota.ufw"
+#: A real device is away for seconds after its reset; 60 device seconds (3 s here) is far above the
+#: daemon's 0.2 s poll and its 1 s presence check, so the reboot that says "it took the image" is seen.
+DOUBLE = ["--double-backup", "--reboot-seconds", "60"]
+
+
+def upgrade_all(rack: SimulatedRack, firmware) -> Any:
+    return rack.client("upgrade", "--all", firmware.name, "--also", DOUBLE_IMAGE, "--wait", timeout=240)
+
+
+def check_double_backup_device(device, job, image: bytes) -> None:
+    """A double-backup device took the upload (byte for byte), rebooted, and runs the new version,
+    and netota never broke its FTP server's rules."""
+    outcome = job["outcome"]
+    assert outcome["kind"] == "succeeded" and outcome["firmware_version_after"] == "2.0.0", (device.name, job)
+    assert outcome["details"]["route"] == "double_backup" and outcome["details"]["image"].endswith(DOUBLE_IMAGE)
+    assert device.received_upload() == image
+    events = device.events()
+    assert not [e for e in events if e["event"] in ("ftp_protocol_error", "ftp_crash", "session_end")], events
+    assert any(e["event"] == "db_burn" and e["burned"] for e in events)
 
 
 @pytest.fixture
@@ -64,6 +91,7 @@ def make_rack(tmp_path):
 
 
 def _start(rack: SimulatedRack, firmware, sim_args=None) -> None:
+    sim_args = sim_args or [[] for _ in rack.devices]
     rack.start_devices(sim_args)
     rack.start_daemon(rack.write_config(firmware.parent, DAEMON_TIMEOUTS))
 
@@ -90,16 +118,20 @@ def _diagnostics(rack: SimulatedRack) -> str:
 
 def test_rack_upgrades_every_device_at_once(make_rack, firmware):
     rack = make_rack(RACK_SIZE)
-    _start(rack, firmware)
+    _start(rack, firmware, [[] for _ in range(RACK_SIZE - 1)] + [DOUBLE])
     image = firmware.read_bytes()
+    double_image = (firmware.parent / DOUBLE_IMAGE).read_bytes()
 
-    result = rack.client("upgrade", "--all", firmware.name, "--wait", timeout=240)
+    result = upgrade_all(rack, firmware)
     assert result.returncode == 0, result.stdout + result.stderr + _diagnostics(rack)
     for device in rack.devices:
         assert device.name in result.stdout  # the summary table names every device
 
     jobs = _jobs_by_device(rack)
-    for device in rack.devices:
+    singles = [d for d in rack.devices if not d.double_backup]
+    (double,) = [d for d in rack.devices if d.double_backup]
+    check_double_backup_device(double, jobs[double.name], double_image)
+    for device in singles:
         job = jobs[device.name]
         assert job["outcome"]["kind"] == "succeeded", (device.name, job, _diagnostics(rack))
         assert job["outcome"]["firmware_version_after"] == "2.0.0"
@@ -159,16 +191,21 @@ def test_rack_faults_stay_with_their_device(make_rack, firmware):
     """A different fault in each device (cycling for a rack larger than 4), plus one healthy device:
     each outcome is its own, and the healthy device is upgraded as if it were alone."""
     faulted = max(RACK_SIZE, len(FAULTS))
-    rack = make_rack(faulted + 1)
     expected = [FAULTS[i % len(FAULTS)] for i in range(faulted)] + [([], "succeeded", None, None)]
-    _start(rack, firmware, [args for args, *_ in expected])
+    # and a double-backup device whose first upload is dropped: retried from the start, it succeeds
+    rack = make_rack(faulted + 2)
+    _start(rack, firmware, [args for args, *_ in expected] + [[*DOUBLE, "--ftp-drop-after-bytes", "100000"]])
     image = firmware.read_bytes()
     image_sha = hashlib.sha256(image).hexdigest()
 
-    result = rack.client("upgrade", "--all", firmware.name, "--wait", timeout=240)
+    result = upgrade_all(rack, firmware)
     assert result.returncode == 1, "a failed device must make the batch exit with the failure's code"
 
     jobs = _jobs_by_device(rack)
+    double = rack.devices[-1]
+    check_double_backup_device(double, jobs[double.name], (firmware.parent / DOUBLE_IMAGE).read_bytes())
+    ends = [e["outcome"] for e in double.events() if e["event"] == "ftp_upload_end"]
+    assert ends == ["reset", "closed"] and jobs[double.name]["outcome"]["details"]["upload_attempts"] == 2
     for device, (_, kind, failure, fault_fired) in zip(rack.devices, expected, strict=False):
         job = jobs[device.name]
         outcome = job["outcome"]

@@ -43,6 +43,8 @@ T = TypeVar("T")
 
 #: How long closing the job's own connections may take before they are aborted.
 CLEANUP_GRACE = 3.0
+#: While waiting for a device to go away: a description document not answered within this long says it has.
+PRESENCE_TIMEOUT = 1.0
 
 
 class RouteEnd(str, enum.Enum):
@@ -328,14 +330,20 @@ class JobSteps:
 
     async def wait_until_gone(self, window: float, what: str) -> bool:
         """Poll the description document until the device stops answering (it reboots), for at most
-        ``window`` seconds; whether it went."""
+        ``window`` seconds; whether it went.
+
+        A device that answers answers its small document in milliseconds; one that does not within
+        :data:`PRESENCE_TIMEOUT` is away: a connection attempt to a device that just went away would
+        otherwise sit in TCP's SYN retries through the whole absence and succeed once it is back."""
 
         class _StillThere(Exception):
             pass
 
+        presence = min(self.timeouts.http, PRESENCE_TIMEOUT)
+
         async def attempt() -> None:
             try:
-                await self.link.fetch_description(self.timeouts.http)
+                await self.link.fetch_description(presence)
             except defer.CancelledError:
                 raise
             except Exception:
@@ -346,7 +354,7 @@ class JobSteps:
             await self.retry(
                 attempt,
                 window,
-                self.timeouts.http,
+                2 * presence,  # the fetch's own bound comes first and counts as "away"
                 what,
                 policy=lambda attempt_number: min(self.timeouts.poll_interval, 0.2 * 1.5**attempt_number),
                 retryable=(_StillThere,),
