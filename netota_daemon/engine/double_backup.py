@@ -44,15 +44,8 @@ async def upgrade_double_backup(steps: JobSteps, image: FirmwareImage) -> RouteE
     facts = steps.facts
     delay = upload_backoff()
     while True:
-        steps.raise_if_stopping()
         facts.upload_attempts += 1
-        if facts.upload_attempts > 1:
-            steps.meters[Phase.UPLOAD].new_attempt()
-            steps.set_phase(
-                Phase.UPLOAD,
-                f"attempt {facts.upload_attempts}: the upload starts again from the beginning "
-                f"(the last attempt: {facts.last_problem})",
-            )
+        steps.begin_attempt(Phase.UPLOAD, facts.upload_attempts, "the upload starts again from the beginning")
         result = await steps.upload(image)
         facts.uploads.append(
             {

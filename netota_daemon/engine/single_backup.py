@@ -82,15 +82,8 @@ async def _phase2(steps: JobSteps, image: FirmwareImage) -> None:
     facts = steps.facts
     errors_left = steps.behaviour.phase2_error_retries
     while True:
-        steps.raise_if_stopping()
         facts.phase2_attempts += 1
-        if facts.phase2_attempts > 1:
-            steps.meters[Phase.PHASE2].new_attempt()
-            steps.set_phase(
-                Phase.PHASE2,
-                f"attempt {facts.phase2_attempts}: the loader reads the image again from the start "
-                f"(the last attempt: {facts.last_problem})",
-            )
+        steps.begin_attempt(Phase.PHASE2, facts.phase2_attempts, "the loader reads the image again from the start")
         try:
             result = await _phase2_attempt(steps, image)
         except UpgradeFailed as e:

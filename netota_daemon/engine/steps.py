@@ -111,6 +111,15 @@ class JobSteps:
         log.info("{phase}: {message}", phase=phase_label(phase), message=message, **self.log_context)
         self.events.publish(PhaseChanged(phase, message))
 
+    def begin_attempt(self, phase: Phase, number: int, again: str) -> None:
+        """Attempt ``number`` of a phase the device starts again from the beginning: from the second
+        on, a phase event says so (with what the last attempt hit) and the phase's progress starts
+        again from 0. Stops the job first if it is being stopped."""
+        self.raise_if_stopping()
+        if number > 1:
+            self.meters[phase].new_attempt()
+            self.set_phase(phase, f"attempt {number}: {again} (the last attempt: {self.facts.last_problem})")
+
     def raise_if_stopping(self) -> None:
         stop = self.lifecycle.stop
         if stop is not None and self.lifecycle.state is LifecycleState.STOPPING:
