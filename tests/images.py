@@ -1,32 +1,16 @@
-"""Test images of both kinds, built in memory (as ``netota sim make-image`` builds them on disk)."""
+"""Test images of both kinds in memory, as ``netota sim make-image`` writes them, and damaged ones."""
 
 from __future__ import annotations
 
-import hashlib
-
-from netota_daemon.wire.firmware_kind import (
-    DOUBLE_BACKUP_HEAD_NAME,
-    JL_FILE_HEAD_SIZE,
-    TEST_HEAD,
-    TEST_HEAD_MAGIC,
-    TEST_TRAILER,
-    TEST_TRAILER_MAGIC,
-    build_jl_file_head,
-    crc16,
-)
+from netota_daemon.sim.image import TRAILER_SIZE, build_image
 from tests.engine_fakes import IMAGE_SIZE
 
 
 def image_bytes_of(kind: str, version: str = "2.0.0", size: int = IMAGE_SIZE, damaged: bool = False) -> bytes:
-    """A simulator-style test image of ``kind`` (single: NOTASIM head; double: an update_data JL head)."""
-    body_size = size - TEST_TRAILER.size - (JL_FILE_HEAD_SIZE if kind == "double" else TEST_HEAD.size)
-    body = bytes((i * 7) & 0xFF for i in range(body_size))
-    if kind == "double":
-        head = build_jl_file_head(DOUBLE_BACKUP_HEAD_NAME, size, crc16(body))
-    else:
-        head = TEST_HEAD.pack(TEST_HEAD_MAGIC, size, 0)
-    covered = head + body
-    digest = hashlib.sha256(covered).digest()
+    """A simulator test image of ``kind`` ("single" or "double"); ``damaged``: one byte before its
+    trailer flipped, so its SHA-256 no longer matches."""
+    data = build_image(version, size, kind)
     if damaged:
-        covered = covered[:-1] + bytes([covered[-1] ^ 1])
-    return covered + TEST_TRAILER.pack(TEST_TRAILER_MAGIC, version.encode().ljust(32, b"\0"), digest)
+        at = len(data) - TRAILER_SIZE - 1
+        data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+    return data
