@@ -414,3 +414,17 @@ def test_the_result_counts_every_receive_timeout_and_says_stop_was_sent(image):
     s.close_from_app_side()
     (result,) = s.results
     assert (result.end, result.receive_timeouts, result.stop_sent) == (StreamEnd.TIMEOUT, 14, True)
+
+
+def test_the_rate_is_the_transfers_not_diluted_by_the_devices_own_work(image):
+    s = Session(image)
+    for i in range(3):  # 3 x 20 000 bytes, 0.1 s apart
+        s.send(Status.READ, seek=i * 20_000, size=20_000)
+        s.clock.advance(0.1)
+    s.send(Status.DOING, seek=0, all_size=IMAGE_SIZE, percent=1)  # the device waits 5 s, then erases
+    s.clock.advance(5.0)
+    s.send(Status.READ, seek=60_000, size=20_000)
+    s.clock.advance(0.1)
+    s.send(Status.READ, seek=40_000, size=20_000)
+    last = s.progress[-1]
+    assert last.rate == pytest.approx(200_000, rel=0.01) and last.rate_span == pytest.approx(0.1)

@@ -21,8 +21,9 @@ The device sends only 20-byte ``net_ota`` headers. This protocol:
 - counts receive timeouts: the timer restarts on every header, and more than ``max_receive_timeouts``
   consecutive timeouts end the session (STOP, then close);
 - reports facts for progress (:class:`StreamProgress`): bytes served, the furthest byte asked for,
-  the bytes asked for since all_size, the device's percent, the rate, and what the device is doing
-  when it is not asking (:class:`DeviceActivity`); the engine turns them into progress events;
+  the bytes asked for since all_size, the device's percent, the rate (measured afresh each time the
+  device asks again after working on its own), and what the device is doing when it is not asking
+  (:class:`DeviceActivity`); the engine turns them into progress events;
 - maps OK / ERR / SAME / a dropped connection to a :class:`StreamResult`.
 
 Whenever the app ends the session (abort, cancellation, its own error) it sends STOP first.
@@ -268,6 +269,10 @@ class OtaStreamProtocol(Protocol):
         status = header.status
         if status == Status.READ:
             self.device_percent = header.percent
+            if self.activity is not None:
+                # The device worked (erased, wrote) and asks again: the rate is the transfer's, measured
+                # from here, not diluted by the time the device spent on its own.
+                self._rate_samples.clear()
             self.activity = None
             self._serve(header)
         elif status == Status.OK:
