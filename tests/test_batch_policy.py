@@ -414,6 +414,25 @@ def test_stale_and_unknown_reports_change_nothing():
     assert rack.batch.to_json() == before
 
 
+def test_stop_skips_what_waits_and_lets_running_jobs_finish():
+    rack = Rack("abc", RolloutPolicy(max_parallel=1))
+    rack.begin()
+    assert rack.batch.stop(Reason.IMAGE_CHANGED, "the firmware file changed", rack.now) == []
+    assert {d: rack.batch.members[d].reason for d in "bc"} == dict.fromkeys("bc", Reason.IMAGE_CHANGED)
+    assert rack.batch.members["b"].message == "not started: the firmware file changed"
+    actions = rack.end("a")
+    assert isinstance(actions[-1], Finish) and rack.batch.result() == "failed"
+    assert rack.batch.stop(Reason.IMAGE_CHANGED, "again", rack.now) == []
+
+
+def test_stop_during_preflight_ignores_the_probes_answer():
+    batch = BatchPolicy(["a"], RolloutPolicy(), "single_backup", 4)
+    batch.begin(0)
+    actions = batch.stop(Reason.IMAGE_CHANGED, "changed", 1)
+    assert [type(a) for a in actions] == [Finish]
+    assert batch.preflight_done({"a": MAIN}, 2) == []
+
+
 # ----- the policy as a request gives it
 
 
@@ -561,6 +580,7 @@ def test_no_sequence_of_outcomes_breaks_the_batchs_promises(
         choices += [("end", d) for d in sorted(live_job)]
         choices += [("interrupt", d) for d in sorted(live_job)]
         choices.append(("restart", None))
+        choices.append(("stop", None))
         kind, device = data.draw(st.sampled_from(choices), label="event")
         if kind == "cancel":
             cancelled = True
@@ -588,6 +608,8 @@ def test_no_sequence_of_outcomes_breaks_the_batchs_promises(
                 canary_failed = True
             if batch.members[device].ended:
                 interrupted.pop(device, None)
+        elif kind == "stop":
+            check(batch.stop(Reason.IMAGE_CHANGED, "the firmware file changed", now))
         elif kind == "restart":
             # The daemon dies and starts again: the batch comes back from its JSON, a start that
             # made no job is made again, and every job that ran was interrupted.

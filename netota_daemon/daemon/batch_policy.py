@@ -299,10 +299,11 @@ class Reason(str, enum.Enum):
     WRONG_KIND = "wrong_kind"  # refused: its build takes the other kind of image
     BUSY = "busy"  # refused: another job holds the device
     START_REFUSED = "start_refused"  # refused: the daemon refused its job (see the message)
+    IMAGE_CHANGED = "image_changed"  # skipped: the firmware file changed since the batch began
 
 
 #: Skips that say the batch went wrong (a client's exit status is non-zero for them).
-FAILURE_SKIPS = (Reason.MAX_FAILURES, Reason.CANARY_FAILED)
+FAILURE_SKIPS = (Reason.MAX_FAILURES, Reason.CANARY_FAILED, Reason.IMAGE_CHANGED)
 
 
 @dataclass
@@ -650,6 +651,16 @@ class BatchPolicy:
                 member.state = MemberState.CANCELLING
                 actions.append(Cancel(member.device, member.job))
         return actions + self._advance(now)
+
+    def stop(self, reason: Reason, message: str, now: float) -> list[Action]:
+        """Stop launching for a reason found outside the outcomes (the firmware file changed under the
+        batch): running jobs finish, members not started are skipped with ``reason``."""
+        if self.state is BatchState.PREFLIGHT:
+            self.state = BatchState.RUNNING  # nothing was started; the probe's answer is ignored
+        if self.state is not BatchState.RUNNING:
+            return []
+        self._stop(reason, message)
+        return self._advance(now)
 
     def restart(self, now: float) -> list[Action]:
         """After a daemon restart (the state from :meth:`from_json`, each member's job reconciled with
