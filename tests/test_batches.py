@@ -12,14 +12,8 @@ from twisted.internet.task import Clock
 
 from netota_daemon.daemon.batch_policy import EarlierJob
 from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchStore
-from netota_daemon.daemon.batches import (
-    BatchError,
-    BatchManager,
-    BatchRefusal,
-    FirmwareProblem,
-    ImageFacts,
-    QueueRefused,
-)
+from netota_daemon.daemon.batches import BatchError, BatchManager, BatchRefusal, QueueRefused
+from netota_daemon.daemon.image_facts import FirmwareProblem, ImageFacts
 
 SHA = "a" * 64
 IMAGE = ImageFacts(SHA, "single_backup", 4096)

@@ -50,6 +50,7 @@ from netota_daemon.daemon.batch_policy import (
 )
 from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchRow
 from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, check_timeout
+from netota_daemon.daemon.image_facts import FirmwareProblem, ImageFacts
 from netota_daemon.engine.events import EventPublisher
 
 log = Logger()
@@ -92,27 +93,6 @@ class BatchError(Exception):
     @property
     def code(self) -> str:
         return self.kind.value
-
-
-@dataclass(frozen=True)
-class ImageFacts:
-    """What the daemon read of a firmware file."""
-
-    sha256: str
-    kind: str  # single_backup | double_backup | unknown
-    size: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "kind": self.kind, "size": self.size}
-
-
-class FirmwareProblem(Exception):
-    """``inspect`` can't use the firmware: ``reason`` is ``outside``, ``not_found`` or ``invalid``."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 class QueueRefused(Exception):
