@@ -185,6 +185,13 @@ def test_image_facts_come_from_the_file(tmp_path):
     assert facts == ImageFacts(hashlib.sha256(data).hexdigest(), "single_backup", len(data))
     assert seen == [data[:0x40]]
     assert read_image_facts(store, "fw.ufw", lambda head: "something else").kind == "unknown"
+    assert read_image_facts(store, "fw.ufw").kind == "unknown"  # wire.firmware_kind knows no such head
+    from netota_daemon.sim.image import build_image
+
+    (tmp_path / "single.ufw").write_bytes(build_image("2.0.0", 4096, "single"))
+    (tmp_path / "double.bin").write_bytes(build_image("2.0.0", 4096, "double"))
+    assert read_image_facts(store, "single.ufw").kind == "single_backup"  # told by wire.firmware_kind
+    assert read_image_facts(store, "double.bin").kind == "double_backup"
     with pytest.raises(FirmwareProblem) as caught:
         read_image_facts(store, "../etc/passwd")
     assert caught.value.reason == "outside"

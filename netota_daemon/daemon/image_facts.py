@@ -4,7 +4,8 @@ kind, its size), read off the reactor.
 A batch records them when it is created and compares them before each member's job (a file changed
 under a batch stops it); rescue compares a job's recorded SHA-256 with the file as it is now. The
 kind is told by an ``identify(head) -> str`` function from the file's first :data:`HEAD_BYTES`
-bytes (``netota_daemon.wire.firmware_kind`` where it exists; ``unknown`` otherwise).
+bytes: :func:`netota_daemon.wire.firmware_kind.identify`, whose limits (recognition is best effort;
+``unknown`` is no proof of a wrong image) apply here too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from netota_daemon.daemon.firmware_store import FirmwareRefused, FirmwareStore
+from netota_daemon.wire import firmware_kind
 
 #: How many first bytes ``identify`` is given (the UFW header is 0x40 bytes).
-HEAD_BYTES = 0x40
+HEAD_BYTES = firmware_kind.HEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,12 @@ class FirmwareProblem(Exception):
         self.message = message
 
 
-def unknown_kind(head: bytes) -> str:
-    """The kind when nothing can tell it."""
-    return "unknown"
+def identify_kind(head: bytes) -> str:
+    """``single_backup``, ``double_backup`` or ``unknown``, from an image's first bytes."""
+    return firmware_kind.identify(head).kind.value
 
 
-def read_image_facts(store: FirmwareStore, name: str, identify: Callable[[bytes], str] = unknown_kind) -> ImageFacts:
+def read_image_facts(store: FirmwareStore, name: str, identify: Callable[[bytes], str] = identify_kind) -> ImageFacts:
     """Open ``name`` in ``store`` and read its facts (blocking: run it off the reactor)."""
     try:
         image = store.open(name)
@@ -60,7 +62,7 @@ def read_image_facts(store: FirmwareStore, name: str, identify: Callable[[bytes]
 class ImageInspector:
     """``inspect(name) -> Deferred[ImageFacts]`` on a thread of ``reactor``'s pool."""
 
-    def __init__(self, reactor: Any, store: FirmwareStore, identify: Callable[[bytes], str] = unknown_kind) -> None:
+    def __init__(self, reactor: Any, store: FirmwareStore, identify: Callable[[bytes], str] = identify_kind) -> None:
         self.reactor = reactor
         self.store = store
         self.identify = identify
