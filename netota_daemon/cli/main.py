@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "netota_daemon.cli.sim",
     "netota_daemon.cli.flash",
     "netota_daemon.cli.client",
+    "netota_daemon.cli.batch",
     "netota_daemon.cli.firmware",
 )
 
