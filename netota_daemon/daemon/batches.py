@@ -453,7 +453,7 @@ class BatchManager:
 
         def done(result: Any) -> None:
             self._tasks.discard(d)
-            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+            if isinstance(result, Failure) and not isinstance(result.value, defer.CancelledError):
                 log.failure("batch {batch}: {what} failed", result, batch=batch.id, what=what)
 
         d.addBoth(done)
@@ -528,12 +528,12 @@ class BatchManager:
 
     async def _start(self, batch: Batch, device: str) -> None:
         now = self.clock.seconds
+        problem: str | None = None
         try:
             image = await self._inspect(batch.firmware)
         except BatchError as e:
-            image, problem = None, e.message
+            problem = e.message
         else:
-            problem = None
             if image.sha256 != batch.image.sha256:
                 problem = (
                     f"the firmware file {batch.firmware} changed since the batch began "

@@ -236,7 +236,7 @@ class _Hook:
 
     def _delivered(self, result: Any) -> None:
         self._current = None
-        if isinstance(result, Failure) and not result.check(defer.CancelledError):
+        if isinstance(result, Failure) and not isinstance(result.value, defer.CancelledError):
             log.failure("{hook}: internal error", result, hook=self.describe())
         self._pump()
 
@@ -291,7 +291,7 @@ class _BoundedBody(StreamProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data[: max(0, self.limit - len(self.data))]
         if len(self.data) >= self.limit and self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]  # a response body's transport is a producer
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if not self.done.called:
