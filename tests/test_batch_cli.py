@@ -310,3 +310,53 @@ def test_rescue_says_what_it_did_and_needs_an_image_where_none_is_known(capsys):
     assert run(client, "rescue", "a", "--firmware", "v2.bin", "--wait") == 0
     assert client.requests[-3] == ("POST", "/v1/rescue", {"devices": ["a"], "firmware": "v2.bin"})
     assert "  job j9: succeeded" in capsys.readouterr().out
+
+
+def test_upgrade_wait_junit_reports_every_device_refused_and_lost_ones_too(capsys, tmp_path):
+    done = job("j1", device="a", kind="succeeded", message="upgraded")
+    failed = job("j2", device="b", kind="failed", message="phase 1: the device refused", phase="phase1")
+    failed["outcome"]["failure"] = "device_refused"
+    from netota_daemon.cli.control_client import ApiRefused
+
+    client = FakeControl(
+        answers={
+            ("POST", "/v1/jobs"): lambda body: (
+                {
+                    "a": {"job": job("j1", device="a")},
+                    "b": {"job": job("j2", device="b")},
+                }.get(body["device"])
+                or (_ for _ in ()).throw(ApiRefused(409, "busy", "device c is busy with job x (running)"))
+            ),
+            ("GET", "/v1/jobs/j1"): {"job": done},
+            ("GET", "/v1/jobs/j2"): {"job": failed},
+        },
+        streams={
+            "/v1/jobs/j1/events": [("job", {"type": "job", "job": "j1", "snapshot": done})],
+            "/v1/jobs/j2/events": [("job", {"type": "job", "job": "j2", "snapshot": failed})],
+        },
+    )
+    report = tmp_path / "up.xml"
+    assert run(client, "upgrade", "a", "b", "c", "v2.bin", "--wait", "--junit", str(report)) == 1
+    cases = {c.get("name"): c for c in ET.parse(report).getroot().iter("testcase")}
+    assert cases["a"].find("failure") is None and cases["a"].get("time") == "34.500"
+    assert cases["b"].find("failure").get("type") == "device_refused"
+    assert cases["c"].find("failure").get("type") == "refused.busy"
+    assert run(FakeControl(), "upgrade", "a", "v2.bin", "--junit", str(report)) == 64  # needs --wait
+    assert "--junit needs --wait" in capsys.readouterr().err
+
+
+def test_upgrade_wait_junit_for_one_device_and_an_unwritable_report(capsys, tmp_path):
+    final = job("j1", kind="succeeded", message="upgraded")
+    client = FakeControl(
+        answers={("POST", "/v1/jobs"): {"job": job()}, ("GET", "/v1/jobs/j1"): {"job": final}},
+        streams={"/v1/jobs/j1/events": [("job", {"type": "job", "job": "j1", "snapshot": final})]},
+    )
+    report = tmp_path / "one.xml"
+    assert run(client, "upgrade", "a", "v2.bin", "--wait", "--junit", str(report)) == 0
+    (case,) = ET.parse(report).getroot().iter("testcase")
+    assert case.get("name") == "a" and case.find("system-out") is not None
+    report.unlink()
+    report.mkdir()  # now a directory: refused before anything is sent
+    client.requests.clear()
+    assert run(client, "upgrade", "a", "v2.bin", "--wait", "--junit", str(report)) == 64
+    assert client.requests == []

@@ -337,3 +337,25 @@ async def test_failed_and_unverified_exit_codes_with_advice(
     first, second = out.getvalue().splitlines()
     assert first.startswith(f"{kind}: ")
     assert second.startswith("advice: ") and advice in second
+
+
+@pytest_twisted.ensureDeferred
+async def test_junit_report_of_a_flash(reactor, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 50_000)
+    device = await start_device(reactor, tmp_path, reject_image=True)
+    report = tmp_path / "flash.xml"
+    try:
+        d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--quiet", "--junit", str(report)))
+        code = await d
+    finally:
+        await device.stop()
+    assert code == 1
+    (case,) = ET.parse(report).getroot().iter("testcase")
+    assert case.get("name") == "127.0.0.1" and case.get("classname") == "netota.flash"
+    failure = case.find("failure")
+    assert failure.get("type") == "device_error" and failure.get("message").startswith("failed: ")
+    assert "advice: " in failure.text
+    d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--junit", str(tmp_path / "no" / "r.xml")))
+    assert await d == 64 and "no such directory" in err.getvalue()

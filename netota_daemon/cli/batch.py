@@ -20,7 +20,7 @@ from typing import Any
 from netota_daemon.cli import arguments
 from netota_daemon.cli.client import DaemonStopped, _board, _common, _parse_options, _run
 from netota_daemon.cli.control_client import ApiRefused, DaemonUnavailable, event_from_json
-from netota_daemon.cli.exit_codes import EXIT_UNAVAILABLE, exit_code
+from netota_daemon.cli.exit_codes import EXIT_CANT_CREATE, EXIT_UNAVAILABLE, exit_code
 from netota_daemon.cli.junit import JUnitError, case_from_member, check_junit_path, write_junit
 from netota_daemon.cli.output import print_json
 from netota_daemon.cli.text import dash, format_elapsed, format_time, kind_label, outcome_text, table
@@ -28,7 +28,6 @@ from netota_daemon.engine.outcome import OutcomeKind
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 4
-EXIT_CANT_CREATE = 73  # EX_CANTCREAT: the JUnit report could not be written
 ENDED = ("finished", "cancelled")
 FAILURE_SKIPS = ("max_failures", "canary_failed", "image_changed")
 

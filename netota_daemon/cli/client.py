@@ -32,12 +32,14 @@ from netota_daemon.cli.control_client import (
 )
 from netota_daemon.cli.exit_codes import (
     EXIT_BROKEN_PIPE,
+    EXIT_CANT_CREATE,
     EXIT_INTERRUPTED,
     EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     exit_code,
 )
+from netota_daemon.cli.junit import CaseResult, JUnitError, case_from_job, check_junit_path, write_junit
 from netota_daemon.cli.output import print_json, silence_stdout
 from netota_daemon.cli.progress import DeviceBoard, ProgressRenderer, colour_wanted
 from netota_daemon.cli.text import (
@@ -191,8 +193,11 @@ def _show_snapshot(job: dict[str, Any], draw: Callable[[Any], None]) -> None:
         return  # a snapshot this client can't read: the events that follow still draw
 
 
-async def _follow_job(client: Any, job_id: str, args: argparse.Namespace) -> int:
-    """Follow one job to its end, drawing its progress on stderr; the exit code of its outcome."""
+async def _follow_job(
+    client: Any, job_id: str, args: argparse.Namespace, ended: list[dict[str, Any]] | None = None
+) -> int:
+    """Follow one job to its end, drawing its progress on stderr; the exit code of its outcome (the
+    ended job is appended to ``ended``, if given)."""
     events_json = getattr(args, "events_json", False)
     bars = _renderer(client, args) if not args.json else None
     final: dict[str, Any] = {}
@@ -240,6 +245,8 @@ async def _follow_job(client: Any, job_id: str, args: argparse.Namespace) -> int
     if final.get("state") in ACTIVE_STATES:
         raise _ended_unseen(client, {"id": job_id, **final}, bool(shutdown))
     job = await _final_job(client, job_id, final)
+    if ended is not None:
+        ended.append(job)
     if args.json:
         print_json({"job": job}, lines=events_json)
     elif job.get("state") != "interrupted":
@@ -376,6 +383,13 @@ async def cmd_upgrade(client: Any, args: argparse.Namespace) -> int:
     also = list(dict.fromkeys(getattr(args, "also", None) or []))
     firmware: str | list[str] = [args.targets[-1], *also] if also else args.targets[-1]
     options = _parse_options(args.option)
+    if args.junit:
+        if not args.wait:
+            raise ValueError("--junit needs --wait (the report is written when the jobs end)")
+        try:
+            check_junit_path(args.junit)
+        except JUnitError as e:
+            raise ValueError(str(e)) from None
     if len(devices) > 1 or args.all:
         return await _upgrade_many(client, args, devices, firmware, options)
     body: dict[str, Any] = {"device": devices[0], "firmware": firmware}
@@ -391,7 +405,21 @@ async def cmd_upgrade(client: Any, args: argparse.Namespace) -> int:
     if not args.json:
         images = " or ".join(job.get("firmware_set") or [job["firmware"]])
         sys.stderr.write(f"job {job['id']}: upgrading {job['device']} with {images}\n")
-    return await _follow_job(client, job["id"], args)
+    ended: list[dict[str, Any]] = []
+    code = await _follow_job(client, job["id"], args, ended)
+    if args.junit:
+        return _write_junit(args, [case_from_job(j) for j in ended]) or code
+    return code
+
+
+def _write_junit(args: argparse.Namespace, cases: list[CaseResult]) -> int:
+    """Write ``--junit``'s report; 0, or EXIT_CANT_CREATE (with one line) when it can't be written."""
+    try:
+        write_junit(args.junit, "netota upgrade", cases, timestamp=time.time(), classname="netota.upgrade")
+    except JUnitError as e:
+        sys.stderr.write(f"netota: {e}\n")
+        return EXIT_CANT_CREATE
+    return 0
 
 
 async def _upgrade_many(
@@ -468,7 +496,21 @@ async def _upgrade_many(
     interrupted = [jobs[d] for d in devices if d in jobs and d not in lost and jobs[d].get("state") == "interrupted"]
     for job in interrupted:
         sys.stderr.write(f"netota: {interrupted_line(job)}\n")
-    return next((codes[d] for d in devices if codes.get(d, 0) != 0), 0)
+    code = next((codes[d] for d in devices if codes.get(d, 0) != 0), 0)
+    if getattr(args, "junit", None):
+        cases = []
+        for device in devices:
+            if device in refused:
+                refusal = refused[device]
+                cases.append(CaseResult(device, "failed", kind="refused", message=refusal.message, reason=refusal.code))
+            elif device in lost:
+                cases.append(
+                    CaseResult(device, "failed", kind="unknown", message=str(lost[device]), job=jobs[device]["id"])
+                )
+            else:
+                cases.append(case_from_job(jobs[device]))
+        return _write_junit(args, cases) or code
+    return code
 
 
 async def cmd_jobs(client: Any, args: argparse.Namespace) -> int:
@@ -712,7 +754,8 @@ http://HOST:PORT). A bearer token comes from --token or $NETOTA_TOKEN.
 Exit codes: 0 succeeded (or already current), 1 failed, 2 unverified, 3 already current with
 --strict, 4 aborted, 64 bad request (400/401/403/404) or an image of the other kind, 69 the
 daemon can't be reached, went away or stopped before the job ended (the job is then interrupted:
-resume it), 70 an internal error of the client, 75 busy / not cancellable / not resumable (409),
+resume it), 70 an internal error of the client, 73 the --junit report could not be written (the
+outcome was printed), 75 busy / not cancellable / not resumable (409),
 130 the client was interrupted (Ctrl-C; a job keeps running in the daemon), 141 the reader of
 the output went away (| head).
 """
@@ -779,6 +822,11 @@ def add_parser(subparsers: Any) -> None:
         "and a summary table for several devices",
     )
     p.add_argument("--strict", action="store_true", help="exit 3 when the device already runs this firmware")
+    p.add_argument(
+        "--junit",
+        metavar="FILE",
+        help="with --wait: write a JUnit XML report, one test case per device (for a CI system)",
+    )
     p.add_argument(
         "--option",
         action="append",

@@ -21,6 +21,7 @@ EXIT_ALREADY_CURRENT_STRICT = 3
 EXIT_USAGE = 64  # EX_USAGE: bad arguments, or a request the daemon refused as bad (400/401/403/404); nothing sent
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the daemon can't be reached, went away or stopped before the job ended
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal error of the client
+EXIT_CANT_CREATE = 73  # EX_CANTCREAT: the --junit report could not be written (the outcome was printed)
 EXIT_BUSY = 75  # EX_TEMPFAIL: the device is busy, or the job is in a state that refuses the request (409)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: the client was interrupted; a daemon's job is not affected
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: whoever read the output stopped reading (``| head``)

@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 import uuid
 from typing import Any, TextIO
 
@@ -27,10 +28,12 @@ from netota_daemon.cli import arguments
 from netota_daemon.cli.exit_codes import (
     EXIT_ALREADY_CURRENT_STRICT,
     EXIT_BROKEN_PIPE,
+    EXIT_CANT_CREATE,
     EXIT_CODES,
     EXIT_USAGE,
     exit_code,
 )
+from netota_daemon.cli.junit import JUnitError, case_from_outcome, check_junit_path, write_junit
 from netota_daemon.cli.output import silence_stdout
 from netota_daemon.cli.progress import ProgressRenderer, colour_wanted
 from netota_daemon.cli.text import human_text, outcome_text
@@ -53,6 +56,7 @@ exit codes:
   {EXIT_CODES[OutcomeKind.ABORTED]}   aborted (Ctrl-C, SIGTERM); the advice says what state the device is in
   {EXIT_USAGE}  bad arguments (missing, empty, unreadable or over-4-GiB firmware, unknown interface, ...),
       or an image of the other kind for this device's build (not applicable): nothing was sent
+  {EXIT_CANT_CREATE}  the upgrade ended (its outcome is printed) but the --junit report could not be written
 
 --json prints one JSON object on stdout: the outcome (kind, message, phase, failure, advice,
 point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code.
@@ -60,7 +64,9 @@ The progress goes to stderr, one line per phase (percent, bytes, rate, an ETA on
 "device working" while the device writes, the point of no return in red); --quiet turns it off,
 --no-color (or NO_COLOR) turns its colour off. --log-file writes the engine's log as JSON lines
 (time, level, message, job, device, phase and the event's fields), as the daemon's
---log-format json does.
+--log-format json does. --junit FILE writes a JUnit XML report for a CI system (Jenkins, GitLab,
+GitHub Actions): one test case named after the device, its duration, and a failure element with the
+outcome, failure class and advice when it did not succeed.
 """
 
 
@@ -144,6 +150,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-file", help="append the engine's log to this file as JSON lines (the daemon's --log-format json)"
     )
+    parser.add_argument(
+        "--junit",
+        metavar="FILE",
+        help="write a JUnit XML report (one test case: the device, its duration, the outcome) for a CI system",
+    )
 
     parser.set_defaults(func=run_flash_command)
     return parser
@@ -170,6 +181,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
         try:
             check_interface(args.interface)
         except EndpointError as e:
+            raise UsageError(str(e)) from None
+    if getattr(args, "junit", None):
+        try:
+            check_junit_path(args.junit)
+        except JUnitError as e:
             raise UsageError(str(e)) from None
     target = DeviceTarget(
         name=args.name or args.host,
@@ -244,6 +260,7 @@ async def flash(
         job.events.subscribe(renderer)
     if on_job is not None:
         on_job(job)
+    began = reactor.seconds()
     try:
         outcome = await job.run()
     finally:
@@ -251,6 +268,19 @@ async def flash(
             renderer.close()
     code = exit_code(outcome.kind, strict=args.strict)
     print_outcome(outcome, code, args, out)
+    if getattr(args, "junit", None):
+        try:
+            write_junit(
+                args.junit,
+                "netota flash",
+                [case_from_outcome(target.name, outcome, reactor.seconds() - began, job.job_id)],
+                timestamp=time.time() - (reactor.seconds() - began),
+                classname="netota.flash",
+                properties={"firmware": args.firmware, "host": target.host},
+            )
+        except JUnitError as e:
+            err.write(f"netota flash: {e}\n")
+            return EXIT_CANT_CREATE
     return code
 
 
