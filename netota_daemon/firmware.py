@@ -71,6 +71,7 @@ class FirmwareImage:
         if self._kind is None:
             self._kind = identify_file_bytes(self._view)
         return self._kind
+        self._sha256: str | None = None
 
     def read(self, offset: int, length: int) -> memoryview:
         """Bytes ``offset .. offset+length``, clamped at the end of the image (no copy)."""
@@ -91,9 +92,12 @@ class FirmwareImage:
         return total
 
     def sha256(self) -> str:
-        import hashlib
+        """The image's SHA-256 (hex), computed once: every job flashing this file version shares it."""
+        if self._sha256 is None:
+            import hashlib
 
-        return hashlib.sha256(self._view).hexdigest()
+            self._sha256 = hashlib.sha256(self._view).hexdigest()
+        return self._sha256
 
     def __repr__(self) -> str:
         return f"<FirmwareImage {self.path} {self.size} bytes>"

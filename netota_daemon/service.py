@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -28,15 +29,21 @@ from netota_daemon.control.api import ControlApi
 from netota_daemon.control.firmware import FirmwareEndpoints
 from netota_daemon.control.metrics_page import MetricsPage
 from netota_daemon.control.web import HttpRoot
+from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchStore
+from netota_daemon.daemon.batches import BatchManager
 from netota_daemon.daemon.config import ConfigError, DaemonConfig, with_line
 from netota_daemon.daemon.firmware_catalog import FirmwareCatalog
 from netota_daemon.daemon.firmware_store import FirmwareStore
+from netota_daemon.daemon.image_facts import ImageInspector
 from netota_daemon.daemon.jobs import JobFactory, JobQueue, default_job_factory
 from netota_daemon.daemon.journal import JobJournal, JobState, JournalError
 from netota_daemon.daemon.journal_thread import AsyncJournal, JournalExecutor, ThreadExecutor
 from netota_daemon.daemon.metrics import DaemonMetrics, QueueEventFeed
+from netota_daemon.daemon.notify import JobNotifier
+from netota_daemon.daemon.ports import QueuePort
 from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
+from netota_daemon.daemon.rescue import Rescuer
 from netota_daemon.daemon.retention import JournalRetention
 from netota_daemon.daemon.systemd import SystemdNotifier, WatchdogService, watchdog_interval
 from netota_daemon.endpoint_strings import NETWORK_KINDS, is_loopback, split_endpoint, tcp_interface
@@ -170,6 +177,36 @@ class NetotaService(MultiService):
         self.catalog = FirmwareCatalog(
             config.firmware_dir, in_use=self._firmware_in_use, max_upload=config.firmware_max_upload
         )
+        # Batches, rescue and the job-end hooks (issue 13): around the queue, never inside it.
+        firmware = FirmwareStore(config.firmware_dir)
+        self.batch_store = BatchStore(config.state_dir)
+        port = QueuePort(self.queue, self.journal)
+        inspect = ImageInspector(reactor, firmware)
+        self.batches = BatchManager(
+            reactor,
+            port,
+            self.prober,
+            AsyncBatchStore(self.batch_store, self.journal.run),
+            list(config.devices),
+            inspect,
+            busy=self._busy_job,
+            known_version=lambda name: self.registry.get(name).firmware_version,
+            device_tags={name: device.tags for name, device in config.devices.items()},
+        )
+        self.rescuer = Rescuer(reactor, port, self.prober.probe, inspect, self._held, list(config.devices))
+        if config.rescue:
+            sweep = TimerService(config.rescue_interval, self._sweep)  # type: ignore[no-untyped-call]
+            sweep.clock = reactor
+            sweep.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.hooks = JobNotifier(
+            reactor,
+            on_job_end=config.on_job_end,
+            webhook=config.webhook,
+            timeout=config.notify_timeout,
+            attempts=config.webhook_attempts,
+        )
+        if self.hooks:
+            self.queue.subscribe(self._job_event)
         self.control = ControlApi(
             self.queue,
             self.registry,
@@ -180,6 +217,9 @@ class NetotaService(MultiService):
             max_connections=config.control_max_connections,
             firmware=FirmwareEndpoints(self.catalog, self._run_blocking),
             metrics=self.metrics,
+            batches=self.batches,
+            rescuer=self.rescuer,
+            notifier=self.hooks,
         )
         self.streams = self.control.streams
         self.metrics.subscribers.set_function(lambda: len(self.streams))
@@ -235,6 +275,39 @@ class NetotaService(MultiService):
     def _run_blocking(self, call: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)
 
+    def _busy_job(self, name: str) -> str | None:
+        """The job that holds the device now (queued or running), or None."""
+        status = self.registry.get(name)
+        return status.job if status.state in ("queued", "running") else None
+
+    def _held(self, name: str) -> str | None:
+        """What keeps rescue off a device: its job, or an unfinished batch it belongs to (the batch
+        resumes its own members' jobs)."""
+        batch = self.batches.batch_of_device(name)
+        return self._busy_job(name) or (f"batch {batch}" if batch else None)
+
+    def _sweep(self) -> Deferred[Any] | None:
+        """One periodic rescue (daemon.rescue): never overlapping, never fatal, and not before the
+        unfinished batches were carried on."""
+        if not self.batches.recovered or self.batches.stopping:
+            return None
+        d = Deferred.fromCoroutine(self.rescuer.sweep())
+        d.addErrback(lambda f: log.failure("rescue: the periodic check failed", f))
+        return d
+
+    def _job_event(self, event: dict[str, Any]) -> None:
+        """A job ended (its outcome event, published once its end is in the journal): the hooks get
+        it as ``GET /v1/jobs/ID`` shows it."""
+        if event.get("type") != "outcome":
+            return
+        d = self.queue.get(str(event["job"]))
+        d.addCallback(self.hooks.job_ended)
+        d.addErrback(
+            lambda f: log.warn(
+                "hooks: job {job} could not be read: {error}", job=event["job"], error=f.getErrorMessage()
+            )
+        )
+
     def _recover(self) -> None:
         """Before the control socket listens (on this thread: nothing else runs yet), bounded by the
         journal's indexes whatever its size."""
@@ -275,6 +348,8 @@ class NetotaService(MultiService):
     def startService(self) -> None:
         self.journal.start()
         super().startService()  # type: ignore[no-untyped-call]
+        recovered = Deferred.fromCoroutine(self.batches.recover())
+        recovered.addErrback(lambda f: log.failure("batches: carrying them on after the restart failed", f))
 
     def _listening(self, port: IListeningPort) -> None:
         log.info(
@@ -292,14 +367,20 @@ class NetotaService(MultiService):
     async def _stop(self) -> None:
         self.notifier.stopping("stopping: interrupting running jobs")
         log.info("netota stopping")
+        self.batches.shutdown()  # acts no more: the journal has every batch as it stands
         try:
             await self.queue.shutdown()
         except Exception:
             log.failure("netota: stopping the jobs failed")
+        await self.hooks.stop(min(5.0, self.config.shutdown_grace))
         # Every stream has seen each job's final event by now; then the shutdown event, then its end.
         self.streams.close_all("the daemon is shutting down")
         await maybeDeferred(MultiService.stopService, self)
         self.control.stopped = True  # before the journal closes under a still-open connection
+        try:
+            await self.journal.run(self.batch_store.close)
+        except Exception:
+            log.failure("netota: closing the batch journal failed")
         try:
             await self.journal.close()
         except Exception:

@@ -65,7 +65,7 @@ class FakeQueue:
             return defer.fail(self.refuse.pop(device))
         return defer.succeed(dict(self._new(device, firmware, batch)))
 
-    def resume(self, job_id):
+    def resume(self, job_id, batch=None):
         self.calls.append(("resume", job_id))
         old = self.jobs.get(job_id)
         if old is None:
@@ -137,7 +137,7 @@ class World:
                 raise FirmwareProblem("not_found", f"firmware {name!r} does not exist")
             return self.images[-1]
 
-        return BatchManager(
+        manager = BatchManager(
             self.clock,
             self.queue,
             self.prober,
@@ -149,6 +149,8 @@ class World:
             device_tags=tags or {},
             new_id=lambda: next(self.ids),
         )
+        manager.recovered = True  # as after a start-up with nothing to carry on
+        return manager
 
     def create(self, body):
         d = defer.ensureDeferred(self.manager.create(body))

@@ -52,6 +52,8 @@ def test_example_config_parses_with_every_documented_key():
         3335,
     )
     assert shelf1.target.interface == "wlan1"
+    assert shelf1.tags == ("top-shelf", "camera") and config.devices["shelf2"].tags == ()
+    assert (config.on_job_end, config.webhook, config.rescue, config.rescue_interval) == (None, None, False, 300.0)
     assert shelf1.timeouts.reboot == 180.0  # per-device override
     assert config.devices["shelf2"].timeouts.reboot == 120.0  # daemon-wide value
     # Every engine timeout and every [daemon] key is documented in the example.

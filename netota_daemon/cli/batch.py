@@ -412,7 +412,7 @@ async def cmd_rescue(client: Any, args: argparse.Namespace) -> int:
             outcome = job.get("outcome") or {}
             if not args.json:
                 print(
-                    f"  job {job['id']}: {outcome_text(outcome.get('kind', job.get('state')), outcome.get('message') or '')}"
+                    f"  job {job['id']}: {outcome_text(str(outcome.get('kind') or job.get('state')), outcome.get('message') or '')}"
                 )
             kind = outcome.get("kind")
             job_code = exit_code(OutcomeKind(kind)) if kind in {k.value for k in OutcomeKind} else EXIT_UNAVAILABLE

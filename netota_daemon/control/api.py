@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from netota_daemon.control.batches import BatchEndpoints
 from netota_daemon.control.channel import STREAM_RESERVE, ControlSite
 from netota_daemon.control.devices import DeviceEndpoints
 from netota_daemon.control.events import EventStreams
@@ -18,10 +19,13 @@ from netota_daemon.control.openapi import OpenApiEndpoints
 from netota_daemon.control.routing import ControlResource
 from netota_daemon.control.status import StatusEndpoints
 from netota_daemon.control.web import HttpRoot, load_assets
+from netota_daemon.daemon.batches import BatchManager
 from netota_daemon.daemon.jobs import JobQueue
 from netota_daemon.daemon.metrics import DaemonMetrics
+from netota_daemon.daemon.notify import JobNotifier
 from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
+from netota_daemon.daemon.rescue import Rescuer
 
 
 class ControlApi:
@@ -36,6 +40,9 @@ class ControlApi:
         max_connections: int = 256,
         firmware: FirmwareEndpoints | None = None,
         metrics: DaemonMetrics | None = None,
+        batches: BatchManager | None = None,
+        rescuer: Rescuer | None = None,
+        notifier: JobNotifier | None = None,
     ) -> None:
         self.clock = clock
         self.token = token
@@ -43,10 +50,16 @@ class ControlApi:
         self.max_connections = max_connections
         self.streams = EventStreams(queue, registry, clock, max_streams=max(1, max_connections - STREAM_RESERVE))
         self.resource = ControlResource(token)
-        groups: list[Any] = [StatusEndpoints(queue, registry), DeviceEndpoints(registry, prober), JobEndpoints(queue)]
+        groups: list[Any] = [
+            StatusEndpoints(queue, registry, notifier, batches),
+            DeviceEndpoints(registry, prober),
+            JobEndpoints(queue),
+        ]
         groups += [self.streams, OpenApiEndpoints()]
         if firmware is not None:
             groups.append(firmware)
+        if batches is not None and rescuer is not None:
+            groups.append(BatchEndpoints(batches, queue, self.streams, rescuer, registry))
         for group in groups:
             self.resource.add(group.routes())
         self.upload_limit = firmware.catalog.max_upload if firmware is not None else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from netota_daemon.daemon.batches import BatchError, BatchRefusal
 from netota_daemon.daemon.jobs import JobError, RefusalKind
 
 #: The HTTP status of each refusal the job queue can give.
@@ -23,6 +24,26 @@ STATUS_OF_REFUSAL: dict[RefusalKind, int] = {
     RefusalKind.FIRMWARE_INVALID: 400,
     RefusalKind.WRONG_IMAGE_KIND: 400,
     RefusalKind.JOURNAL_UNAVAILABLE: 503,
+}
+
+#: The HTTP status of each refusal of a batch request.
+STATUS_OF_BATCH_REFUSAL: dict[BatchRefusal, int] = {
+    BatchRefusal.BAD_FIELD: 400,
+    BatchRefusal.MISSING_FIELD: 400,
+    BatchRefusal.UNKNOWN_FIELD: 400,
+    BatchRefusal.BAD_QUERY: 400,
+    BatchRefusal.BAD_POLICY: 400,
+    BatchRefusal.BAD_OPTIONS: 400,
+    BatchRefusal.UNKNOWN_DEVICE: 404,
+    BatchRefusal.UNKNOWN_TAG: 404,
+    BatchRefusal.BUSY: 409,
+    BatchRefusal.FIRMWARE_OUTSIDE: 403,
+    BatchRefusal.FIRMWARE_NOT_FOUND: 404,
+    BatchRefusal.FIRMWARE_INVALID: 400,
+    BatchRefusal.UNKNOWN_BATCH: 404,
+    BatchRefusal.NOT_ACTIVE: 409,
+    BatchRefusal.SHUTTING_DOWN: 503,
+    BatchRefusal.JOURNAL_UNAVAILABLE: 503,
 }
 
 REASONS = {
@@ -53,7 +74,9 @@ class ApiError(Exception):
         return json_bytes({"error": {"code": self.code, "message": self.message, "status": self.status}})
 
 
-def from_refusal(error: JobError) -> ApiError:
+def from_refusal(error: JobError | BatchError) -> ApiError:
+    if isinstance(error, BatchError):
+        return ApiError(STATUS_OF_BATCH_REFUSAL[error.kind], error.code, error.message)
     return ApiError(STATUS_OF_REFUSAL[error.kind], error.code, error.message)
 
 

@@ -172,12 +172,30 @@ class EventStreams:
         return len(self.open_streams)
 
     def _open(
-        self, request: HttpRequest, accept: Callable[[QueueEvent], bool], last: Callable[[QueueEvent], bool]
+        self,
+        request: HttpRequest,
+        accept: Callable[[QueueEvent], bool],
+        last: Callable[[QueueEvent], bool],
+        subscribe: Callable[[Callable[[QueueEvent], None]], Callable[[], None]] | None = None,
     ) -> EventStream:
         stream = EventStream(request, accept, last, self.clock)
         self.open_streams.add(stream)
         stream.on_close = self.open_streams.discard
-        stream.open(self.queue.subscribe)
+        stream.open(subscribe or self.queue.subscribe)
+        return stream
+
+    def open_stream(
+        self,
+        request: HttpRequest,
+        accept: Callable[[QueueEvent], bool],
+        last: Callable[[QueueEvent], bool],
+        subscribe: Callable[[Callable[[QueueEvent], None]], Callable[[], None]] | None = None,
+    ) -> EventStream:
+        """A stream for another endpoint group (a batch's), fed by ``subscribe`` (default: the job
+        queue's events), counted against the limit and ended on shutdown with the others."""
+        self._check_room()
+        stream = self._open(request, accept, last, subscribe)
+        self.opened.publish(stream)
         return stream
 
     def _check_room(self) -> None:

@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from netota_daemon.control.errors import ApiError, from_refusal, json_bytes
 from netota_daemon.control.json_body import MAX_BODY, BodyError, decode_json
+from netota_daemon.daemon.batches import BatchError
 from netota_daemon.daemon.jobs import JobError
 
 log = Logger()
@@ -221,7 +222,7 @@ class ControlResource(Resource):
 
     def _refused(self, failure: Failure, request: HttpRequest, gone: list[bool]) -> None:
         error = failure.value
-        if isinstance(error, JobError):
+        if isinstance(error, (JobError, BatchError)):
             error = from_refusal(error)
         elif not isinstance(error, ApiError):
             log.failure("control API: {method} {path} failed", failure, method=request.method, path=request.path)

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from netota_daemon import __version__
 from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route
+from netota_daemon.daemon.batches import BatchManager
 from netota_daemon.daemon.jobs import JobQueue
+from netota_daemon.daemon.notify import JobNotifier
 from netota_daemon.daemon.registry import DeviceRegistry
 
 
 class StatusEndpoints:
-    def __init__(self, queue: JobQueue, registry: DeviceRegistry) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        registry: DeviceRegistry,
+        notifier: JobNotifier | None = None,
+        batches: BatchManager | None = None,
+    ) -> None:
         self.queue = queue
         self.registry = registry
+        self.notifier = notifier
+        self.batches = batches
 
     def routes(self) -> list[Route]:
         return [Route((), {"GET": self.status}), Route(("status",), {"GET": self.status})]
@@ -26,5 +36,7 @@ class StatusEndpoints:
                 "running": self.queue.running_count(),
                 "queued": self.queue.queued_count(),
                 "devices": len(self.registry.names()),
+                "batches_active": len(self.batches.batches) if self.batches is not None else 0,
+                "notifications": self.notifier.stats() if self.notifier is not None else {},
             }
         )

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from netota_daemon.daemon.journal import JournalError
+
 JOURNAL_FILE = "journal.sqlite3"
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
@@ -44,8 +46,9 @@ CREATE INDEX IF NOT EXISTS batches_state ON batches (state);
 ENDED_STATES = ("finished", "cancelled")
 
 
-class BatchStoreError(Exception):
-    """The batches can't be read or written (the message names the file)."""
+class BatchStoreError(JournalError):
+    """The batches can't be read or written (the message names the file); a journal error like the
+    job journal's own."""
 
 
 @dataclass(frozen=True)

@@ -108,13 +108,14 @@ class BatchQueue(Protocol):
     """What a batch needs of the job queue. Every call answers with a Deferred; a refusal is a
     :class:`QueueRefused` failure. Jobs are their JSON (as ``GET /v1/jobs/ID`` shows them)."""
 
-    max_parallel: int
+    @property
+    def max_parallel(self) -> int: ...
 
     def start(
         self, device: str, firmware: str, options: dict[str, Any] | None, batch: str
     ) -> Deferred[dict[str, Any]]: ...
 
-    def resume(self, job_id: str) -> Deferred[dict[str, Any]]: ...
+    def resume(self, job_id: str, batch: str | None = None) -> Deferred[dict[str, Any]]: ...
 
     def cancel(self, job_id: str, reason: str) -> Deferred[dict[str, Any]]: ...
 
@@ -271,6 +272,8 @@ class BatchManager:
         self.events: EventPublisher[BatchEvent] = EventPublisher()
         self.stopping = False
         self._tasks: set[Deferred[Any]] = set()
+        self.recovered = False  # set once recover() carried on the unfinished batches
+        self._ready_waiters: list[Deferred[None]] = []
 
     # ----- queries
 
@@ -283,6 +286,16 @@ class BatchManager:
             if any(job_id in m.jobs for m in batch.policy.members.values()):
                 return batch.id
         return None
+
+    def job_ids(self, batch_id: str) -> set[str]:
+        """Every job of an unfinished batch's members (empty for an ended or unknown batch)."""
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            return set()
+        return {job for m in batch.policy.members.values() for job in m.jobs}
+
+    def is_active(self, batch_id: str) -> bool:
+        return batch_id in self.batches
 
     def batch_of_device(self, device: str) -> str | None:
         for batch in self.batches.values():
@@ -355,6 +368,10 @@ class BatchManager:
         :class:`BatchError`; nothing is journaled or started for a refused request."""
         if self.stopping:
             raise BatchError(BatchRefusal.SHUTTING_DOWN, "the daemon is shutting down")
+        if not self.recovered:  # the unfinished batches' devices are not known yet
+            waiter: Deferred[None] = Deferred()
+            self._ready_waiters.append(waiter)
+            await waiter
         if not isinstance(body, dict):
             raise BatchError(BatchRefusal.BAD_FIELD, "the request body must be a JSON object")
         unknown = sorted(set(body) - BATCH_FIELDS)
@@ -562,7 +579,7 @@ class BatchManager:
 
     async def _resume(self, batch: Batch, action: Resume) -> None:
         try:
-            job = await self.queue.resume(action.job)
+            job = await self.queue.resume(action.job, batch.id)
         except QueueRefused as e:
             if self.stopping or e.code == "shutting_down":
                 return
@@ -629,7 +646,17 @@ class BatchManager:
 
     async def recover(self) -> None:
         """At start-up (after the job queue marked the jobs that were running as interrupted): load
-        every unfinished batch, reconcile each member with its job, and carry the batch on."""
+        every unfinished batch, reconcile each member with its job, and carry the batch on. New
+        batches wait until it is done."""
+        try:
+            await self._recover()
+        finally:
+            self.recovered = True
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def _recover(self) -> None:
         for row in await self.store.active():
             try:
                 batch = Batch.from_row(row, self.queue.max_parallel)

@@ -42,6 +42,11 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
 #: The largest firmware upload (PUT /v1/firmware/NAME) unless daemon.firmware_max_upload says otherwise.
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
+DEFAULT_NOTIFY_TIMEOUT = 30.0
+DEFAULT_WEBHOOK_ATTEMPTS = 4
+DEFAULT_RESCUE_INTERVAL = 300.0
+MAX_TAGS = 32
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 #: The longest any engine wait may be set to (a week); longer is a typo, and would overflow timers.
 MAX_SECONDS = 7 * 24 * 3600.0
@@ -69,6 +74,7 @@ class DeviceConfig:
     target: DeviceTarget
     timeouts: UpgradeTimeouts
     behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
+    tags: tuple[str, ...] = ()  # for batches (netota batch start --tag T)
 
     @property
     def name(self) -> str:
@@ -93,6 +99,12 @@ class DaemonConfig:
     web: str | None = None  # the dashboard's endpoint (and the API beside it), if any
     metrics: str | None = None  # an endpoint serving only /metrics, if any
     firmware_max_upload: int = DEFAULT_MAX_UPLOAD  # bytes a PUT /v1/firmware/NAME may carry
+    on_job_end: str | None = None  # a command run (sh -c) with each ended job as JSON on stdin
+    webhook: str | None = None  # a URL POSTed each ended job as JSON
+    notify_timeout: float = DEFAULT_NOTIFY_TIMEOUT  # the command's time, and each webhook attempt's
+    webhook_attempts: int = DEFAULT_WEBHOOK_ATTEMPTS  # webhook attempts in all (retries + 1)
+    rescue: bool = False  # probe idle devices periodically and rescue those found in their loader
+    rescue_interval: float = DEFAULT_RESCUE_INTERVAL  # seconds between two rescue probes
     timeouts: UpgradeTimeouts = field(default_factory=UpgradeTimeouts)
     behaviour: UpgradeBehaviour = field(default_factory=UpgradeBehaviour)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
@@ -131,6 +143,12 @@ _DAEMON_KEYS: dict[str, _Spec] = {
     "web": _STRING,
     "metrics": _STRING,
     "firmware_max_upload": _Spec((int,), "an integer", 1024, 4 * 1024**3, unit=" bytes"),
+    "on_job_end": _STRING,
+    "webhook": _STRING,
+    "notify_timeout": _Spec((int, float), "a number", 0, 3600, above=True, unit=" seconds"),
+    "webhook_attempts": _Spec((int,), "an integer", 1, 20),
+    "rescue": _BOOL,
+    "rescue_interval": _Spec((int, float), "a number", 10, 86400, unit=" seconds"),
 }
 
 _DEVICE_KEYS: dict[str, _Spec] = {
@@ -325,6 +343,7 @@ def _parse_device(
     if not isinstance(table, dict):
         raise ConfigError(source, prefix, "must be a table ([devices.NAME])")
     values: dict[str, Any] = {}
+    tags: tuple[str, ...] = ()
     device_timeouts, device_behaviour = timeouts, behaviour
     if "behaviour" in table:
         device_behaviour = parse_behaviour(source, f"{prefix}.behaviour", table["behaviour"], behaviour)
@@ -335,9 +354,12 @@ def _parse_device(
         if key == "timeouts":
             device_timeouts, device_behaviour = parse_timeouts(source, full, value, timeouts, device_behaviour)
             continue
+        if key == "tags":
+            tags = _parse_tags(source, full, value)
+            continue
         if key not in _DEVICE_KEYS:
             raise ConfigError(
-                source, full, f"unknown key (known: {', '.join(sorted(_DEVICE_KEYS))}, timeouts, behaviour)"
+                source, full, f"unknown key (known: {', '.join(sorted(_DEVICE_KEYS))}, tags, timeouts, behaviour)"
             )
         value = check_value(source, full, value, _DEVICE_KEYS[key])
         if key.endswith("_port"):
@@ -354,7 +376,32 @@ def _parse_device(
         values[key] = value
     if "host" not in values:
         raise ConfigError(source, f"{prefix}.host", 'missing (the device\'s address, e.g. "192.168.1.1")')
-    return DeviceConfig(target=DeviceTarget(name=name, **values), timeouts=device_timeouts, behaviour=device_behaviour)
+    return DeviceConfig(
+        target=DeviceTarget(name=name, **values), timeouts=device_timeouts, behaviour=device_behaviour, tags=tags
+    )
+
+
+def _parse_tags(source: str, key: str, value: Any) -> tuple[str, ...]:
+    """A device's ``tags``: a list of short names (letters, digits, ``_ . : -``), each once."""
+    if not isinstance(value, list):
+        raise ConfigError(
+            source, key, f'must be a list of tag names (tags = ["shelf1", "camera"]), not {_short(value)}'
+        )
+    if len(value) > MAX_TAGS:
+        raise ConfigError(source, key, f"must have at most {MAX_TAGS} tags, not {len(value)}")
+    tags: list[str] = []
+    for tag in value:
+        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+            raise ConfigError(
+                source,
+                key,
+                f"{_short(tag)} is not a tag name (1 to 64 letters, digits, '_', '.', ':' or '-', starting "
+                "with a letter or digit)",
+            )
+        if tag in tags:
+            raise ConfigError(source, key, f"the tag {tag!r} is given twice")
+        tags.append(tag)
+    return tuple(tags)
 
 
 def check_control_endpoint(source: str, description: str, token: str | None, key: str = "daemon.control") -> str:
@@ -471,6 +518,17 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         if key in values:
             check_text(source, f"daemon.{key}", values[key])
             extra_endpoints[key] = check_control_endpoint(source, values[key], token, f"daemon.{key}")
+    on_job_end = values.get("on_job_end")
+    if on_job_end is not None:
+        check_text(source, "daemon.on_job_end", on_job_end)
+    webhook = values.get("webhook")
+    if webhook is not None:
+        from netota_daemon.daemon.notify import NotifyConfigError, check_webhook_url
+
+        try:
+            check_webhook_url(webhook)
+        except NotifyConfigError as e:
+            raise ConfigError(source, "daemon.webhook", str(e)) from None
 
     timeouts, behaviour = UpgradeTimeouts(), UpgradeBehaviour()
     if "behaviour" in data:
@@ -501,6 +559,12 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | None = N
         web=extra_endpoints.get("web"),
         metrics=extra_endpoints.get("metrics"),
         firmware_max_upload=values.get("firmware_max_upload", DEFAULT_MAX_UPLOAD),
+        on_job_end=on_job_end,
+        webhook=webhook,
+        notify_timeout=float(values.get("notify_timeout", DEFAULT_NOTIFY_TIMEOUT)),
+        webhook_attempts=values.get("webhook_attempts", DEFAULT_WEBHOOK_ATTEMPTS),
+        rescue=values.get("rescue", False),
+        rescue_interval=float(values.get("rescue_interval", DEFAULT_RESCUE_INTERVAL)),
         timeouts=timeouts,
         behaviour=behaviour,
         devices=devices,

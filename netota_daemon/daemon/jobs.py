@@ -455,13 +455,20 @@ class JobQueue:
         options: Any = None,
         resumed_from: str | None = None,
         verify_only: bool = False,
+        batch: str | None = None,
     ) -> Deferred[dict[str, Any]]:
-        """Accept a job for ``device``: once its row is in the journal it runs, or waits for a slot.
-        Fires with the job, or fails with a :class:`JobError`."""
-        return self._track(self._start(device, firmware, options, resumed_from, verify_only))
+        """Accept a job for ``device`` (a member of ``batch``, if given): once its row is in the
+        journal it runs, or waits for a slot. Fires with the job, or fails with a :class:`JobError`."""
+        return self._track(self._start(device, firmware, options, resumed_from, verify_only, batch))
 
     async def _start(
-        self, device: str, firmware: Any, options: Any, resumed_from: str | None, verify_only: bool
+        self,
+        device: str,
+        firmware: Any,
+        options: Any,
+        resumed_from: str | None,
+        verify_only: bool,
+        batch: str | None = None,
     ) -> dict[str, Any]:
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
@@ -494,6 +501,9 @@ class JobQueue:
             created=self._reactor.seconds(),
             resumed_from=resumed_from,
             options=checked,
+            batch=batch,
+            # One image: its SHA-256. A set: the engine picks the image of the device's kind later.
+            image_sha256=images[0].sha256() if len(images) == 1 else None,
         )
         self._by_device[device] = record.id  # busy from now on, before the row is written
         try:
@@ -525,15 +535,16 @@ class JobQueue:
         self._start_waiting()
         return self.job_json(active.record)
 
-    def resume(self, job_id: str, force: bool = False) -> Deferred[dict[str, Any]]:
+    def resume(self, job_id: str, force: bool = False, batch: str | None = None) -> Deferred[dict[str, Any]]:
         """A new job for the same device and firmware as an interrupted, failed or aborted one; the
         engine sees where the device is (in its loader: straight to phase 2). A job that ended after
         phase 2 completed (in verify) is resumed as a check only: the new firmware's version is read
         back, nothing is flashed again. Refused (:class:`Superseded`) when a later job has upgraded
-        the device since, unless ``force``."""
-        return self._track(self._resume(job_id, force))
+        the device since, unless ``force``. The new job belongs to ``batch`` only when a batch resumes
+        it (a person's resume is outside the batch)."""
+        return self._track(self._resume(job_id, force, batch))
 
-    async def _resume(self, job_id: str, force: bool) -> dict[str, Any]:
+    async def _resume(self, job_id: str, force: bool, batch: str | None = None) -> dict[str, Any]:
         if job_id in self._active:
             raise NotResumable(f"job {job_id} is still {self._active[job_id].record.state.value}")
         record = await self._read(self._journal.get(job_id))
@@ -558,7 +569,7 @@ class JobQueue:
                 )
         verify_only = record.phase in (Phase.VERIFY, Phase.DONE)
         firmware = record.firmware if not record.also else list(record.firmware_set)
-        started = await self._start(record.device, firmware, record.options, job_id, verify_only)
+        started = await self._start(record.device, firmware, record.options, job_id, verify_only, batch)
         try:
             await self._order.after(
                 self._journal.update(job_id, note=f"resumed by {started['id']}", resumed_by=started["id"])

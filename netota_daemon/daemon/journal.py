@@ -79,6 +79,8 @@ class JobRecord:
     options: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, Any] | None = None  # the latest progress object, kept at phase changes, no return, end
     also: tuple[str, ...] = ()  # further images of the job's set (one of each kind): the engine sends one
+    batch: str | None = None  # the batch this job belongs to
+    image_sha256: str | None = None  # the SHA-256 of the job's image (None: a set of images, or an older row)
 
     @property
     def firmware_set(self) -> tuple[str, ...]:
@@ -122,6 +124,8 @@ class JobRecord:
             "resumed_by": self.resumed_by,
             "options": dict(self.options),
             "progress": dict(self.progress) if self.progress is not None else None,
+            "batch": self.batch,
+            "image_sha256": self.image_sha256,
         }
 
 
@@ -176,10 +180,19 @@ _COLUMNS = (
     "options",
     "progress",
     "also",
+    "batch",
+    "image_sha256",
 )
 
 #: Columns added after the first release, with their definitions: added to an older journal on open.
-_ADDED_COLUMNS = {"progress": "TEXT", "also": "TEXT"}
+_ADDED_COLUMNS = {"progress": "TEXT", "also": "TEXT", "batch": "TEXT", "image_sha256": "TEXT"}
+#: Indexes on added columns, made once the columns exist.
+_ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_image ON jobs (image_sha256)",
+    "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch)",
+)
+#: Jobs with an image searched for the version it installs (skip_current with no version given).
+IMAGE_SEARCH = 50
 
 #: Jobs in one page of ``GET /v1/jobs`` by default, and at most.
 DEFAULT_PAGE = 100
@@ -213,6 +226,8 @@ def _to_row(record: JobRecord) -> dict[str, Any]:
         "options": json.dumps(record.options, sort_keys=True),
         "progress": json.dumps(record.progress, sort_keys=True) if record.progress is not None else None,
         "also": json.dumps(list(record.also)) if record.also else None,
+        "batch": record.batch,
+        "image_sha256": record.image_sha256,
     }
 
 
@@ -250,6 +265,8 @@ def _record_from_row(row: sqlite3.Row) -> JobRecord:
         options=json.loads(row["options"] or "{}"),
         progress=json.loads(row["progress"]) if row["progress"] else None,
         also=tuple(str(name) for name in json.loads(row["also"])) if row["also"] else (),
+        batch=row["batch"],
+        image_sha256=row["image_sha256"],
     )
 
 
@@ -282,6 +299,8 @@ class JobJournal:
             for column, definition in _ADDED_COLUMNS.items():
                 if column not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+            for index in _ADDED_INDEXES:
+                self._db.execute(index)
         except (OSError, sqlite3.Error) as e:
             raise JournalError(f"can't open the job journal {self.path}: {e}") from None
 
@@ -397,6 +416,21 @@ class JobJournal:
             if version:
                 return str(version)
         return None
+
+    def batch_job(self, batch: str, device: str) -> JobRecord | None:
+        """The device's newest job of ``batch`` (a batch's start the daemon died in), or None."""
+        rows = self._read(
+            "SELECT * FROM jobs WHERE batch = ? AND device = ? ORDER BY seq DESC LIMIT 1", (batch, device)
+        )
+        return _from_row(rows[0]) if rows else None
+
+    def image_jobs(self, image_sha256: str, limit: int = IMAGE_SEARCH) -> list[JobRecord]:
+        """The newest ended jobs that flashed the image with this SHA-256, newest first (bounded)."""
+        rows = self._read(
+            "SELECT * FROM jobs WHERE image_sha256 = ? AND state = ? ORDER BY seq DESC LIMIT ?",
+            (image_sha256, JobState.FINISHED.value, limit),
+        )
+        return [_from_row(r) for r in rows]
 
     def superseded_by(self, job_id: str) -> JobRecord | None:
         """A later job of the same device that upgraded it (succeeded, or found it already current),

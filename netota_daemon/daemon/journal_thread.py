@@ -121,6 +121,22 @@ class AsyncJournal:
     ) -> Deferred[JobPage]:
         return self._call(self.journal.page, device, limit, cursor)
 
+    def batch_job(self, batch: str, device: str) -> Deferred[JobRecord | None]:
+        return self._call(self.journal.batch_job, batch, device)
+
+    def image_jobs(self, image_sha256: str) -> Deferred[list[JobRecord]]:
+        return self._call(self.journal.image_jobs, image_sha256)
+
+    def device_jobs(self, device: str, limit: int) -> Deferred[list[JobRecord]]:
+        return self._call(self.journal.jobs, device, limit)
+
+    def run(self, call: Callable[[], T]) -> Deferred[T]:
+        """Run ``call`` on the journal's thread, in order with the journal's own calls (another
+        store in the same file: the batches)."""
+        if self._closed:
+            return fail(JournalError(f"the job journal {self.journal.path} is closed"))
+        return self._executor.submit(call)
+
     def superseded_by(self, job_id: str) -> Deferred[JobRecord | None]:
         return self._call(self.journal.superseded_by, job_id)
 

@@ -65,21 +65,29 @@ class NotifyConfigError(ValueError):
     """A hook setting that can't be used (the config names the key)."""
 
 
+#: The longest webhook URL taken.
+MAX_URL = 2048
+
+
 def check_webhook_url(url: str) -> str:
-    """``url`` if it is an absolute http(s) URL with a host, else :class:`NotifyConfigError`."""
+    """``url`` if it is an absolute http(s) URL with a host, else :class:`NotifyConfigError` (whose
+    message shows the URL cut short)."""
     if not isinstance(url, str) or not url.strip():
         raise NotifyConfigError("must be an http:// or https:// URL, not empty")
-    if url != url.strip() or any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise NotifyConfigError(f"{url!r} contains spaces or control characters")
+    shown = repr(url) if len(url) <= 60 else repr(url[:57]) + "..."
+    if len(url) > MAX_URL:
+        raise NotifyConfigError(f"{shown} is longer than {MAX_URL} characters")
+    if url != url.strip() or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise NotifyConfigError(f"{shown} contains spaces or control characters")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise NotifyConfigError(f"{url!r} is not a URL: {e}") from None
+        raise NotifyConfigError(f"{shown} is not a URL: {e}") from None
     if parts.scheme not in ("http", "https"):
-        raise NotifyConfigError(f"{url!r}: only http:// and https:// URLs are allowed")
+        raise NotifyConfigError(f"{shown}: only http:// and https:// URLs are allowed")
     if not parts.hostname:
-        raise NotifyConfigError(f"{url!r} names no host")
+        raise NotifyConfigError(f"{shown} names no host")
     del port
     return url
 
