@@ -46,3 +46,12 @@ def test_an_unusable_state_dir_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(BatchStoreError, match="can't open the batch journal"):
         BatchStore(tmp_path / "file")
+
+
+def test_only_the_newest_ended_batches_are_kept(tmp_path):
+    store = BatchStore(tmp_path)
+    for n in range(1, 8):
+        store.create(BatchRow(f"b{n}", float(n), "fw.ufw", "running" if n == 2 else "finished", {}))
+    assert store.prune(keep=3) == 3  # b1, b3, b4: b2 is unfinished and stays
+    assert [r.id for r in store.page(limit=10).rows] == ["b7", "b6", "b5", "b2"]
+    assert store.prune(keep=3) == 0

@@ -410,3 +410,18 @@ def test_a_shutdown_leaves_running_members_for_the_restart(tmp_path):
     with pytest.raises(BatchError) as caught:
         world.create({"firmware": "fw.ufw", "devices": ["c"]})
     assert caught.value.kind is BatchRefusal.SHUTTING_DOWN
+
+
+def test_a_batch_asked_for_before_the_restart_was_carried_on_waits_for_it(tmp_path):
+    world = World(tmp_path)
+    world.create({"firmware": "fw.ufw", "devices": ["a"]})
+    for job in world.queue.jobs.values():
+        job["state"] = "interrupted"
+    world.manager = world.make_manager()
+    world.manager.recovered = False  # as at start-up, before recover() ran
+    d = defer.ensureDeferred(world.manager.create({"firmware": "fw.ufw", "devices": ["a", "b"]}))
+    assert not d.called  # it does not know yet that a belongs to batch1
+    world.result(defer.ensureDeferred(world.manager.recover()))
+    failures = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].value.kind is BatchRefusal.BUSY

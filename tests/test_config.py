@@ -472,3 +472,52 @@ def test_a_state_dir_that_is_a_file_unwritable_or_impossible_stops_start_up(tmp_
     (tmp_path / "blocker").write_text("")
     error = checked(tmp_path, DIRS.replace('"state"', '"blocker/state"'))
     assert "does not exist and can't be created" in error.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('\n[devices.d]\nhost = "h"\ntags = "top"\n', "devices.d.tags", "must be a list of tag names"),
+        ('\n[devices.d]\nhost = "h"\ntags = ["a b"]\n', "devices.d.tags", "is not a tag name"),
+        ('\n[devices.d]\nhost = "h"\ntags = ["a", "a"]\n', "devices.d.tags", "given twice"),
+        ('\n[devices.d]\nhost = "h"\ntags = [1]\n', "devices.d.tags", "is not a tag name"),
+    ],
+)
+def test_bad_device_tags_are_refused_with_their_key(tmp_path, text, key, problem):
+    error = error_for(tmp_path, MINIMAL + text)
+    assert error.key == key and problem in error.problem
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('webhook = "ftp://x/y"', "daemon.webhook", "only http:// and https://"),
+        ('webhook = "http:///x"', "daemon.webhook", "names no host"),
+        ("notify_timeout = 0", "daemon.notify_timeout", "more than 0"),
+        ("webhook_attempts = 0", "daemon.webhook_attempts", "at least 1"),
+        ("rescue_interval = 1", "daemon.rescue_interval", "at least 10"),
+        ('rescue = "yes"', "daemon.rescue", "true or false"),
+        ('on_job_end = ""', "daemon.on_job_end", "must not be empty"),
+    ],
+)
+def test_bad_hook_and_rescue_keys_are_refused(tmp_path, line, key, problem):
+    error = error_for(tmp_path, MINIMAL + line + "\n")
+    assert error.key == key and problem in error.problem
+
+
+def test_tags_and_hooks_are_read(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            MINIMAL
+            + 'on_job_end = "notify"\nwebhook = "https://h.example/x"\nrescue = true\nrescue_interval = 60\n'
+            + '\n[devices.d]\nhost = "h"\ntags = ["top", "cam-1"]\n',
+        )
+    )
+    assert config.devices["d"].tags == ("top", "cam-1")
+    assert (config.on_job_end, config.webhook, config.rescue, config.rescue_interval) == (
+        "notify",
+        "https://h.example/x",
+        True,
+        60.0,
+    )

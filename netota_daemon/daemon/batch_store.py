@@ -27,6 +27,8 @@ from netota_daemon.daemon.journal import JournalError
 JOURNAL_FILE = "journal.sqlite3"
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
+#: Ended batches kept (the oldest beyond it are deleted as each batch ends); unfinished ones always.
+KEEP_ENDED = 1000
 
 T = TypeVar("T")
 
@@ -140,6 +142,16 @@ class BatchStore:
         rows = rows[:limit]
         return BatchPage([self._row(r) for r in rows], str(rows[-1]["seq"]) if more and rows else None)
 
+    def prune(self, keep: int = KEEP_ENDED) -> int:
+        """Delete the ended batches older than the newest ``keep`` batches; how many were deleted."""
+        rows = self._db.execute("SELECT seq FROM batches ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep,)).fetchall()
+        if not rows:
+            return 0
+        marks = ", ".join("?" for _ in ENDED_STATES)
+        before = self._db.total_changes
+        self._write(f"DELETE FROM batches WHERE seq <= ? AND state IN ({marks})", (rows[0]["seq"], *ENDED_STATES))
+        return self._db.total_changes - before
+
     def close(self) -> None:
         self._db.close()
 
@@ -169,6 +181,9 @@ class AsyncBatchStore:
 
     def page(self, limit: int = DEFAULT_PAGE, cursor: str | None = None) -> Deferred[BatchPage]:
         return self._submit(lambda: self.store.page(limit, cursor))
+
+    def prune(self, keep: int = KEEP_ENDED) -> Deferred[int]:
+        return self._submit(lambda: self.store.prune(keep))
 
     def close(self) -> Deferred[None]:
         return self._submit(self.store.close)

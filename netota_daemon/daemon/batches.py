@@ -620,6 +620,8 @@ class BatchManager:
         )
         self.batches.pop(batch.id, None)
         self.events.publish({"type": "batch_end", "batch": batch.id, "snapshot": batch.to_json()})
+        pruned = self.store.prune()  # the ended batches kept are bounded
+        pruned.addErrback(lambda f: log.warn("batches: pruning old ones failed: {error}", error=f.getErrorMessage()))
 
     # ----- events
 
