@@ -64,6 +64,7 @@ class FirmwareImage:
         self._view = memoryview(data)
         self._range_sums: dict[tuple[int, int], int] = {}
         self._kind: FirmwareKindInfo | None = None
+        self._sha256: str | None = None
 
     @property
     def kind(self) -> FirmwareKindInfo:
@@ -71,7 +72,6 @@ class FirmwareImage:
         if self._kind is None:
             self._kind = identify_file_bytes(self._view)
         return self._kind
-        self._sha256: str | None = None
 
     def read(self, offset: int, length: int) -> memoryview:
         """Bytes ``offset .. offset+length``, clamped at the end of the image (no copy)."""

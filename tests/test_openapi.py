@@ -9,6 +9,7 @@ import json
 from openapi_spec_validator import validate
 from twisted.internet.task import Clock
 
+from netota_daemon.control.batches import BatchEndpoints
 from netota_daemon.control.devices import DeviceEndpoints
 from netota_daemon.control.events import EventStreams
 from netota_daemon.control.firmware import FirmwareEndpoints
@@ -38,6 +39,7 @@ def test_every_route_and_method_is_described():
         JobEndpoints(None),  # type: ignore[arg-type]
         EventStreams(None, None, Clock(), 1),  # type: ignore[arg-type]
         FirmwareEndpoints(None, None),  # type: ignore[arg-type]
+        BatchEndpoints(None, None, None, None, None),  # type: ignore[arg-type]
         OpenApiEndpoints(),
     ]
     paths = document()["paths"]

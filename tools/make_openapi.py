@@ -77,6 +77,13 @@ SCHEMAS = {
             "running": {"type": "integer"},
             "queued": {"type": "integer"},
             "devices": {"type": "integer"},
+            "batches_active": {"type": "integer"},
+            "notifications": {
+                "type": "object",
+                "description": "each job-end hook's counters (on_job_end, webhook): sent, failed, dropped, "
+                "attempts, pending",
+                "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
         },
         ("version", "api", "max_parallel", "running", "devices"),
     ),
@@ -139,6 +146,8 @@ SCHEMAS = {
             "resumed_from": STRING_OR_NULL,
             "resumed_by": STRING_OR_NULL,
             "options": {"type": "object"},
+            "batch": {"type": ["string", "null"], "description": "the batch the job belongs to"},
+            "image_sha256": {"type": ["string", "null"], "description": "the SHA-256 of the image the job flashed"},
             "history": {
                 "type": "array",
                 "items": obj({"time": {"type": "number"}, "state": {"type": "string"}, "phase": {"type": "string"}}),
@@ -179,9 +188,108 @@ SCHEMAS = {
         },
         ("name", "size", "sha256", "modified", "kind"),
     ),
+    "BatchMember": obj(
+        {
+            "device": {"type": "string"},
+            "state": {
+                "type": "string",
+                "enum": [
+                    "pending",
+                    "ready",
+                    "starting",
+                    "running",
+                    "cancelling",
+                    "succeeded",
+                    "failed",
+                    "cancelled",
+                    "skipped",
+                    "refused",
+                ],
+            },
+            "canary": {"type": "boolean"},
+            "reason": {
+                "type": ["string", "null"],
+                "enum": [
+                    "already_current",
+                    "max_failures",
+                    "canary_failed",
+                    "cancelled",
+                    "unreachable",
+                    "wrong_kind",
+                    "busy",
+                    "start_refused",
+                    "image_changed",
+                    None,
+                ],
+            },
+            "message": {"type": "string"},
+            "job": STRING_OR_NULL,
+            "jobs": {"type": "array", "items": {"type": "string"}},
+            "probe": {"type": ["object", "null"]},
+            "firmware_version": STRING_OR_NULL,
+            "outcome": {"type": ["object", "null"]},
+            "started": NUMBER_OR_NULL,
+            "finished": NUMBER_OR_NULL,
+            "duration": NUMBER_OR_NULL,
+        },
+        ("device", "state"),
+    ),
+    "Batch": obj(
+        {
+            "id": {"type": "string"},
+            "created": {"type": "number"},
+            "firmware": {"type": "string"},
+            "image": obj({"sha256": {"type": "string"}, "kind": {"type": "string"}, "size": {"type": "integer"}}),
+            "selection": {"type": "object"},
+            "options": {"type": "object"},
+            "state": {
+                "type": "string",
+                "enum": ["preflight", "running", "stopping", "cancelling", "finished", "cancelled"],
+            },
+            "result": {"type": ["string", "null"], "enum": ["succeeded", "failed", "cancelled", None]},
+            "stop_reason": STRING_OR_NULL,
+            "stop_message": {"type": "string"},
+            "policy": {"type": "object"},
+            "max_parallel": {"type": "integer"},
+            "target": {"type": ["object", "null"]},
+            "notes": {"type": "array", "items": {"type": "string"}},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "began": NUMBER_OR_NULL,
+            "finished": NUMBER_OR_NULL,
+            "duration": NUMBER_OR_NULL,
+            "jobs": {"type": "array", "items": {"type": "string"}},
+            "members": {"type": "array", "items": ref("BatchMember")},
+            "journal_error": STRING_OR_NULL,
+        },
+        ("id", "firmware", "state", "counts"),
+    ),
+    "RescuePlan": obj(
+        {
+            "device": {"type": "string"},
+            "action": {"type": "string", "enum": ["resume", "start", "none", "needs_firmware"]},
+            "message": {"type": "string"},
+            "job": STRING_OR_NULL,
+            "firmware": STRING_OR_NULL,
+            "started": STRING_OR_NULL,
+        },
+        ("device", "action", "message"),
+    ),
 }
 
 JOB_ID = {"name": "job", "in": "path", "required": True, "schema": {"type": "string"}}
+BATCH_ID = {"name": "batch", "in": "path", "required": True, "schema": {"type": "string"}}
+BATCH_ANSWER = obj({"batch": ref("Batch")}, ("batch",))
+POLICY = obj(
+    {
+        "canary": {"type": "integer", "minimum": 0},
+        "max_failures": {"type": ["integer", "null"], "minimum": 1},
+        "preflight": {"type": "boolean"},
+        "skip_current": {"type": "boolean"},
+        "max_parallel": {"type": ["integer", "null"], "minimum": 1},
+        "resume_interrupted": {"type": "boolean"},
+    },
+    extra=False,
+)
 FIRMWARE_NAME = {
     "name": "name",
     "in": "path",
@@ -356,6 +464,98 @@ PATHS = {
                 ("409", error("firmware_in_use")),
             ),
         },
+    },
+    "/v1/batches": {
+        "get": {
+            "summary": "a page of the batches, newest first (without their members)",
+            "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
+            ],
+            "responses": responses(
+                {
+                    "200": ok(
+                        obj(
+                            {"batches": {"type": "array", "items": ref("Batch")}, "next_cursor": STRING_OR_NULL},
+                            ("batches",),
+                        )
+                    )
+                }
+            ),
+        },
+        "post": {
+            "summary": "start a batch: one firmware for a set of devices under a policy (docs/batches.md)",
+            "requestBody": body(
+                obj(
+                    {
+                        "firmware": {"type": "string"},
+                        "devices": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        "all": {"type": "boolean", "const": True},
+                        "tag": {"type": "string", "minLength": 1},
+                        "policy": POLICY,
+                        "target_version": {"type": "string", "minLength": 1},
+                        "options": {"type": "object"},
+                    },
+                    ("firmware",),
+                    extra=False,
+                ),
+                required=True,
+            ),
+            "responses": responses(
+                {"201": ok(BATCH_ANSWER, "accepted and journaled: probing its devices, or running")},
+                ("400", error("bad_policy", "bad_options", "bad_field", "firmware_invalid")),
+                ("403", error("firmware_outside")),
+                ("404", error("unknown_device", "unknown_tag", "firmware_not_found")),
+                ("409", error("busy", description="a device belongs to an unfinished batch")),
+                ("413", error("too_large")),
+            ),
+        },
+    },
+    "/v1/batches/{batch}": {
+        "get": {
+            "summary": "one batch, with its members",
+            "parameters": [BATCH_ID],
+            "responses": responses({"200": ok(BATCH_ANSWER)}, ("404", error("unknown_batch"))),
+        }
+    },
+    "/v1/batches/{batch}/cancel": {
+        "post": {
+            "summary": "cancel a batch: members not started are skipped, running jobs stopped (STOP)",
+            "parameters": [BATCH_ID],
+            "requestBody": body(obj({"reason": {"type": "string", "maxLength": 500}}, extra=False)),
+            "responses": responses(
+                {"200": ok(BATCH_ANSWER)},
+                ("404", error("unknown_batch")),
+                ("409", error("not_active")),
+                ("413", error("too_large")),
+            ),
+        }
+    },
+    "/v1/batches/{batch}/events": {
+        "get": {
+            "summary": "a batch's live events: snapshot, member, batch, its jobs' events, batch_end",
+            "parameters": [BATCH_ID],
+            "responses": responses({"200": SSE}, ("404", error("unknown_batch"))),
+        }
+    },
+    "/v1/rescue": {
+        "post": {
+            "summary": "finish devices left waiting in their phase-2 loader (never with a guessed image)",
+            "requestBody": body(
+                obj(
+                    {
+                        "devices": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        "firmware": {"type": "string", "minLength": 1},
+                    },
+                    extra=False,
+                )
+            ),
+            "responses": responses(
+                {"200": ok(obj({"rescues": {"type": "array", "items": ref("RescuePlan")}}, ("rescues",)))},
+                ("404", error("unknown_device")),
+                ("413", error("too_large")),
+            ),
+        }
     },
     "/v1/openapi.json": {"get": {"summary": "this document", "responses": responses({"200": ok({"type": "object"})})}},
     "/metrics": {

@@ -49,20 +49,22 @@ def identify_kind(head: bytes) -> str:
     return firmware_kind.identify(head).kind.value
 
 
-def read_image_facts(store: FirmwareStore, name: str, identify: Callable[[bytes], str] = identify_kind) -> ImageFacts:
-    """Open ``name`` in ``store`` and read its facts (blocking: run it off the reactor)."""
+def read_image_facts(store: FirmwareStore, name: str, identify: Callable[[bytes], str] | None = None) -> ImageFacts:
+    """Open ``name`` in ``store`` and read its facts (blocking: run it off the reactor). The kind is
+    the image's own (:attr:`FirmwareImage.kind`, as ``netota firmware inspect`` tells it), or what
+    ``identify`` says of its first bytes."""
     try:
         image = store.open(name)
     except FirmwareRefused as e:
         raise FirmwareProblem(e.reason, e.message) from None
-    kind = identify(bytes(image.read(0, HEAD_BYTES)))
+    kind = identify(bytes(image.read(0, HEAD_BYTES))) if identify is not None else image.kind.kind.value
     return ImageFacts(image.sha256(), kind if kind in ("single_backup", "double_backup") else "unknown", image.size)
 
 
 class ImageInspector:
     """``inspect(name) -> Deferred[ImageFacts]`` on a thread of ``reactor``'s pool."""
 
-    def __init__(self, reactor: Any, store: FirmwareStore, identify: Callable[[bytes], str] = identify_kind) -> None:
+    def __init__(self, reactor: Any, store: FirmwareStore, identify: Callable[[bytes], str] | None = None) -> None:
         self.reactor = reactor
         self.store = store
         self.identify = identify
