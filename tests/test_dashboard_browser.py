@@ -162,3 +162,35 @@ async def test_the_page_asks_for_the_token_and_uses_it(rig, page):
         expect(page.locator("#firmware-select option")).to_contain_text("v2.bin")
 
     await run(with_token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_from_the_page_whose_canary_fails(rig, page):
+    from playwright.sync_api import expect
+
+    run, page = page
+    rig.make_image("v2.bin", "2.0.0", 50_000)
+    canary = rig.start_sim("canary", "--reject-image")
+    rest = rig.start_sim("rest")
+    await rig.start_daemon()
+
+    def batch_from_the_page():
+        page.goto(rig.url + "/")
+        expect(page.locator("#live")).to_have_text("live", timeout=WAIT_MS)
+        expect(page.locator("#firmware-select option")).to_contain_text("v2.bin")
+        page.locator('[data-device="canary"] .select').check()
+        page.locator('[data-device="rest"] .select').check()
+        page.locator("#batch-canary").fill("1")
+        page.locator("#batch-button").click()
+        row = page.locator("#batches tbody tr").first
+        expect(row.locator(".result")).to_have_text("failed", timeout=WAIT_MS)
+        expect(row.locator(".state")).to_have_text("finished")
+        expect(row.locator(".members")).to_have_text("1 failed, 1 skipped")
+        expect(row.locator(".stopped")).to_contain_text("canary canary did not succeed")
+        expect(page.locator('[data-device="rest"] .state')).to_have_text("idle")
+        # A refusal shows the API's message: the batch needs devices.
+        page.locator("#batch-button").click()
+        expect(page.locator("#error")).to_contain_text("tick at least one device for the batch")
+
+    await run(batch_from_the_page)
+    assert canary.saw("session_start") and not rest.saw("ctp_connect")

@@ -1,10 +1,11 @@
 // netota's dashboard: the rack's devices, live from the daemon's event stream (GET /v1/events), a
-// job history, and the control API's start / cancel / resume. No library, no network beyond this
+// job history, batches, and the control API's start / cancel / resume. No library, no network beyond this
 // daemon. A refused request shows the API's own error message.
 "use strict";
 
 const TOKEN_KEY = "netota-token";
 const HISTORY_LIMIT = 25;
+const BATCHES_LIMIT = 10;
 const PHASE_LABELS = { detect: "detect", phase1: "phase 1", reboot: "reboot", phase2: "phase 2",
   upload: "upload", verify: "verify", done: "done" };
 
@@ -12,6 +13,7 @@ const page = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   tiles: new Map(),   // device name -> {element, device, job}
   tokenWaiters: [],
+  batchesTimer: null,
 };
 
 class Refusal extends Error {
@@ -187,6 +189,7 @@ function handleEvent(type, data) {
     if (outcome && outcome.firmware_version_after) tile.device.firmware_version = outcome.firmware_version_after;
     tile.job = null;
     loadHistory();
+    loadBatches();
   }
   drawTile(tile);
 }
@@ -303,6 +306,84 @@ async function loadHistory() {
   }
 }
 
+function countsText(counts) {
+  const order = ["succeeded", "failed", "cancelled", "skipped", "refused", "running", "starting", "ready", "pending"];
+  return order.filter((k) => counts && counts[k]).map((k) => `${counts[k]} ${k}`).join(", ") || "—";
+}
+
+async function loadBatches() {
+  clearTimeout(page.batchesTimer);
+  try {
+    const data = await api("GET", `/v1/batches?limit=${BATCHES_LIMIT}`);
+    // While one runs, look again every 2 s: a batch changes without job events too (pre-flight, skips).
+    if (data.batches.some((b) => !["finished", "cancelled"].includes(b.state))) {
+      page.batchesTimer = setTimeout(loadBatches, 2000);
+    }
+    const body = $("#batches tbody");
+    body.replaceChildren();
+    for (const batch of data.batches) {
+      const row = document.createElement("tr");
+      row.dataset.batch = batch.id;
+      const result = batch.result || "";
+      for (const [cls, text] of [["id", batch.id], ["firmware", batch.firmware], ["state", batch.state],
+        ["result " + result, result], ["members", countsText(batch.counts)], ["stopped", batch.stop_message || ""]]) {
+        const cell = document.createElement("td");
+        cell.className = cls;
+        cell.textContent = text;
+        row.appendChild(cell);
+      }
+      const actions = document.createElement("td");
+      if (!["finished", "cancelled", "cancelling"].includes(batch.state)) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "cancel-batch";
+        button.textContent = "Cancel";
+        button.addEventListener("click", () => cancelBatch(batch.id));
+        actions.appendChild(button);
+      }
+      row.appendChild(actions);
+      body.appendChild(row);
+    }
+  } catch (e) {
+    showError(`the batches can't be read: ${e.message}`);
+  }
+}
+
+function selectedDevices() {
+  return [...page.tiles.entries()].filter(([, t]) => $(".select", t.element).checked).map(([name]) => name);
+}
+
+async function startBatch() {
+  const firmware = $("#firmware-select").value;
+  const devices = selectedDevices();
+  if (!devices.length) { showError("tick at least one device for the batch"); return; }
+  if (!firmware) { showError("choose a firmware"); return; }
+  const policy = {};
+  const canary = $("#batch-canary").value;
+  const failures = $("#batch-max-failures").value;
+  if (canary !== "") policy.canary = Number(canary);
+  if (failures !== "") policy.max_failures = Number(failures);
+  if ($("#batch-skip-current").checked) policy.skip_current = true;
+  try {
+    await api("POST", "/v1/batches", { firmware, devices, policy });
+    for (const device of devices) $(".select", page.tiles.get(device).element).checked = false;
+    showError([]);
+  } catch (e) {
+    showError(`batch: ${e.message}`);
+  }
+  loadBatches();
+}
+
+async function cancelBatch(batchId) {
+  try {
+    await api("POST", `/v1/batches/${encodeURIComponent(batchId)}/cancel`, { reason: "cancelled from the dashboard" });
+    showError([]);
+  } catch (e) {
+    showError(`batch ${batchId}: ${e.message}`);
+  }
+  loadBatches();
+}
+
 async function startUpgrade(event) {
   event.preventDefault();
   const firmware = $("#firmware-select").value;
@@ -368,10 +449,12 @@ function loadAll() {
   loadStatus();
   loadFirmware();
   loadHistory();
+  loadBatches();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#upgrade-form").addEventListener("submit", startUpgrade);
+  $("#batch-button").addEventListener("click", startBatch);
   $("#token-form").addEventListener("submit", useToken);
   $("#token-button").addEventListener("click", askForToken);
   loadAll();
