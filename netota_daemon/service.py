@@ -14,11 +14,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -194,10 +194,11 @@ class NetotaService(MultiService):
             device_tags={name: device.tags for name, device in config.devices.items()},
         )
         self.rescuer = Rescuer(reactor, port, self.prober.probe, inspect, self._held, list(config.devices))
+        # daemon.rescue: a sweep once the unfinished batches were carried on, then every interval.
+        self.rescue_loop: LoopingCall | None = None
         if config.rescue:
-            sweep = TimerService(config.rescue_interval, self._sweep)  # type: ignore[no-untyped-call]
-            sweep.clock = reactor
-            sweep.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.rescue_loop = LoopingCall(self._sweep)
+            self.rescue_loop.clock = reactor
         self.hooks = JobNotifier(
             reactor,
             on_job_end=config.on_job_end,
@@ -287,8 +288,8 @@ class NetotaService(MultiService):
         return self._busy_job(name) or (f"batch {batch}" if batch else None)
 
     def _sweep(self) -> Deferred[Any] | None:
-        """One periodic rescue (daemon.rescue): never overlapping, never fatal, and not before the
-        unfinished batches were carried on."""
+        """One periodic rescue (daemon.rescue): never overlapping (the loop waits for it), never
+        fatal, and not before the unfinished batches were carried on."""
         if not self.batches.recovered or self.batches.stopping:
             return None
         d = Deferred.fromCoroutine(self.rescuer.sweep())
@@ -350,6 +351,11 @@ class NetotaService(MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         recovered = Deferred.fromCoroutine(self.batches.recover())
         recovered.addErrback(lambda f: log.failure("batches: carrying them on after the restart failed", f))
+        recovered.addCallback(lambda _: self._start_rescue())
+
+    def _start_rescue(self) -> None:
+        if self.rescue_loop is not None and not self.rescue_loop.running and not self.batches.stopping:
+            self.rescue_loop.start(self.config.rescue_interval, now=True)
 
     def _listening(self, port: IListeningPort) -> None:
         log.info(
@@ -368,6 +374,8 @@ class NetotaService(MultiService):
         self.notifier.stopping("stopping: interrupting running jobs")
         log.info("netota stopping")
         self.batches.shutdown()  # acts no more: the journal has every batch as it stands
+        if self.rescue_loop is not None and self.rescue_loop.running:
+            self.rescue_loop.stop()
         try:
             await self.queue.shutdown()
         except Exception:

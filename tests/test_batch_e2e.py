@@ -355,3 +355,24 @@ async def test_rescue_finishes_a_device_left_in_its_loader_by_an_interrupted_job
     assert rack.sims["dev"].saw("mode", mode="main", firmware_version="2.0.0")
     code, out, err = await rack.netota("rescue", "dev", "--json")
     assert code == 0 and json.loads(out)["rescues"][0]["action"] == "none"  # it booted its new firmware
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_daemon_rescue_on_a_device_left_in_its_loader_is_finished_at_start(rack, reactor):
+    await rack.make_image()
+    await rack.start_sim(
+        "dev", "--stall-after-reads", PHASE2_HOLD_STALL, "--fault-phase", "2", time_scale=PHASE2_HOLD_SCALE
+    )
+    await rack.start_daemon()
+    job = (await rack.api("POST", "/v1/jobs", {"device": "dev", "firmware": "v2.bin"}))["job"]
+    await rack.changes.until(lambda: rack.sims["dev"].saw("fault_stall", phase=2), "the stall in phase 2")
+    await rack.kill_daemon()
+    await rack.start_daemon("rescue = true\nrescue_interval = 600")  # the first sweep runs at start
+    await rack.changes.until(
+        lambda: rack.sims["dev"].saw("mode", mode="main", firmware_version="2.0.0"), "the device back on 2.0.0", 90
+    )
+    old = (await rack.api("GET", f"/v1/jobs/{job['id']}"))["job"]
+    assert old["state"] == "interrupted" and old["resumed_by"]
+    rescued = (await rack.api("GET", f"/v1/jobs/{old['resumed_by']}"))["job"]
+    await rack.changes.until(lambda: rack.daemon.output.find(b"rescue of dev") >= 0, "the daemon's log line")
+    assert rescued["resumed_from"] == job["id"]
