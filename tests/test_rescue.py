@@ -208,3 +208,10 @@ async def test_image_facts_are_read_off_the_reactor(reactor, tmp_path):
     )
     facts = await inspector("fw.ufw")
     assert facts.size == 1000 and threads and threads[0] is not threading.main_thread()
+
+
+def test_a_job_given_a_set_of_images_is_finished_with_the_single_backup_one():
+    double = ImageFacts("d" * 64, "double_backup", 10)
+    last = {**job("j1", resumable=False, state="finished"), "firmware": "db.bin", "firmware_set": ["db.bin", "fw.ufw"]}
+    plan = plan_rescue("shelf1", Probed(), None, [last], {"db.bin": double, "fw.ufw": IMAGE})
+    assert (plan.action, plan.firmware) == (RescueAction.START, "fw.ufw")

@@ -131,7 +131,10 @@ def plan_rescue(
             f"{device} waits in its loader and the journal knows no job that flashed it: "
             f"name the image (netota rescue {device} --firmware FILE)",
         )
-    name, job_id = str(last.get("firmware")), str(last.get("id"))
+    job_id = str(last.get("id"))
+    # A job given a set of images (one of each kind): the single-backup one finishes a loader.
+    names = [str(n) for n in (last.get("firmware_set") or [last.get("firmware")])]
+    name = next((n for n in names if usable(n, "") is None), names[0])
     problem = usable(name, f"the image of job {job_id},")
     if problem is None:
         recorded, facts = last.get("image_sha256"), images.get(name)
@@ -217,7 +220,14 @@ class Rescuer:
             result = probes.get(device)
             in_loader = busy is None and result is not None and getattr(result, "mode", None) == "loader"
             jobs = await self.queue.device_jobs(device, JOBS_LOOKED_AT) if in_loader and firmware is None else []
-            names = [firmware] if firmware else [str(j.get("firmware")) for j in jobs if _flashed(j)][:1]
+            last = next((j for j in jobs if _flashed(j)), None)
+            names = (
+                [firmware]
+                if firmware
+                else [str(n) for n in (last.get("firmware_set") or [last.get("firmware")])]
+                if last
+                else []
+            )
             images = await self._images(names) if in_loader else {}
             plans.append(plan_rescue(device, result, busy, jobs, images, firmware))
         return plans
