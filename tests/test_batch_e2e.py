@@ -248,7 +248,7 @@ async def test_preflight_and_skip_current_then_max_failures(rack, reactor):
     await rack.make_image()
     await rack.start_sim("ok")
     await rack.start_sim("current", "--firmware-version", "2.0.0")
-    await rack.start_sim("double", "--double-backup")
+    await rack.start_sim("double", "--double-backup", "--ftp-port", "0")  # refused before any FTP
     rack.dead.append("gone")
     await rack.start_daemon()
     code, out, err = await rack.netota(
