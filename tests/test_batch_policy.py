@@ -193,7 +193,7 @@ def test_aborted_by_hand_and_not_applicable_count_as_failures():
 def test_preflight_refuses_unreachable_busy_and_wrong_kind_devices_before_anything_starts():
     rack = Rack("abcdef", RolloutPolicy(max_parallel=4), image_kind="single_backup")
     probes = {
-        "a": MemberProbe(reachable=False, error="GET http://192.168.1.1:8080/...: timed out after 10 s"),
+        "a": MemberProbe(reachable=False, error="GET http://192.0.2.1:8080/...: timed out after 10 s"),
         "b": MemberProbe(reachable=False, busy_job="0b1c2d3e4f50"),
         "c": MemberProbe(reachable=True, mode="double_backup", firmware_version="1.0.0"),
         "d": MemberProbe(reachable=True, mode="loader", firmware_version=None),
@@ -204,7 +204,7 @@ def test_preflight_refuses_unreachable_busy_and_wrong_kind_devices_before_anythi
     assert started(actions) == ["d", "e"]
     members = rack.batch.members
     assert (members["a"].state, members["a"].reason) == (MemberState.REFUSED, Reason.UNREACHABLE)
-    assert members["a"].message == "unreachable: GET http://192.168.1.1:8080/...: timed out after 10 s"
+    assert members["a"].message == "unreachable: GET http://192.0.2.1:8080/...: timed out after 10 s"
     assert (members["b"].reason, members["b"].message) == (Reason.BUSY, "busy with job 0b1c2d3e4f50")
     assert members["c"].reason is Reason.WRONG_KIND
     assert "double-backup build (ota_type 0)" in members["c"].message and "single-backup image" in members["c"].message

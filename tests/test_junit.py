@@ -149,8 +149,8 @@ def test_a_batch_report_matches_the_batchs_members():
 
 def test_a_flash_outcome_becomes_one_case():
     outcome = Outcome(OutcomeKind.ABORTED, "interrupted (Ctrl-C)", Phase.PHASE1, advice="The old firmware is intact.")
-    root = parse(junit_bytes("netota flash", [case_from_outcome("192.168.1.1", outcome, 3.5)]))
-    case = cases_of(root)["192.168.1.1"]
+    root = parse(junit_bytes("netota flash", [case_from_outcome("192.0.2.1", outcome, 3.5)]))
+    case = cases_of(root)["192.0.2.1"]
     assert case.get("time") == "3.500"
     assert case.find("failure").get("type") == "aborted"
     assert "advice: The old firmware is intact." in case.find("failure").text
