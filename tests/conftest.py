@@ -10,9 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from twisted.logger import globalLogPublisher
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests assert behaviour, never time: Hypothesis's per-example deadline (200 ms) and its
+# too-slow health check would make them fail on a machine whose cores are busy.
+settings.register_profile("netota", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("netota")
 
 
 @pytest.fixture
