@@ -195,9 +195,9 @@ firmware_dir = "{firmware_dir}"
 max_parallel = 5
 
 [timeouts]
-deadline = 25
+deadline = 12
 connect = 5
-ctp_reply = 8
+ctp_reply = 6
 http = 5
 connect_window = 8
 receive = 2
