@@ -179,6 +179,8 @@ async def test_hostile_devices_cannot_grow_the_daemon_or_stop_a_healthy_upgrade(
     devices = [
         f'[devices.healthy]\nhost = "127.0.0.1"\nctp_port = {healthy.ports["ctp"]}\n'
         f"http_port = {healthy.ports['http']}\nota_port = {healthy.ports['ota']}\n"
+        # its upgrade takes ~4 s: a deadline far above it; the hostile ones end at the daemon-wide 12 s
+        "[devices.healthy.timeouts]\ndeadline = 90\n"
     ]
     for kind, device in hostile.items():
         devices.append(
