@@ -7,8 +7,9 @@ PYTEST_ARGS ?=
 
 .PHONY: test lint demo rack-demo install benchmark clean
 
-# The type check covers the protocol core and the engine (strict); the linter and formatter the tree.
-TYPED = netota_daemon/wire netota_daemon/protocols netota_daemon/engine
+# The type check (strict, with the zope plugin) covers the whole package: every layer, the simulator
+# and the client; the linter and formatter the tree.
+TYPED = netota_daemon
 
 install: $(STAMP)
 

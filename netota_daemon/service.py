@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -22,13 +23,10 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from netota_daemon import __version__
 from netota_daemon.control.api import ControlApi
 from netota_daemon.control.firmware import FirmwareEndpoints
-from netota_daemon.control.metrics_page import MetricsPage
-from netota_daemon.control.web import HttpRoot
 from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchStore
 from netota_daemon.daemon.batches import BatchManager
 from netota_daemon.daemon.config import ConfigError, DaemonConfig, with_line
@@ -232,9 +230,7 @@ class NetotaService(MultiService):
             # Only /metrics; the token is asked for where the endpoint can be reached from the network.
             kind, args, kwargs = split_endpoint(config.metrics)
             remote = kind in NETWORK_KINDS and not is_loopback(tcp_interface(args, kwargs))
-            page = MetricsPage(self.metrics, config.control_token if remote else None)
-            site = Site(HttpRoot(None, page))
-            site.displayTracebacks = False
+            site = self.control.make_metrics_site(config.control_token if remote else None)
             self._listener("metrics", config.metrics, site).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.retention = JournalRetention(
             self.journal, config.journal_retention_days, config.journal_retention_jobs, reactor
@@ -260,7 +256,7 @@ class NetotaService(MultiService):
 
         def listening(port: IListeningPort) -> None:
             address = port.getHost()
-            where = f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
+            where = f"{address.host}:{address.port}" if isinstance(address, IPv4Address | IPv6Address) else str(address)
             log.info("netota: {key} endpoint listening on {where}", key=key, where=where)
             if on_listening is not None:
                 on_listening(port)

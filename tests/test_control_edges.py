@@ -11,7 +11,10 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from netota_daemon.control.api import ControlApi
+from netota_daemon.control.channel import ControlSite
 from netota_daemon.control.json_body import MAX_DEPTH, BodyError, decode_json
+from netota_daemon.daemon.metrics import DaemonMetrics
 from netota_daemon.engine.outcome import OutcomeKind, Phase
 from netota_daemon.wire.ctp import request as ctp_request
 from tests.daemon_fakes import ApiWorld
@@ -177,9 +180,9 @@ def test_the_token_is_compared_as_bytes(tmp_path):
 class Connection:
     """One ControlChannel on a StringTransport, built by the world's site."""
 
-    def __init__(self, world: ApiWorld) -> None:
+    def __init__(self, world: ApiWorld, site: ControlSite | None = None) -> None:
         self.transport = StringTransport()
-        self.channel = world.api.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.channel = (site or world.api.site).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.channel.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -293,3 +296,25 @@ def test_when_every_connection_is_busy_a_new_one_gets_503_and_streams_leave_room
     for d in world.held_probes:
         d.callback(None)
     assert all(c.transport.value().startswith(b"HTTP/1.1 200 ") for c in busy)
+
+
+def test_the_metrics_endpoint_serves_only_metrics_with_the_control_endpoints_bounds(world):
+    metrics = DaemonMetrics({"a": None}, "9.9.9", start_time=1000.0)
+    api = ControlApi(world.queue, world.registry, world.prober, world.clock, metrics=metrics)
+    site = api.make_metrics_site(token="t0ken")
+    scrape = Connection(world, site)
+    scrape.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n\r\n")
+    assert scrape.transport.value().startswith(b"HTTP/1.1 200 ")
+    assert b'netota_build_info{version="9.9.9"} 1.0' in scrape.transport.value()
+    anonymous = Connection(world, site)
+    anonymous.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert anonymous.answer()[1]["error"]["code"] == "unauthorized"
+    api_path = Connection(world, site)
+    api_path.send(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n\r\n")
+    assert api_path.answer()[1]["error"]["code"] == "not_found"
+    hello = Connection(world, site)
+    hello.send(TLS_HELLO)
+    assert hello.answer()[1]["error"]["code"] == "not_http" and hello.closed
+    silent = Connection(world, site)
+    world.clock.advance(60)
+    assert silent.closed and silent.transport.value() == b""

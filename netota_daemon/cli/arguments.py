@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TypeAlias
+
+#: What each subcommand module's ``add_parser`` is given: the result of ``parser.add_subparsers()``.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def whole_number(minimum: int = 0) -> Callable[[str], int]:

@@ -91,7 +91,7 @@ def control_endpoint(reactor: Any, control: str) -> Any:
         path = kwargs.get("address") or (args[0] if args else "")
         if not path:
             raise ValueError(f"control address {control!r} names no socket path")
-        return UNIXClientEndpoint(reactor, path, timeout=10)
+        return UNIXClientEndpoint(reactor, path, timeout=10)  # type: ignore[no-untyped-call]
     if kind == "tcp":
         port = kwargs.get("port") or (args[0] if args else "")
         host = kwargs.get("host") or kwargs.get("interface") or (args[1] if len(args) > 1 else "127.0.0.1")
@@ -113,7 +113,8 @@ class ControlClient:
         self.reactor = reactor
         self.control = control
         if http is None:
-            agent = Agent.usingEndpointFactory(reactor, _FixedEndpointFactory(control_endpoint(reactor, control)))
+            endpoints = _FixedEndpointFactory(control_endpoint(reactor, control))
+            agent = Agent.usingEndpointFactory(reactor, endpoints)  # type: ignore[no-untyped-call]
             http = treq.client.HTTPClient(agent)
         self._http = http
         self._headers = {b"Accept": [b"application/json"]}

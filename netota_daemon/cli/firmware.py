@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from netota_daemon.cli import arguments
 from netota_daemon.cli.exit_codes import EXIT_USAGE
 from netota_daemon.firmware import FirmwareError, FirmwareImage
 from netota_daemon.wire.firmware_kind import FirmwareKind
@@ -31,7 +32,7 @@ ROUTES = {
 }
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: arguments.Subcommands) -> None:
     parser = subparsers.add_parser(
         "firmware",
         help="Look at firmware images.",

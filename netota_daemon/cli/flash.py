@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from twisted.internet import defer
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
@@ -75,7 +76,7 @@ _port = arguments.tcp_port()
 _count = arguments.whole_number(0)
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: arguments.Subcommands) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "flash",
         help="Upgrade one device in the foreground, without the daemon.",
@@ -287,7 +288,7 @@ async def flash(
 def _start_logging(args: argparse.Namespace) -> None:
     """Engine log to stderr (errors only, or every step with --verbose) and, with --log-file, every
     event as JSON lines. Raises :class:`UsageError` when the log file can't be opened."""
-    observers = []
+    observers: list[ILogObserver] = []
     level = LogLevel.info if args.verbose else LogLevel.critical
     observers.append(
         FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)])

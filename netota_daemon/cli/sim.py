@@ -87,7 +87,7 @@ def _pasv_base(text: str) -> int:
     return value
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: arguments.Subcommands) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sim",
         usage=USAGE,

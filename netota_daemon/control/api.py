@@ -63,6 +63,7 @@ class ControlApi:
         for group in groups:
             self.resource.add(group.routes())
         self.upload_limit = firmware.catalog.max_upload if firmware is not None else None
+        self.metrics = metrics
         self.metrics_page = MetricsPage(metrics, token) if metrics is not None else None
         self.site = self.make_site(dashboard=False)
 
@@ -71,6 +72,14 @@ class ControlApi:
         (``daemon.web``). Every site shares the API, its streams and its bounds."""
         root = HttpRoot(self.resource, self.metrics_page, load_assets() if dashboard else None)
         return ControlSite(root, self.clock, self.idle_timeout, self.max_connections, self._upload_limit)
+
+    def make_metrics_site(self, token: str | None) -> ControlSite:
+        """A site for ``daemon.metrics``: ``/metrics`` alone, with the same connection bounds as the
+        control endpoint. ``token``: asked for on every scrape (None: no token needed)."""
+        if self.metrics is None:
+            raise ValueError("the control API was made without metrics")
+        root = HttpRoot(None, MetricsPage(self.metrics, token))
+        return ControlSite(root, self.clock, self.idle_timeout, self.max_connections)
 
     def _upload_limit(self, method: bytes, path: bytes) -> int | None:
         return self.upload_limit if self.upload_limit is not None and is_upload(method, path) else None

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hmac
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
 
 from netota_daemon.control.errors import ApiError
+from netota_daemon.control.routing import HttpRequest
 from netota_daemon.daemon.metrics import DaemonMetrics
 
 
@@ -20,11 +20,11 @@ class MetricsPage(Resource):
     isLeaf = True
 
     def __init__(self, metrics: DaemonMetrics, token: str | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.metrics = metrics
         self._token = token.encode("utf-8") if token is not None else None
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: HttpRequest) -> bytes:
         error = self._refusal(request)
         if error is not None:
             request.setResponseCode(error.status)
@@ -38,7 +38,7 @@ class MetricsPage(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return body
 
-    def _refusal(self, request: Request) -> ApiError | None:
+    def _refusal(self, request: HttpRequest) -> ApiError | None:
         if [p for p in request.postpath if p]:
             return ApiError(404, "not_found", "no such resource (the metrics are at /metrics)")
         if request.method not in (b"GET", b"HEAD"):

@@ -40,6 +40,7 @@ class HttpRequest(Protocol):
 
     method: bytes
     path: bytes
+    prepath: list[bytes]
     postpath: list[bytes]
     args: dict[bytes, list[bytes]] | None
     content: IO[bytes] | None

@@ -15,9 +15,9 @@ from __future__ import annotations
 from importlib import resources
 
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
 
 from netota_daemon.control.errors import ApiError
+from netota_daemon.control.routing import HttpRequest
 
 #: The dashboard's files: name -> content type.
 ASSETS = {
@@ -41,7 +41,10 @@ def load_assets() -> dict[str, bytes]:
 class _NotFound(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def render(self, request: HttpRequest) -> bytes:
         error = ApiError(404, "not_found", f"no such resource {request.path.decode('utf-8', 'replace')[:200]}")
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
@@ -52,11 +55,11 @@ class Asset(Resource):
     isLeaf = True
 
     def __init__(self, name: str, body: bytes) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.name = name
         self.body = body
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: HttpRequest) -> bytes:
         if [p for p in request.postpath if p]:
             return _NotFound().render(request)
         if request.method not in (b"GET", b"HEAD"):
@@ -73,13 +76,13 @@ class Asset(Resource):
 
 class _Assets(Resource):
     def __init__(self, assets: dict[str, bytes]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._assets = {name: Asset(name, body) for name, body in assets.items() if name != "index.html"}
 
-    def getChild(self, path: bytes, request: Request) -> IResource:
+    def getChild(self, path: bytes, request: HttpRequest) -> IResource:
         return self._assets.get(path.decode("utf-8", "replace"), _NotFound())
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: HttpRequest) -> bytes:
         return _NotFound().render(request)
 
 
@@ -93,13 +96,13 @@ class HttpRoot(Resource):
         metrics: IResource | None = None,
         dashboard: dict[str, bytes] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._api = api or _NotFound()
         self._metrics = metrics
         self._index = Asset("index.html", dashboard["index.html"]) if dashboard else None
         self._assets = _Assets(dashboard) if dashboard else None
 
-    def getChild(self, path: bytes, request: Request) -> IResource:
+    def getChild(self, path: bytes, request: HttpRequest) -> IResource:
         rest = [p for p in request.postpath if p]
         if path == b"metrics" and self._metrics is not None:
             return self._metrics
@@ -111,5 +114,5 @@ class HttpRoot(Resource):
         request.postpath.insert(0, request.prepath.pop())
         return self._api
 
-    def render(self, request: Request) -> bytes:  # only reached with an empty path, which getChild takes
+    def render(self, request: HttpRequest) -> bytes:  # only reached with an empty path, which getChild takes
         return _NotFound().render(request)

@@ -17,6 +17,7 @@ directly in ``firmware_dir``.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import stat
@@ -27,10 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-try:  # written by another engineer; optional until it lands
-    from netota_daemon.wire import firmware_kind as _firmware_kind
-except ImportError:  # pragma: no cover - depends on the tree
-    _firmware_kind = None  # type: ignore[assignment]
+from netota_daemon.wire import firmware_kind
 
 #: The largest image an upload may write (a whole AC79 flash is 4 to 16 MiB).
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
@@ -107,13 +105,14 @@ class FirmwareCatalog:
 
     # ----- reading
 
-    def list(self) -> list[FirmwareFile]:
+    # ``list`` names this method inside the class: its annotations say ``builtins.list``.
+    def list(self) -> builtins.list[FirmwareFile]:
         """Every regular file directly in ``firmware_dir`` (not hidden ones: partial uploads), by name.
         Blocking: call it off the reactor thread."""
         with self._lock:
             return self._list()
 
-    def _list(self) -> list[FirmwareFile]:
+    def _list(self) -> builtins.list[FirmwareFile]:
         try:
             entries = sorted(os.scandir(self.firmware_dir), key=lambda e: e.name)
         except OSError as e:
@@ -156,12 +155,10 @@ class FirmwareCatalog:
 
     @staticmethod
     def _kind(path: Path, head: bytes) -> tuple[str | None, str | None, str | None]:
-        if _firmware_kind is None:
-            return None, None, None
         if path.stat().st_size <= CHUNK * 64:  # small enough to check whole (test images carry a version)
-            info = _firmware_kind.identify_file_bytes(path.read_bytes())
+            info = firmware_kind.identify_file_bytes(path.read_bytes())
         else:
-            info = _firmware_kind.identify(head)
+            info = firmware_kind.identify(head)
         return info.kind.value, info.description, info.version
 
     def get(self, name: str) -> FirmwareFile:
@@ -231,7 +228,7 @@ class FirmwareCatalog:
         _fsync_directory(self.firmware_dir)
         return item
 
-    def remove_partials(self) -> list[str]:
+    def remove_partials(self) -> builtins.list[str]:
         """Delete uploads a crash left half written (the daemon calls it at start-up)."""
         removed = []
         for path in self.firmware_dir.glob(PARTIAL_PREFIX + "*.partial"):

@@ -102,7 +102,7 @@ class DaemonMetrics:
 
     def __init__(self, devices: Mapping[str, str | None], version: str, start_time: float) -> None:
         # No ``*_created`` series: a counter's creation time is the daemon's start time, given once.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._devices = {name: _DeviceInfo(interface=interface or "") for name, interface in devices.items()}
