@@ -28,6 +28,7 @@ class FakeControl:
         self.answers = dict(answers or {})
         self.streams = dict(streams or {})
         self.requests: list[tuple[str, str, Any]] = []
+        self.uploaded: list[bytes] = []
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         self.requests.append((method, path, copy.deepcopy(body)))
@@ -40,6 +41,25 @@ class FakeControl:
         if callable(answer):
             answer = answer(body)
         return copy.deepcopy(answer)
+
+    async def upload(self, path: str, source: Any, extra_headers: dict[bytes, list[bytes]] | None = None) -> dict:
+        """As ControlClient.upload: ``source`` is read to its end in chunks of the client's size; the
+        answer for ("PUT", path) is called with the bytes received, if it is callable."""
+        from netota_daemon.cli.control_client import UPLOAD_CHUNK
+
+        chunks = []
+        while chunk := source.read(UPLOAD_CHUNK):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        self.requests.append(("PUT", path, {"bytes": len(data), "headers": dict(extra_headers or {})}))
+        self.uploaded.append(data)
+        try:
+            answer = self.answers[("PUT", path)]
+        except KeyError:
+            raise AssertionError(f"unexpected upload to {path}") from None
+        if isinstance(answer, BaseException):
+            raise answer
+        return copy.deepcopy(answer(data) if callable(answer) else answer)
 
     async def stream(self, path: str, on_event: Callable[[str, dict[str, Any]], bool]) -> None:
         self.requests.append(("STREAM", path, None))

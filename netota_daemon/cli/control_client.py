@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
-from twisted.web.client import Agent
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -27,6 +28,10 @@ from netota_daemon.engine.events import JobEvent, PhaseChanged, Progress, Transf
 from netota_daemon.engine.outcome import Phase
 
 REQUEST_TIMEOUT = 30.0
+#: An upload's file is read (and sent) this many bytes at a time.
+UPLOAD_CHUNK = 64 * 1024
+#: The slowest an upload may go (bytes a second) before the client gives up waiting for the answer.
+UPLOAD_RATE_FLOOR = 256 * 1024
 
 
 def why(error: BaseException | Failure) -> str:
@@ -105,13 +110,17 @@ def control_endpoint(reactor: Any, control: str) -> Any:
 class ControlClient:
     """HTTP+JSON requests to the daemon, and its event streams."""
 
-    def __init__(self, reactor: Any, control: str, token: str | None = None, http: Any = None) -> None:
+    def __init__(
+        self, reactor: Any, control: str, token: str | None = None, http: Any = None, cooperator: Any = None
+    ) -> None:
         """``http``: a treq ``HTTPClient`` (or ``treq.testing.StubTreq``) to use instead of one on
-        the control endpoint."""
+        the control endpoint; ``cooperator``: what schedules the reads of an upload's file (a
+        ``twisted.internet.task.Cooperator``; Twisted's global one by default)."""
         import treq.client
 
         self.reactor = reactor
         self.control = control
+        self._cooperator = cooperator if cooperator is not None else task
         if http is None:
             endpoints = _FixedEndpointFactory(control_endpoint(reactor, control))
             agent = Agent.usingEndpointFactory(reactor, endpoints)  # type: ignore[no-untyped-call]
@@ -126,16 +135,36 @@ class ControlClient:
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """The decoded JSON answer; :class:`ApiRefused` for an error answer."""
-        import treq
-
         headers = dict(self._headers)
         data = None
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
             data = json.dumps(body).encode()
+        return await self._call(method, path, headers, data, REQUEST_TIMEOUT)
+
+    async def upload(
+        self, path: str, source: BinaryIO, extra_headers: dict[bytes, list[bytes]] | None = None
+    ) -> dict[str, Any]:
+        """``PUT`` the bytes of ``source`` (an open binary file, from its current position to its end)
+        to ``path``: read in chunks of :data:`UPLOAD_CHUNK` bytes as the connection takes them (a
+        ``FileBodyProducer``), never whole in memory, with its length up front (``Content-Length``).
+        The decoded JSON answer, as :meth:`request` gives it."""
+        headers = dict(self._headers)
+        headers[b"Content-Type"] = [b"application/octet-stream"]
+        headers.update(extra_headers or {})
+        producer = FileBodyProducer(source, cooperator=self._cooperator, readSize=UPLOAD_CHUNK)  # type: ignore[no-untyped-call]
+        # The answer comes once the daemon has the whole body and has stored it: allow for the bytes.
+        timeout = REQUEST_TIMEOUT + producer.length / UPLOAD_RATE_FLOOR
+        return await self._call("PUT", path, headers, producer, timeout)
+
+    async def _call(
+        self, method: str, path: str, headers: dict[bytes, list[bytes]], data: Any, timeout: float
+    ) -> dict[str, Any]:
+        import treq
+
         try:
             response = await self._http.request(
-                method, f"http://netota{path}", headers=headers, data=data, timeout=REQUEST_TIMEOUT
+                method, f"http://netota{path}", headers=headers, data=data, timeout=timeout
             )
             raw = await treq.content(response)
         except (ConnectError, OSError) as e:

@@ -18,6 +18,7 @@ EXIT_CODES = {
     OutcomeKind.NOT_APPLICABLE: 64,  # the image's kind is not the device's: refused, nothing sent
 }
 EXIT_ALREADY_CURRENT_STRICT = 3
+EXIT_FAILED = 1  # a job failed; ``netota firmware add``: the daemon stored other bytes than were sent
 EXIT_USAGE = 64  # EX_USAGE: bad arguments, or a request the daemon refused as bad (400/401/403/404); nothing sent
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the daemon can't be reached, went away or stopped before the job ended
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal error of the client

@@ -79,7 +79,9 @@ class FirmwareEndpoints:
         if body is None:
             raise ApiError(400, "firmware_invalid", "the upload has no body")
         body.seek(0)
-        item = await self._run(lambda: self.catalog.add(name, body))
+        # ``If-None-Match: *`` (RFC 9110 13.1.2): store only if no image has that name yet.
+        replace = (request.request.getHeader(b"if-none-match") or b"").strip() != b"*"
+        item = await self._run(lambda: self.catalog.add(name, body, replace=replace))
         return Answer({"firmware": item.to_json()}, 201, {"location": f"/{API_PREFIX}/firmware/{name}"})
 
     async def remove(self, request: ApiRequest) -> Answer:

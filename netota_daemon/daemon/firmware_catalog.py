@@ -205,6 +205,8 @@ class FirmwareCatalog:
             with self._lock:
                 if name in set(self.in_use()):  # a job took it while the body was copied
                     raise CatalogError("in_use", f"firmware {name!r} is used by a queued or running job")
+                if not replace and target.exists():  # another upload stored it meanwhile
+                    raise CatalogError("exists", f"firmware {name!r} already exists")
                 os.replace(partial, target)
                 _fsync_directory(self.firmware_dir)
                 return self.get(name)
