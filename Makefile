@@ -5,11 +5,11 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.netota-installed
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo rack-demo install benchmark clean
+.PHONY: test test-api lint demo rack-demo install benchmark clean
 
-# The type check (strict, with the zope plugin) covers the whole package: every layer, the simulator
-# and the client; the linter and formatter the tree.
-TYPED = netota_daemon
+# The type check (strict, with the zope plugin) covers the whole package (every layer, the simulator,
+# the client) and tools/; the linter and formatter the tree.
+TYPED = netota_daemon tools
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: $(STAMP)
 # Tests run against the source tree (python -m pytest puts it first on sys.path).
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The OpenAPI document against a running daemon, longer than make test's bounded run (20 examples
+# per operation and mode): schemathesis with SCHEMATHESIS_EXAMPLES each (tests/test_openapi_live.py).
+SCHEMATHESIS_EXAMPLES ?= 500
+test-api: $(STAMP)
+	NETOTA_SCHEMATHESIS_EXAMPLES=$(SCHEMATHESIS_EXAMPLES) $(BIN)/python -m pytest tests/test_openapi_live.py $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m netota_daemon.demo

@@ -80,6 +80,7 @@ async def test_probe_answers_like_devices_and_get_devices_keeps_the_last_probe(h
         ("POST", b'{"devices": "a"}', 400, "bad_field"),
         ("POST", b'{"devices": []}', 400, "bad_field"),
         ("POST", b'{"devices": [1]}', 400, "bad_field"),
+        ("POST", b'{"devices": null}', 400, "bad_field"),  # not "every device": leave the field out for that
         ("GET", b"", 405, "method_not_allowed"),
     ],
 )

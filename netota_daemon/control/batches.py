@@ -122,7 +122,7 @@ class BatchEndpoints:
         request.query(())
         body = request.body(RESCUE_FIELDS)
         names = body.get("devices")
-        if names is not None:
+        if "devices" in body:  # given, it names devices: null is not "all of them" (leave the field out)
             if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
                 raise ApiError(400, "bad_field", "devices must be a non-empty list of device names")
             unknown = [n for n in dict.fromkeys(names) if n not in self.registry]
