@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -47,6 +48,37 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def start_netota(reactor: Any, control: str, *args: str, timeout: float = 60) -> Any:
+    """``netota ARGS`` as a child process against the daemon at ``control`` ($NETOTA_CONTROL): a
+    Deferred of (stdout, stderr, exit code), failing after ``timeout`` seconds."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    d = getProcessOutputAndValue(
+        PYTHON, ["-m", "netota_daemon", *args], env=subprocess_env(NETOTA_CONTROL=control), path=str(ROOT)
+    )
+    d.addTimeout(timeout, reactor)
+    return d
+
+
+async def run_netota(reactor: Any, control: str, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``netota ARGS`` against the daemon at ``control``."""
+    out, err, code = await start_netota(reactor, control, *args, timeout=timeout)
+    return code, out.decode(), err.decode()
+
+
+@pytest.fixture
+def rig(tmp_path, reactor):
+    """A :class:`tests.live_rig.LiveRig`: real simulators and a real daemon, stopped at the end."""
+    import pytest_twisted
+    from twisted.internet.defer import Deferred
+
+    from tests.live_rig import LiveRig
+
+    rig = LiveRig(tmp_path, reactor)
+    yield rig
+    pytest_twisted.blockon(Deferred.fromCoroutine(rig.stop()))
 
 
 async def one_reactor_turn(reactor) -> None:

@@ -274,10 +274,12 @@ def make_service(
     environ: dict | None = None,
     control: str | None = None,
     journal_executor: Any = None,
+    device_configs: dict | None = None,
     **settings: Any,
 ) -> Any:
     """A NetotaService (not started) on a UNIX socket in a short directory, with fake jobs and a
-    firmware_dir holding ``v2.bin``; ``settings`` are further DaemonConfig fields."""
+    firmware_dir holding ``v2.bin``; ``devices`` are names on 127.0.0.1, unless ``device_configs``
+    (name -> DeviceConfig) says otherwise; ``settings`` are further DaemonConfig fields."""
     import os
     from pathlib import Path
 
@@ -297,7 +299,8 @@ def make_service(
         max_parallel=max_parallel,
         control_token=token,
         shutdown_grace=5.0,
-        devices={n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in devices},
+        devices=device_configs
+        or {n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in devices},
         **settings,
     )
     service = NetotaService(

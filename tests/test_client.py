@@ -33,7 +33,7 @@ from netota_daemon.cli.control_client import (
 )
 from netota_daemon.engine.events import PhaseChanged, Progress, TransferState, Waiting
 from netota_daemon.engine.outcome import OutcomeKind, Phase
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, run_netota, subprocess_env
 from tests.daemon_fakes import AutoJobFactory, make_service, streams_opened
 from tests.fake_control import FakeControl, job, run
 
@@ -533,18 +533,8 @@ def test_a_batch_exits_with_the_first_bad_devices_code_and_names_refusals(capsys
 # ---------------------------------------------------------------- a few subprocesses
 
 
-async def netota(service, *args: str, timeout: float = 30) -> tuple[int, str, str]:
-    from twisted.internet import reactor
-
-    d = getProcessOutputAndValue(
-        PYTHON,
-        ["-m", "netota_daemon", *args],
-        env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"),
-        path=str(ROOT),
-    )
-    d.addTimeout(timeout, reactor)
-    out, err, code = await d
-    return code, out.decode(), err.decode()
+def control_of(service) -> str:
+    return f"unix:{service.socket_path}"
 
 
 @pytest_twisted.ensureDeferred
@@ -553,11 +543,11 @@ async def test_upgrade_wait_against_a_daemon(tmp_path, reactor):
     service.privilegedStartService()
     service.startService()
     try:
-        code, out, err = await netota(service, "upgrade", "a", "v2.bin", "--wait", "--json")
+        code, out, err = await run_netota(reactor, control_of(service), "upgrade", "a", "v2.bin", "--wait", "--json")
         assert code == 2, err
         answer = json.loads(out)
         assert answer["job"]["outcome"]["kind"] == "unverified" and answer["job"]["state"] == "finished"
-        code, out, err = await netota(service, "upgrade", "b", "v2.bin", "--wait")
+        code, out, err = await run_netota(reactor, control_of(service), "upgrade", "b", "v2.bin", "--wait")
         assert code == 2, err
         assert "\r" not in err and "\x1b" not in err  # not a terminal: plain lines
         assert re.search(r"^\d\d:\d\d:\d\d phase 1  25\.0%", err, re.M) and "phase 2  100.0%" in err
@@ -624,7 +614,7 @@ async def test_watch_all_follows_every_job_and_reports_the_daemon_going_away(tmp
     stopped = False
     try:
         connected = streams_opened(service, 1, reactor)
-        watching = Deferred.fromCoroutine(netota(service, "watch", "--json"))
+        watching = Deferred.fromCoroutine(run_netota(reactor, control_of(service), "watch", "--json"))
         await connected
         job = await service.queue.start("b", "v2.bin")
         finished = service.queue.wait(job["id"])
@@ -689,7 +679,7 @@ async def test_upgrade_all_waits_for_every_device_and_prints_a_summary(tmp_path,
     service.privilegedStartService()
     service.startService()
     try:
-        code, out, err = await netota(service, "upgrade", "--all", "v2.bin", "--wait")
+        code, out, err = await run_netota(reactor, control_of(service), "upgrade", "--all", "v2.bin", "--wait")
         assert code == 0, err
         lines = out.splitlines()
         assert lines[0].split() == ["DEVICE", "JOB", "STATE", "OUTCOME", "MESSAGE"]
@@ -712,7 +702,9 @@ async def test_a_batch_whose_daemon_goes_away_exits_69_with_what_it_knows(tmp_pa
     stopped = False
     try:
         following = streams_opened(service, 2, reactor)
-        batch = Deferred.fromCoroutine(netota(service, "upgrade", "a", "b", "a", "v2.bin", "--wait"))
+        batch = Deferred.fromCoroutine(
+            run_netota(reactor, control_of(service), "upgrade", "a", "b", "a", "v2.bin", "--wait")
+        )
         await following  # the client follows both jobs
         assert len(await service.queue.jobs()) == 2  # "a" named twice: one job
         await service.stopService()

@@ -4,7 +4,6 @@ then end to end against simulated devices, through ``netota devices --probe`` to
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,17 @@ import pytest_twisted
 import treq
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.utils import getProcessOutputAndValue
 
 from netota_daemon.cli.control_client import ControlClient
-from netota_daemon.daemon.config import DaemonConfig, DeviceConfig, check_control_endpoint
+from netota_daemon.daemon.config import DeviceConfig
 from netota_daemon.engine.outcome import Phase
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from netota_daemon.service import NetotaService
 from netota_daemon.sim.config import SimConfig
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.wire.description import main_firmware_document, parse_description
-from tests.conftest import PYTHON, ROOT, subprocess_env
-from tests.daemon_fakes import AutoJobFactory, FakeJobFactory, make_service, short_socket_dir
+from tests.conftest import run_netota
+from tests.daemon_fakes import AutoJobFactory, FakeJobFactory, make_service
 
 
 @pytest.fixture
@@ -113,21 +111,8 @@ def sim(reactor: Any, tmp_path: Path, name: str, **extra: Any) -> SimulatedDevic
 
 
 def service_for(tmp_path: Path, reactor: Any, targets: list[DeviceTarget]) -> NetotaService:
-    socket_path = os.path.join(short_socket_dir(), "control.sock")
-    firmware_dir = tmp_path / "fw"
-    firmware_dir.mkdir()
-    config = DaemonConfig(
-        source="test",
-        control=check_control_endpoint("test", f"unix:{socket_path}:lockfile=1", None),
-        state_dir=tmp_path / "state",
-        firmware_dir=firmware_dir,
-        max_parallel=2,
-        shutdown_grace=5.0,
-        devices={t.name: DeviceConfig(t, UpgradeTimeouts(http=HTTP_TIMEOUT)) for t in targets},
-    )
-    service = NetotaService(config, reactor, job_factory=FakeJobFactory(), environ={})
-    service.socket_path = socket_path
-    return service
+    configs = {t.name: DeviceConfig(t, UpgradeTimeouts(http=HTTP_TIMEOUT)) for t in targets}
+    return make_service(tmp_path, reactor, FakeJobFactory(), device_configs=configs)
 
 
 @pytest_twisted.ensureDeferred
@@ -176,7 +161,7 @@ async def test_probe_reads_version_and_mode_from_simulated_devices_over_http_onl
         assert listed["main"]["firmware_version"] == "1.2.3" and listed["refused"]["probe"] == refused
 
         # The client: the usual table with a MODE column, a note for each failed probe.
-        out, err, code = await bounded_process(reactor, ["devices", "--probe"], service)
+        code, out, err = await run_netota(reactor, f"unix:{service.socket_path}", "devices", "--probe", timeout=30)
         assert code == 0, err
         lines = out.splitlines()
         assert lines[0].split()[-2:] == ["FIRMWARE", "MODE"]
@@ -185,10 +170,12 @@ async def test_probe_reads_version_and_mode_from_simulated_devices_over_http_onl
         assert rows["refused"][-1] == "?"
         assert any(line.startswith("refused: probe failed: GET ") and "connection refused" in line for line in lines)
         assert any(line.startswith("silent: probe failed: ") and "timed out" in line for line in lines)
-        out, err, code = await bounded_process(reactor, ["devices", "--probe", "main", "--json"], service)
+        code, out, err = await run_netota(
+            reactor, f"unix:{service.socket_path}", "devices", "--probe", "main", "--json", timeout=30
+        )
         assert code == 0, err
         assert [d["name"] for d in json.loads(out)["devices"]] == ["main"]
-        out, err, code = await bounded_process(reactor, ["devices", "main"], service)
+        code, out, err = await run_netota(reactor, f"unix:{service.socket_path}", "devices", "main", timeout=30)
         assert code == 64 and "needs --probe" in err
 
         # HTTP only: the simulated devices saw description requests and never a CTP connection.
@@ -202,15 +189,3 @@ async def test_probe_reads_version_and_mode_from_simulated_devices_over_http_onl
         closed.close()
         for device in (main, loader):
             await device.stop()
-
-
-async def bounded_process(reactor: Any, args: list[str], service: Any) -> tuple[str, str, int]:
-    d = getProcessOutputAndValue(
-        PYTHON,
-        ["-m", "netota_daemon", *args],
-        env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"),
-        path=str(ROOT),
-    )
-    d.addTimeout(30, reactor)
-    out, err, code = await d
-    return out.decode(), err.decode(), code

@@ -24,6 +24,7 @@ from netota_daemon.logs import json_log_observer
 from netota_daemon.tap import Options
 from tests.conftest import ROOT, subprocess_env
 from tests.daemon_fakes import AutoJobFactory, make_service, short_socket_dir
+from tests.live_rig import TWISTD
 from tests.waiting import Changes
 
 
@@ -125,9 +126,6 @@ def test_twistd_lists_the_netota_plugin():
     assert "netota" in result.stdout
     plugin_dir = ROOT / "twisted"
     assert not (plugin_dir / "__init__.py").exists() and not (plugin_dir / "plugins" / "__init__.py").exists()
-
-
-TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
 def twistd(config: Path, cwd: Path) -> subprocess.CompletedProcess:

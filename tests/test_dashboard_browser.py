@@ -12,7 +12,7 @@ import pytest_twisted
 
 from tests import browser
 from tests.conftest import ROOT
-from tests.live_rig import BrowserThread, LiveRig
+from tests.live_rig import BrowserThread
 
 #: Where the upgrade test leaves a screenshot of the page mid-run (docs/dashboard.png is one of these).
 SCREENSHOT_TMP = Path(ROOT / ".pytest_cache" / "dashboard.png")
@@ -53,13 +53,6 @@ def chromium():
 
 
 @pytest.fixture
-def rig(tmp_path, reactor):
-    rig = LiveRig(tmp_path, reactor)
-    yield rig
-    rig.stop()
-
-
-@pytest.fixture
 def page(chromium):
     """(run, page): ``await run(lambda: ...)`` runs Playwright calls on the browser's thread."""
     thread, instance = chromium
@@ -83,9 +76,9 @@ async def test_upgrade_cancel_and_refusal_from_the_page(rig, page):
 
     run, page = page
     rig.make_image("v2.bin", "2.0.0", 200_000)
-    fast = rig.start_sim("fast")
+    fast = await rig.start_sim("fast")
     # The slow one stalls in phase 1 after 4 replies, long enough to be cancelled from the page.
-    slow = rig.start_sim("slow", "--stall", "4:3000")
+    slow = await rig.start_sim("slow", "--stall", "4:3000")
     await rig.start_daemon()
     fast_tile, slow_tile = page.locator('[data-device="fast"]'), page.locator('[data-device="slow"]')
 
@@ -148,7 +141,7 @@ async def test_the_page_asks_for_the_token_and_uses_it(rig, page):
 
     run, page = page
     rig.make_image("v2.bin", "2.0.0", 50_000)
-    rig.start_sim("dev1")
+    await rig.start_sim("dev1")
     await rig.start_daemon('control_token = "s3cret-token"')
 
     def with_token():

@@ -10,18 +10,10 @@ import socket
 import urllib.error
 import urllib.request
 
-import pytest
 import pytest_twisted
 
 from netota_daemon.control.openapi import document
 from tests.live_rig import LiveRig
-
-
-@pytest.fixture
-def rig(tmp_path, reactor):
-    rig = LiveRig(tmp_path, reactor)
-    yield rig
-    rig.stop()
 
 
 def call(rig: LiveRig, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
@@ -36,7 +28,7 @@ def call(rig: LiveRig, method: str, path: str, body: bytes | None = None) -> tup
 @pytest_twisted.ensureDeferred
 async def test_upload_list_remove_and_refusals(rig):
     rig.make_image("v2.bin", "2.0.0", 50_000)
-    rig.start_sim("dev1", "--stall", "4:3000")
+    await rig.start_sim("dev1", "--stall", "4:3000")
     await rig.start_daemon("firmware_max_upload = 300000")
     data = os.urandom(200_000)
 
@@ -82,7 +74,7 @@ async def test_upload_list_remove_and_refusals(rig):
 
 @pytest_twisted.ensureDeferred
 async def test_an_interrupted_upload_leaves_nothing_behind(rig):
-    rig.start_sim("dev1")
+    await rig.start_sim("dev1")
     await rig.start_daemon()
     with socket.create_connection(("127.0.0.1", rig.web_port), timeout=30) as s:
         s.sendall(b"PUT /v1/firmware/half.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n" + b"x" * 200_000)

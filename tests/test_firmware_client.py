@@ -14,7 +14,6 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock, Cooperator
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
@@ -22,7 +21,7 @@ from netota_daemon.cli.control_client import UPLOAD_CHUNK, ApiRefused, ControlCl
 from netota_daemon.control.firmware import FirmwareEndpoints
 from netota_daemon.control.routing import ControlResource
 from netota_daemon.daemon.firmware_catalog import FirmwareCatalog
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import run_netota
 from tests.daemon_fakes import AutoJobFactory, make_service
 from tests.fake_control import FakeControl, run
 
@@ -274,40 +273,29 @@ def test_upload_streams_the_file_in_chunks_with_its_length_and_honours_if_none_m
 # ---------------------------------------------------------------- against a real daemon
 
 
-async def netota(service, *args: str, timeout: float = 60) -> tuple[int, str, str]:
-    from twisted.internet import reactor
-
-    d = getProcessOutputAndValue(
-        PYTHON,
-        ["-m", "netota_daemon", *args],
-        env=subprocess_env(NETOTA_CONTROL=f"unix:{service.socket_path}"),
-        path=str(ROOT),
-    )
-    d.addTimeout(timeout, reactor)
-    out, err, code = await d
-    return code, out.decode(), err.decode()
-
-
 @pytest_twisted.ensureDeferred
 async def test_add_list_rm_against_a_daemon(tmp_path, reactor):
     service = make_service(tmp_path, reactor, AutoJobFactory(), firmware_max_upload=1_000_000)
     service.privilegedStartService()
     service.startService()
     firmware_dir = service.config.firmware_dir
+    control = f"unix:{service.socket_path}"
     data = os.urandom(700_000)
     (tmp_path / "build.ufw").write_bytes(data)
     try:
-        code, out, err = await netota(service, "firmware", "add", str(tmp_path / "build.ufw"), "--name", "new.ufw")
+        code, out, err = await run_netota(
+            reactor, control, "firmware", "add", str(tmp_path / "build.ufw"), "--name", "new.ufw"
+        )
         assert code == 0, err
         assert f"sha256:      {hashlib.sha256(data).hexdigest()}" in out.splitlines()
         assert (firmware_dir / "new.ufw").read_bytes() == data
 
-        code, out, err = await netota(service, "firmware", "list", "--json")
+        code, out, err = await run_netota(reactor, control, "firmware", "list", "--json")
         assert code == 0, err
         listed = {item["name"]: item for item in json.loads(out)["firmware"]}
         assert sorted(listed) == ["new.ufw", "v2.bin"] and listed["new.ufw"]["size"] == 700_000
 
-        code, out, err = await netota(service, "firmware", "rm", "new.ufw")
+        code, out, err = await run_netota(reactor, control, "firmware", "rm", "new.ufw")
         assert (code, out) == (0, f"removed new.ufw (700000 bytes, sha256 {hashlib.sha256(data).hexdigest()})\n"), err
         assert sorted(os.listdir(firmware_dir)) == ["v2.bin"]
 

@@ -21,30 +21,12 @@ from twisted.internet.protocol import ProcessProtocol
 from netota_daemon.cli.exit_codes import EXIT_USAGE
 from netota_daemon.cli.flash import flash
 from netota_daemon.cli.main import build_parser
-from netota_daemon.sim.config import SimConfig
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
 from tests.conftest import PYTHON, subprocess_env
+from tests.sim_devices import start_device
 
-TIME_SCALE = 0.02  # the device waits 100 ms for each reply: enough for a subprocess on 2 loaded cores
 FAST_FLAGS = ["--reboot-timeout", "5", "--verify-timeout", "5", "--receive-timeout", "0.2", "--timeout", "30"]
-
-
-async def start_device(reactor: Any, tmp_path: Path, **faults: Any) -> SimulatedDevice:
-    device = SimulatedDevice(
-        reactor,
-        SimConfig(
-            state_dir=tmp_path / "device",
-            ctp_port=0,
-            http_port=0,
-            ota_port=0,
-            time_scale=TIME_SCALE,
-            firmware_version="1.0.0",
-            **faults,
-        ),
-    )
-    await device.start()
-    return device
 
 
 def flash_args(device: SimulatedDevice, firmware: Path | str, *extra: str) -> list[str]:
@@ -119,7 +101,7 @@ async def test_flash_subprocess_succeeds_with_json(reactor, tmp_path):
     assert result["firmware_version_before"] == "1.0.0"
     assert result["firmware_version_after"] == "2.0.0"
     assert result["point_of_no_return"] is True
-    assert (tmp_path / "device" / "phase2-received.bin").read_bytes() == Path(image).read_bytes()
+    assert (device.config.state_dir / "phase2-received.bin").read_bytes() == Path(image).read_bytes()
     err = process.err.decode()
     # The progress display: not a terminal, so plain timestamped lines, a line per 10 % of each phase.
     assert "\r" not in err and "\x1b" not in err

@@ -31,7 +31,7 @@ from netota_daemon.wire.description import main_firmware_document
 from netota_daemon.wire.ota import Status, encode_device_header
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.daemon_fakes import short_socket_dir
-from tests.test_daemon_e2e import TWISTD, Process
+from tests.live_rig import Process, spawn_twistd
 from tests.waiting import Changes
 
 IMAGE_SIZE = 300_000
@@ -211,20 +211,13 @@ poll_interval = 0.1
         + "\n".join(devices)
     )
     log = tmp_path / "daemon.log"
-    daemon = Process("daemon", changes)
-    reactor.spawnProcess(
-        daemon,
-        PYTHON,
-        [PYTHON, "-c", TWISTD, "-n", "--pidfile=", "--logfile", str(log), "netota", "--config", str(config)],
-        env=subprocess_env(),
-        path=str(tmp_path),
-    )
+    daemon = spawn_twistd(reactor, changes, config, tmp_path, twistd_options=("--logfile", str(log)))
     sampler = None
     try:
         changes.watch_directory(tmp_path)
         await changes.until(lambda: Path(control).exists() or not daemon.running, "the control socket", 60)
         assert daemon.running, daemon.output.decode()
-        pid = daemon.transport.pid
+        pid = daemon.pid
         baseline = rss(pid)
         peak = [baseline]
         sampler = task.LoopingCall(lambda: peak.append(rss(pid)) if daemon.running else None)

@@ -10,21 +10,13 @@ import pytest
 import pytest_twisted
 
 from tests.conftest import free_port
-from tests.live_rig import LiveRig
 from tests.metrics_parse import Scrape
-
-
-@pytest.fixture
-def rig(tmp_path, reactor):
-    rig = LiveRig(tmp_path, reactor)
-    yield rig
-    rig.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_count_what_happened(rig):
     rig.make_image("v2.bin", "2.0.0", 150_000)
-    sim = rig.start_sim("dev1")
+    sim = await rig.start_sim("dev1")
     nobody = free_port()  # nothing listens there: every connection attempt is refused
     await rig.start_daemon(
         'metrics = "tcp:0:interface=127.0.0.1"',

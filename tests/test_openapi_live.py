@@ -19,7 +19,6 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import threads
 
@@ -31,13 +30,6 @@ SEED = os.environ.get("NETOTA_SCHEMATHESIS_SEED")
 DOCUMENT = ROOT / "docs" / "openapi.json"
 #: Endless answers (server-sent events): read below instead.
 STREAMS = ("/v1/events", "/v1/jobs/{job}/events", "/v1/batches/{batch}/events")
-
-
-@pytest.fixture
-def rig(tmp_path, reactor):
-    rig = LiveRig(tmp_path, reactor)
-    yield rig
-    rig.stop()
 
 
 def run_schemathesis(base_url: str) -> list[str]:
@@ -94,7 +86,7 @@ def run_schemathesis(base_url: str) -> list[str]:
 @pytest_twisted.ensureDeferred
 async def test_every_answer_of_a_running_daemon_is_documented_and_matches_its_schema(rig):
     rig.make_image("v2.bin", "2.0.0", 20_000)
-    rig.start_sim("dev1")
+    await rig.start_sim("dev1")
     await rig.start_daemon()
     job = rig.api("POST", "/v1/jobs", {"device": "dev1", "firmware": "v2.bin"})["job"]  # a job in the history
     failures = await threads.deferToThread(run_schemathesis, rig.url)
@@ -141,7 +133,7 @@ def follow_a_job(rig: LiveRig) -> tuple[list[tuple[str, Any]], list[tuple[str, A
             if event[0] == "outcome" and event[1]["job"] == job["id"]:
                 break
         assert rig.daemon is not None
-        rig.daemon.send_signal(signal.SIGTERM)  # the stream's last event is then shutdown
+        rig.reactor.callFromThread(rig.daemon.kill, signal.SIGTERM)  # the stream's last event is then shutdown
         everything.extend(stream)
     return everything, of_the_job
 
@@ -165,7 +157,7 @@ async def test_every_event_of_both_streams_matches_the_schema_the_document_gives
         return Draft202012Validator({"$ref": pointer}, registry=registry)
 
     rig.make_image("v2.bin", "2.0.0", 60_000)
-    rig.start_sim("dev1")
+    await rig.start_sim("dev1")
     await rig.start_daemon()
     everything, of_the_job = await threads.deferToThread(follow_a_job, rig)
     for path, seen in (("/v1/events", everything), ("/v1/jobs/{job}/events", of_the_job)):

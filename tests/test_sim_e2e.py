@@ -12,27 +12,17 @@ import pytest_twisted
 from twisted.internet import defer, threads
 from twisted.internet.error import ConnectionRefusedError
 
-from netota_daemon.sim.config import SimConfig, StallFault
+from netota_daemon.sim.config import StallFault
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import build_image
 from netota_daemon.wire.ctp import request
 from netota_daemon.wire.description import DESCRIPTION_PATH, LOADER_DOCUMENT, parse_description
 from netota_daemon.wire.ota import Status
 from tests import appclient
+from tests.sim_devices import start_device
 
 HOST = "127.0.0.1"
-SCALE = 0.02  # the 5 s reply wait becomes 100 ms: enough on a loaded 2-core machine
 IMAGE = build_image("2.0.0", 150_000)
-
-
-async def start_device(reactor: Any, tmp_path: Path, **overrides: Any) -> SimulatedDevice:
-    settings: dict[str, Any] = dict(
-        state_dir=tmp_path / "state", ctp_port=0, http_port=0, ota_port=0, time_scale=SCALE, firmware_version="1.0.0"
-    )
-    settings.update(overrides)
-    device = SimulatedDevice(reactor, SimConfig(**settings))
-    await device.start()
-    return device
 
 
 def session_ends(device: SimulatedDevice, after: int = 0) -> Any:
