@@ -318,3 +318,10 @@ def test_the_metrics_endpoint_serves_only_metrics_with_the_control_endpoints_bou
     silent = Connection(world, site)
     world.clock.advance(60)
     assert silent.closed and silent.transport.value() == b""
+
+
+def test_a_body_of_whitespace_is_not_json_but_no_body_is_none(world):
+    """An endpoint whose fields are all optional takes no body as {}; a body of blanks is not JSON."""
+    answer = world.call("POST", "/v1/devices/probe", b" \r\n")
+    assert refusal(answer) == (400, "bad_json")
+    assert world.call("POST", "/v1/devices/probe", b"")[0] == 200

@@ -136,7 +136,7 @@ class ApiRequest:
         raw = content.read(MAX_BODY + 1) if content is not None else b""
         if len(raw) > MAX_BODY:
             raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY} bytes")
-        if not raw.strip():
+        if not raw:  # no body; whitespace alone is not JSON (400 below)
             if required:
                 raise ApiError(
                     400, "bad_json", f"a JSON object body is required (fields: {', '.join(sorted(allowed))})"
