@@ -186,8 +186,10 @@ class LiveRig:
 
     async def start_sim(self, name: str, *faults: str, time_scale: str = TIME_SCALE) -> Sim:
         directory = self.tmp / f"sim-{name}"
-        directory.mkdir()
-        self.changes.watch_directory(directory)
+        if not directory.exists():
+            directory.mkdir()
+            self.changes.watch_directory(directory)
+        (directory / "ports.json").unlink(missing_ok=True)  # a simulator started again: its new ports
         process = Process(f"sim {name}", self.changes)
         self.reactor.spawnProcess(
             process,
@@ -218,8 +220,16 @@ class LiveRig:
     # ----- the daemon
 
     def write_config(
-        self, extra_daemon: str = "", extra_devices: str = "", max_parallel: int = 4, web: bool = True
+        self,
+        extra_daemon: str = "",
+        extra_devices: str = "",
+        max_parallel: int = 4,
+        web: bool = True,
+        device_lines: str = "",
+        extra_timeouts: str = "",
     ) -> Path:
+        """The config for the simulators started so far (``device_lines`` added to each one's table),
+        then ``extra_devices``."""
         devices = "".join(
             f"""
 [devices.{name}]
@@ -227,7 +237,7 @@ host = "127.0.0.1"
 ctp_port = {sim.ports["ctp"]}
 http_port = {sim.ports["http"]}
 ota_port = {sim.ports["ota"]}
-"""
+{device_lines}"""
             for name, sim in self.sims.items()
         )
         web_line = 'web = "tcp:0:interface=127.0.0.1"' if web else ""
@@ -248,6 +258,7 @@ reboot = 30
 verify = 30
 poll_interval = 0.05
 receive = 5
+{extra_timeouts}
 {devices}{extra_devices}""")
         return self.config_path
 
@@ -258,11 +269,13 @@ receive = 5
         options: tuple[str, ...] = (),
         max_parallel: int = 4,
         web: bool = True,
+        device_lines: str = "",
+        extra_timeouts: str = "",
     ) -> None:
         """Write the config for the simulators started so far and start the daemon (again, after an
         earlier one ended: its log starts anew); returns once it said READY=1 (and, with ``web``, its
         web endpoint listens)."""
-        config = self.write_config(extra_daemon, extra_devices, max_parallel, web)
+        config = self.write_config(extra_daemon, extra_devices, max_parallel, web, device_lines, extra_timeouts)
         self.notifications.clear()  # forget what an earlier daemon said
         # As systemd with WatchdogSec=1: the daemon pings every 0.5 s.
         env = subprocess_env(NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="1000000")

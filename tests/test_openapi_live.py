@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import threads
 
