@@ -163,8 +163,8 @@ async def test_a_batch_from_the_page_whose_canary_fails(rig, page):
 
     run, page = page
     rig.make_image("v2.bin", "2.0.0", 50_000)
-    canary = rig.start_sim("canary", "--reject-image")
-    rest = rig.start_sim("rest")
+    canary = await rig.start_sim("canary", "--reject-image")
+    rest = await rig.start_sim("rest")
     await rig.start_daemon()
 
     def batch_from_the_page():
