@@ -325,3 +325,20 @@ def test_a_body_of_whitespace_is_not_json_but_no_body_is_none(world):
     answer = world.call("POST", "/v1/devices/probe", b" \r\n")
     assert refusal(answer) == (400, "bad_json")
     assert world.call("POST", "/v1/devices/probe", b"")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'"' + b'\\"' * 32000, "not valid JSON"),  # an unterminated string of escaped quotes
+        (b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": ' + b"[" * 10 + b"]" * 10 + b"}", None),
+        (b'["\\\\", ' + b"[" * 40 + b"]" * 40 + b"]", "nested"),  # an escaped backslash ends its string
+        (b'["\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["]', None),  # an escaped quote does not
+    ],
+)
+def test_the_nesting_count_skips_brackets_inside_strings_and_follows_escapes(body, words):
+    if words is None:
+        assert decode_json(body) is not None
+    else:
+        with pytest.raises(BodyError, match=words):
+            decode_json(body)

@@ -28,19 +28,34 @@ class BodyError(Exception):
         self.message = message
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
+#: What matters to the nesting count: brackets, and the quotes and backslashes that tell whether a
+#: bracket is inside a string.
+_SIGNIFICANT = re.compile(r'[\[\]{}"\\]')
 
 
 def _check_depth(text: str) -> None:
-    """Refuse deep nesting before the parser sees it (the parser recurses once per level)."""
+    """Refuse deep nesting before the parser sees it (the parser recurses once per level). One pass
+    over the significant characters, linear in the body's length whatever it holds (an unterminated
+    string of escapes included)."""
     depth = 0
-    for match in _BRACKETS.finditer(_STRING.sub('""', text)):
-        if match.group() in "[{":
+    in_string = False
+    escaped_at = -2  # the index of a backslash that escapes the next character
+    for match in _SIGNIFICANT.finditer(text):
+        char, at = match.group(), match.start()
+        if in_string:
+            if escaped_at == at - 1:
+                continue  # this character is escaped
+            if char == "\\":
+                escaped_at = at
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             if depth > MAX_DEPTH:
                 raise BodyError(f"the JSON is nested more than {MAX_DEPTH} levels deep")
-        else:
+        elif char in "]}":
             depth -= 1
 
 
