@@ -31,7 +31,7 @@ from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, Upgrad
 from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ctp_client import CtpConnectionLost, CtpErrorReply, CtpReplyTimeout
 from netota_daemon.protocols.description_fetch import DescriptionFetchError
-from netota_daemon.protocols.endpoints import RETRYABLE_ERRORS, connection_error_message
+from netota_daemon.protocols.endpoints import RETRYABLE_ERRORS, connection_error_message, is_turned_down
 from netota_daemon.protocols.ftp_upload import FtpUploadSettings, UploadProgress, UploadResult
 from netota_daemon.protocols.ota_stream import StreamEnd, StreamProgress, StreamResult, StreamSettings
 from netota_daemon.wire.ctp import CtpProtocolError
@@ -43,8 +43,10 @@ T = TypeVar("T")
 
 #: How long closing the job's own connections may take before they are aborted.
 CLEANUP_GRACE = 3.0
-#: While waiting for a device to go away: a description document not answered within this long says it has.
+#: While waiting for a device to go away: a description document not answered within this long is a miss ...
 PRESENCE_TIMEOUT = 1.0
+#: ... and this many misses in a row say it has gone.
+ABSENT_AFTER_MISSES = 2
 
 
 class RouteEnd(str, enum.Enum):
@@ -338,32 +340,43 @@ class JobSteps:
         )
 
     async def wait_until_gone(self, window: float, what: str) -> bool:
-        """Poll the description document until the device stops answering (it reboots), for at most
+        """Poll the description document until the device has gone away (it reboots), for at most
         ``window`` seconds; whether it went.
 
-        A device that answers answers its small document in milliseconds; one that does not within
-        :data:`PRESENCE_TIMEOUT` is away: a connection attempt to a device that just went away would
-        otherwise sit in TCP's SYN retries through the whole absence and succeed once it is back."""
+        It has gone when a fetch is turned down (refused, reset, no route: its network stack or
+        its access point is away), or when :data:`ABSENT_AFTER_MISSES` fetches in a row get no
+        answer within :data:`PRESENCE_TIMEOUT`. A present device answers its small document in
+        milliseconds, and a connection attempt to one that just went away would otherwise sit in
+        TCP's SYN retries through the whole absence and succeed once it is back; one slow answer
+        (a lost packet on the WiFi) is not an absence."""
 
         class _StillThere(Exception):
             pass
 
         presence = min(self.timeouts.http, PRESENCE_TIMEOUT)
+        misses = 0
 
         async def attempt() -> None:
+            nonlocal misses
             try:
                 await self.link.fetch_description(presence)
             except defer.CancelledError:
                 raise
-            except Exception:
-                return  # no answer: it is rebooting
+            except Exception as e:
+                if is_turned_down(e):
+                    return  # refused, reset, unroutable: it is rebooting
+                misses += 1
+                if misses >= ABSENT_AFTER_MISSES:
+                    return  # silent, again and again: it is away
+                raise _StillThere(f"no answer within {presence:g} s ({misses} in a row)") from None
+            misses = 0
             raise _StillThere("the device still answers")
 
         try:
             await self.retry(
                 attempt,
                 window,
-                2 * presence,  # the fetch's own bound comes first and counts as "away"
+                2 * presence,  # the fetch's own bound comes first and counts as a miss
                 what,
                 policy=lambda attempt_number: min(self.timeouts.poll_interval, 0.2 * 1.5**attempt_number),
                 retryable=(_StillThere,),

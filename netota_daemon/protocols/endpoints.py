@@ -227,6 +227,27 @@ def is_cancellation(exc: BaseException) -> bool:
     return False
 
 
+#: Errors that say the device's own network stack turned the connection down (or the path to it is
+#: gone), as opposed to no answer at all.
+_TURNED_DOWN = (
+    error.ConnectionRefusedError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    error.NoRouteError,
+)
+
+
+def is_turned_down(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device refused or reset the connection, or that there is no route
+    to it (an HTTP client error wrapping one counts), rather than that nothing answered in time."""
+    if isinstance(exc, _TURNED_DOWN):
+        return True
+    reasons = getattr(exc, "reasons", None)  # twisted.web's ResponseFailed & co.
+    if isinstance(reasons, list):
+        return any(getattr(r, "check", lambda *_: False)(*_TURNED_DOWN) for r in reasons)
+    return False
+
+
 async def bounded(clock: IReactorTime, d: defer.Deferred[T], seconds: float, what: str) -> T:
     """Await ``d`` for at most ``seconds``: then cancel it and raise ``defer.TimeoutError``.
 
