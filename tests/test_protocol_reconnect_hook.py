@@ -3,6 +3,8 @@ output, the timeout kill and cancellation."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer
@@ -38,3 +40,20 @@ async def test_cancelling_kills_the_command_and_leaves_no_timer(reactor):
     with pytest.raises(defer.CancelledError):
         await d
     assert [c for c in reactor.getDelayedCalls() if "kill_after_timeout" in repr(c)] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_timeout_kills_what_the_command_started_too(reactor, tmp_path):
+    marker = tmp_path / "still-running"
+    command = f"(sleep 60; touch {marker}) & sleep 60 | cat"
+    result = await run_hook(reactor, reactor, command, ENV, 0.5).addTimeout(20, reactor)
+    assert result.timed_out and result.exit_code is None
+    # its children were killed with it: the pipeline and the background job no longer hold anything
+    out = subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True, text=True)
+    assert out.stdout.strip() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_result_comes_when_the_shell_exits_even_if_a_child_keeps_its_pipe(reactor):
+    result = await run_hook(reactor, reactor, "echo done; sleep 60 &", ENV, 30.0).addTimeout(20, reactor)
+    assert result.ok and result.output == "done"

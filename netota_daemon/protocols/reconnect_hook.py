@@ -5,10 +5,17 @@ interface must be rejoined by a script. :func:`run_hook` runs it, kills it after
 seconds (or when cancelled), keeps at most :data:`MAX_OUTPUT` bytes of what it printed, and always
 fires with a :class:`HookResult`: whether the hook worked is for the caller to judge (the engine
 logs a failure and lets the poll that follows decide).
+
+The command runs in a session (and process group) of its own (``setsid``, where the system has
+it), so a kill on timeout or cancel reaches everything it started (``sleep 60 | cat`` included),
+and the result is given when the shell exits, not when the last holder of its output pipes lets go.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,28 +44,50 @@ class HookResult:
         return self.exit_code == 0
 
 
+#: ``setsid``: the command gets a process group of its own, so a kill reaches its children too.
+SETSID = shutil.which("setsid")
+
+
 class _HookProcess(ProcessProtocol):
-    def __init__(self) -> None:
+    def __init__(self, own_group: bool) -> None:
         self.ended: defer.Deferred[int | None] = defer.Deferred()
         self.output = bytearray()
+        self.own_group = own_group
 
     def outReceived(self, data: bytes) -> None:
         self.output += data[: max(0, MAX_OUTPUT - len(self.output))]
 
     errReceived = outReceived
 
-    def processEnded(self, reason: Failure) -> None:
+    def processExited(self, reason: Failure) -> None:
+        # The shell is gone: the result is known. Our ends of its pipes are closed, so something it
+        # left running in the background can't hold the result back (a kill, on timeout or cancel,
+        # reaches its whole group; a normal exit leaves what it started alone).
         code = getattr(reason.value, "exitCode", None)
-        self.ended.callback(code if isinstance(code, int) else None)
+        transport: IProcessTransport | None = self.transport
+        if transport is not None:
+            transport.loseConnection()
+        if not self.ended.called:
+            self.ended.callback(code if isinstance(code, int) else None)
 
     def kill(self) -> None:
         transport: IProcessTransport | None = self.transport
         if transport is None:
             return
+        self._kill_group()
         try:
             transport.signalProcess("KILL")
         except Exception:  # already gone
             pass
+
+    def _kill_group(self) -> None:
+        transport: IProcessTransport | None = self.transport
+        pid = getattr(transport, "pid", None)
+        if self.own_group and isinstance(pid, int):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
 
     def text(self) -> str:
         return bytes(self.output).decode("utf-8", "replace").strip()
@@ -68,9 +97,12 @@ def run_hook(
     reactor: IReactorProcess, clock: IReactorTime, command: str, env: Mapping[str, str], timeout: float
 ) -> defer.Deferred[HookResult]:
     """Run ``command`` with ``/bin/sh -c`` and exactly ``env`` as its environment."""
-    process = _HookProcess()
+    process = _HookProcess(own_group=SETSID is not None)
+    argv = ["/bin/sh", "-c", command]
+    if SETSID is not None:
+        argv = [SETSID, *argv]  # the child is no group leader, so setsid starts a session in place
     try:
-        reactor.spawnProcess(process, "/bin/sh", ["/bin/sh", "-c", command], env=dict(env))
+        reactor.spawnProcess(process, argv[0], argv, env=dict(env))
     except Exception as e:  # no /bin/sh, no process support
         return defer.succeed(HookResult(exit_code=None, error=f"could not start: {e}"))
     timed_out = False
