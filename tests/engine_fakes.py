@@ -140,6 +140,7 @@ class FakeDevice:
         self.hook_seconds = 1.0
         self.hook_hangs = False
         self.ctp_close_seconds = 0.0  # closing a CTP session takes this long
+        self.ctp_close_raises = False  # closing a CTP session raises (a bug below the engine)
         self.stays_down = False  # after phase 1's OK it never comes back
         self.new_firmware_silent = False  # after phase 2's OK the new firmware never answers
         self.timers: set[Any] = set()  # the device's own scheduled reboots (not the job's)
@@ -233,6 +234,9 @@ class FakeCtp:
         self.keepalive = interval
 
     def close(self, grace: float) -> defer.Deferred[None]:
+        if self.device.ctp_close_raises:
+            self.link.open_sessions.discard(self)
+            raise RuntimeError("closing the CTP session raised")
         if self.closed_:
             return defer.succeed(None)
         self.closed_ = True

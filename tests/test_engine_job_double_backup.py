@@ -14,6 +14,7 @@ from netota_daemon.engine.job import UpgradeJob
 from netota_daemon.engine.outcome import (
     ADVICE_NOT_ACCEPTED,
     ADVICE_UPLOAD_INCOMPLETE,
+    ADVICE_UPLOAD_UNSETTLED,
     FailureClass,
     OutcomeKind,
     Phase,
@@ -169,6 +170,40 @@ def test_a_cancel_mid_upload_resets_the_data_connection_and_the_old_firmware_is_
     assert outcome.advice == ADVICE_UPLOAD_INCOMPLETE and "old firmware" in outcome.advice
     assert len(world.link.upload_resets) == 1
     assert world.device.mode is Mode.MAIN and world.device.version == "1.0.0"  # nothing was burned
+
+
+def test_a_cancel_after_the_image_went_out_whole_says_the_device_may_still_take_it(world):
+    job = UpgradeJob(world.clock, TARGET, world.image, UpgradeTimeouts(), "job-1", link=world.link)
+    job.events.subscribe(world.events.append)
+    job.run()
+    run_until(
+        world.clock,
+        lambda: any(isinstance(e, Progress) and e.state is TransferState.DEVICE_WORKING for e in world.events),
+    )
+    job.cancel("operator")
+    outcome = run_to_end(world.clock, job)
+    assert (outcome.kind, outcome.phase) == (OutcomeKind.ABORTED, Phase.UPLOAD)
+    assert outcome.advice == ADVICE_UPLOAD_UNSETTLED  # not "the old firmware is intact": it may not be
+
+
+def test_a_cancel_while_waiting_for_the_reboot_does_not_claim_the_old_firmware_is_intact(world):
+    world.device.uploads[0] = UploadPlan(accepted=False)
+    job = UpgradeJob(world.clock, TARGET, world.image, UpgradeTimeouts(upload_reboot=60.0), "job-1", link=world.link)
+    job.events.subscribe(world.events.append)
+    job.run()
+    run_until(world.clock, lambda: Phase.REBOOT in world.phases())
+    world.clock.advance(5.0)
+    job.cancel("operator")
+    outcome = run_to_end(world.clock, job)
+    assert (outcome.kind, outcome.phase) == (OutcomeKind.ABORTED, Phase.REBOOT)
+    assert outcome.advice == ADVICE_UPLOAD_UNSETTLED and world.uploads() == 1
+
+
+def test_the_deadline_while_waiting_for_the_reboot_leaves_the_outcome_unsettled(world):
+    world.device.uploads[0] = UploadPlan(accepted=False)
+    outcome = world.run(upload_reboot=60.0, deadline=20.0)
+    assert (outcome.kind, outcome.failure, outcome.phase) == (OutcomeKind.FAILED, FailureClass.TIMEOUT, Phase.REBOOT)
+    assert outcome.advice == ADVICE_UPLOAD_UNSETTLED and world.uploads() == 1
 
 
 def test_a_new_firmware_that_never_answers_after_the_reboot_is_unverified(world):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from netota_daemon.engine.events import Finished, PhaseChanged, Progress, Waiting
 from netota_daemon.engine.job import UpgradeJob
@@ -425,3 +426,47 @@ def test_progress_only_moves_forward_per_attempt_and_reaches_100_only_at_ok(worl
     assert segments[-4][-1].percent > 0 and phase2[0].percent == 0.0  # the loader starts again: so does the bar
     assert {p.basis for p in phase2} >= {"header", "all_size", "done"}
     assert all(p.point_of_no_return for p in phase2 if p.basis in ("all_size", "done"))
+
+
+# -- bugs below and inside the engine still end in an outcome -----------------------------------
+
+
+def test_a_cleanup_that_raises_still_delivers_the_outcome(world):
+    world.device.ctp.net_ota_single = "silent"  # phase 1's session is open when the job is cancelled
+    job = world.job_for()
+    job.run()
+    run_until(world.clock, lambda: "NET_OTA_SINGLE" in [c.detail.get("topic") for c in world.link.calls])
+    world.device.ctp_close_raises = True
+    with capturedLogs() as logged:
+        job.cancel("operator")
+        outcome = run_to_end(world.clock, job)
+    assert (outcome.kind, outcome.phase) == (OutcomeKind.ABORTED, Phase.PHASE1)
+    assert isinstance(world.events[-1], Finished) and world.events[-1].outcome is outcome
+    assert any("closing the job's connections failed" in str(e.get("log_format")) for e in logged)
+
+
+class ImageWhoseKindBreaks(FirmwareImage):
+    """An image whose kind can be read once (the route's check), and then raises: a bug in
+    building the outcome itself."""
+
+    reads = 0
+
+    @property
+    def kind(self):  # type: ignore[override]
+        self.reads += 1
+        if self.reads > 1:
+            raise RuntimeError("the kind broke")
+        return super().kind
+
+
+def test_a_bug_while_building_the_outcome_still_fires_run_with_a_failed_outcome(tmp_path):
+    path = tmp_path / "update.ufw"
+    path.write_bytes(bytes(range(256)) * (IMAGE_SIZE // 256) + b"\0" * (IMAGE_SIZE % 256))
+    world = World(ImageWhoseKindBreaks(path))
+    with capturedLogs() as logged:
+        outcome = world.run()
+    assert (outcome.kind, outcome.failure) == (OutcomeKind.FAILED, FailureClass.PROTOCOL_ERROR)
+    assert outcome.message == "internal error: RuntimeError: the kind broke"
+    assert outcome.advice  # what to do next, for the phase it reached
+    assert isinstance(world.events[-1], Finished) and world.events[-1].outcome is outcome
+    assert any("failed unexpectedly" in str(e.get("log_format")) for e in logged)

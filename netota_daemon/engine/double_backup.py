@@ -28,8 +28,6 @@ from netota_daemon.protocols.ftp_upload import UploadEnd, UploadResult
 
 log = Logger()
 
-#: Reply codes of a refused login: retrying can't help.
-LOGIN_REFUSED = (503, 530)
 #: "Busy": an earlier upload is still being closed or timing out on the device.
 BUSY = 550
 
@@ -67,7 +65,7 @@ async def upgrade_double_backup(steps: JobSteps, image: FirmwareImage) -> RouteE
                     f"the device answered the upload ({result.bytes_sent} bytes) but did not reboot within "
                     f"{steps.timeouts.upload_reboot:g} s: it did not accept the image",
                 )
-        elif not _worth_retrying(result):
+        elif not worth_retrying(result):
             raise UpgradeFailed(_failure_class(result), f"upload: {result.message}")
         facts.last_problem = result.message
         log.info(
@@ -92,7 +90,7 @@ async def _rebooted(steps: JobSteps, result: UploadResult) -> bool:
     return gone
 
 
-def _worth_retrying(result: UploadResult) -> bool:
+def worth_retrying(result: UploadResult) -> bool:
     """Whether the old bank is still what boots and another attempt may work."""
     if result.end is UploadEnd.REFUSED:
         return result.code is not None and (result.code == BUSY or 400 <= result.code < 500)

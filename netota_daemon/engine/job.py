@@ -26,6 +26,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from netota_daemon.engine.double_backup import upgrade_double_backup
 from netota_daemon.engine.events import EventPublisher, Finished, JobEvent
@@ -132,6 +133,7 @@ class UpgradeJob:
             self.lifecycle.start()
             self._deadline_call = self.clock.callLater(self.timeouts.deadline, self._deadline_passed)
             self._task = defer.Deferred.fromCoroutine(self._run())
+            self._task.addErrback(self._last_net)  # _run() catches bugs; this is the last net
             self._task.addCallback(self._deliver)
         # Cancelling this Deferred cancels the job (it then fails with CancelledError, as Twisted
         # does for every cancelled Deferred; job.cancel() is the way that keeps the outcome).
@@ -158,7 +160,20 @@ class UpgradeJob:
     # -- the flow ------------------------------------------------------------------------------
     async def _run(self) -> Outcome:
         try:
-            outcome = await self._upgrade()
+            outcome = await self._decided_outcome()
+        except Exception as e:  # a bug in deciding the outcome: still an outcome, never an errback
+            log.failure("the upgrade job failed unexpectedly", **self.log_context)
+            outcome = self._outcome_of_a_bug(e)
+        self.lifecycle.finishing()
+        try:
+            await self.steps.cleanup()
+        except Exception:  # a bug in closing what the job held: the outcome stands
+            log.failure("closing the job's connections failed unexpectedly", **self.log_context)
+        return outcome
+
+    async def _decided_outcome(self) -> Outcome:
+        try:
+            return await self._upgrade()
         except JobStopped:
             outcome = self._stopped_outcome()
         except UpgradeFailed as e:
@@ -169,16 +184,32 @@ class UpgradeJob:
             else:  # a bug: still an outcome, never an errback
                 log.failure("the upgrade job failed unexpectedly", **self.log_context)
                 outcome = self._failed(FailureClass.PROTOCOL_ERROR, f"internal error: {type(e).__name__}: {e}")
-        self.lifecycle.finishing()
-        await self.steps.cleanup()
         return outcome
+
+    def _last_net(self, failure: Failure) -> Outcome:
+        log.failure("the upgrade job failed unexpectedly", failure, **self.log_context)
+        return self._outcome_of_a_bug(failure.value or RuntimeError(failure.getErrorMessage()))
+
+    def _outcome_of_a_bug(self, error: BaseException) -> Outcome:
+        """The outcome when the flow itself raised (a bug): run() still fires with an outcome."""
+        return Outcome(
+            kind=OutcomeKind.FAILED,
+            message=f"internal error: {type(error).__name__}: {error}",
+            phase=self.phase,
+            failure=FailureClass.PROTOCOL_ERROR,
+            advice=advice(Happened.FAILED, self.phase, self.point_of_no_return, self.facts.route),
+            point_of_no_return=self.point_of_no_return,
+            firmware_version_before=self.facts.version_before,
+            details={"job": self.job_id, "device": self.target.name, "route": self.facts.route.value},
+        )
 
     def _deliver(self, outcome: Outcome) -> Outcome:
         self.outcome = outcome
         if self._deadline_call is not None and self._deadline_call.active():
             self._deadline_call.cancel()
         self._deadline_call = None
-        self.lifecycle.finished()
+        if self.lifecycle.state is LifecycleState.FINISHING:  # not so only after a bug (see run())
+            self.lifecycle.finished()
         log.info(
             "upgrade ended: {kind} in {phase}: {message}",
             kind=outcome.kind.value,
@@ -342,6 +373,10 @@ class UpgradeJob:
         facts = self.facts
         if happened in (Happened.FAILED, Happened.ABORTED) and facts.old_firmware_back:
             happened = Happened.OLD_FIRMWARE_BACK  # the device is back in its old firmware, not its loader
+        if facts.route is Route.DOUBLE_BACKUP and self.lifecycle.stop is not None:
+            # Stopped (a cancel, the deadline) after the image went out whole: it may be taking it.
+            if self.phase is Phase.REBOOT or (self.phase is Phase.UPLOAD and facts.upload_sent_whole):
+                happened = Happened.UNSETTLED
         phase = self.phase
         if phase is Phase.PHASE1 and facts.phase1_completed:
             phase = Phase.REBOOT  # it ended while closing phase 1's session: the device reboots into its loader

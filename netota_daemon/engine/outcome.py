@@ -76,6 +76,7 @@ class Happened(str, enum.Enum):
     OLD_FIRMWARE_BACK = "old_firmware_back"  # phase 2 found the main firmware before the point of no return
     NEVER_STARTED = "never_started"  # the job never reached the device
     INTERRUPTED = "interrupted"  # the daemon stopped or died while the job ran
+    UNSETTLED = "unsettled"  # stopped after a double-backup upload was sent whole: the device may be taking it
 
 
 ADVICE_RESET = "The old firmware is intact: reset the device and try again."
@@ -110,6 +111,12 @@ ADVICE_NOT_ACCEPTED = (
     "The device took the whole upload but did not reboot into it: it did not accept the image (wrong "
     "kind, another board's image, or a corrupt file). Its old firmware is intact; check the image and try again."
 )
+ADVICE_UPLOAD_UNSETTLED = (
+    "The whole image was sent and closed cleanly before the job stopped: the device may still switch to "
+    "its new bank and reboot, or keep its old firmware. Wait a minute, then read its firmware_version "
+    "(netota devices --probe); if it still runs the old one, resume the job (netota resume JOB) to upload "
+    "the image again."
+)
 ADVICE_RESUME = " Resume the job to continue (netota resume JOB)."
 ADVICE_RESUME_CHECKS = (
     " Resuming the job (netota resume JOB) checks it: it reads the device's firmware version back and flashes nothing."
@@ -139,6 +146,8 @@ def advice(
         return ADVICE_NEVER_STARTED
     if happened is Happened.OLD_FIRMWARE_BACK:
         return ADVICE_RESET
+    if happened is Happened.UNSETTLED:
+        return ADVICE_UPLOAD_UNSETTLED
     if happened is Happened.UNVERIFIED or phase in (Phase.VERIFY, Phase.DONE):
         if happened is Happened.INTERRUPTED:
             return ADVICE_UNVERIFIED + ADVICE_RESUME_CHECKS
@@ -146,7 +155,12 @@ def advice(
     if phase is Phase.DETECT:
         text = ADVICE_NOTHING_SENT
     elif route is Route.DOUBLE_BACKUP:
-        text = ADVICE_NOT_ACCEPTED if phase is Phase.REBOOT else ADVICE_UPLOAD_INCOMPLETE
+        if phase is not Phase.REBOOT:
+            text = ADVICE_UPLOAD_INCOMPLETE
+        elif happened is Happened.FAILED:  # it did not reboot within upload_reboot: it refused the image
+            text = ADVICE_NOT_ACCEPTED
+        else:  # stopped, or lost, while the device was expected to reboot
+            return ADVICE_UPLOAD_UNSETTLED
     elif point_of_no_return or phase is Phase.PHASE2:
         text = ADVICE_LOADER
     elif phase is Phase.REBOOT:

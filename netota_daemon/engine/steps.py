@@ -32,7 +32,7 @@ from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ctp_client import CtpConnectionLost, CtpErrorReply, CtpReplyTimeout
 from netota_daemon.protocols.description_fetch import DescriptionFetchError
 from netota_daemon.protocols.endpoints import RETRYABLE_ERRORS, connection_error_message, is_turned_down
-from netota_daemon.protocols.ftp_upload import FtpUploadSettings, UploadProgress, UploadResult
+from netota_daemon.protocols.ftp_upload import FtpUploadSettings, UploadEnd, UploadProgress, UploadResult
 from netota_daemon.protocols.ota_stream import StreamEnd, StreamProgress, StreamResult, StreamSettings
 from netota_daemon.wire.ctp import CtpProtocolError
 from netota_daemon.wire.description import DeviceDescription
@@ -70,6 +70,7 @@ class JobFacts:
     old_firmware_back: bool = False  # phase 2 found the main firmware before any all_size notice
     phase2_attempts: int = 0
     upload_attempts: int = 0
+    upload_sent_whole: bool = False  # the current upload's image went out whole and was closed cleanly
     last_problem: str = ""  # the last failed attempt's error, for a deadline's message
     streams: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[dict[str, Any]] = field(default_factory=list)
@@ -283,9 +284,13 @@ class JobSteps:
         total = image.size
         started = self.clock.seconds()
 
+        self.facts.upload_sent_whole = False
+
         def on_progress(progress: UploadProgress) -> None:
             span = min(3.0, self.clock.seconds() - started)
             working = progress.state == "device_working"
+            if working:
+                self.facts.upload_sent_whole = True  # closed cleanly: the device attempts the burn
             self.events.publish(
                 meter.from_upload(
                     progress.bytes_sent, progress.total_bytes or total, progress.rate, span, working, False
@@ -302,7 +307,7 @@ class JobSteps:
             self.uploads.discard(uploading)
             raise
         self.uploads.discard(uploading)
-        if result.end.value == "complete":
+        if result.end is UploadEnd.COMPLETE:
             self.events.publish(meter.from_upload(result.bytes_sent, total, 0.0, 0.0, False, True))
         return result
 
