@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from netota_daemon.engine.events import EventPublisher, PhaseChanged, Progress, TransferState, Waiting
-from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase, recovery_advice
+from netota_daemon.engine.outcome import Happened, Outcome, OutcomeKind, Phase, advice
 
 
 def fired(d: Deferred) -> Any:
@@ -122,10 +122,15 @@ class FakeJob:
         fields.setdefault("state", TransferState.TRANSFERRING)
         self.events.publish(Progress(phase=self.phase, **fields))
 
+    def fail_with(self, error: Exception) -> None:
+        """The engine's run() Deferred fails (a bug in the engine: the real one never does)."""
+        assert self._done is not None and not self._done.called
+        self._done.errback(error)
+
     def finish(self, kind: OutcomeKind = OutcomeKind.SUCCEEDED, message: str = "done", **extra: Any) -> None:
         assert self._done is not None and not self._done.called
-        advice = "" if kind is OutcomeKind.SUCCEEDED else recovery_advice(self.point_of_no_return, self.phase)
-        extra.setdefault("advice", advice)
+        told = "" if kind is OutcomeKind.SUCCEEDED else advice(Happened.FAILED, self.phase, self.point_of_no_return)
+        extra.setdefault("advice", told)
         self._done.callback(
             Outcome(kind=kind, message=message, phase=self.phase, point_of_no_return=self.point_of_no_return, **extra)
         )

@@ -28,7 +28,14 @@ from netota_daemon.daemon.jobs import (
 from netota_daemon.daemon.journal import JobJournal, JobState
 from netota_daemon.daemon.journal_thread import AsyncJournal, ImmediateExecutor
 from netota_daemon.daemon.registry import DeviceRegistry
-from netota_daemon.engine.outcome import ADVICE_LOADER, OutcomeKind, Phase
+from netota_daemon.engine.outcome import (
+    ADVICE_AFTER_PHASE1,
+    ADVICE_LOADER,
+    ADVICE_RESUME,
+    ADVICE_UPLOAD_UNSETTLED,
+    OutcomeKind,
+    Phase,
+)
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from tests.daemon_fakes import FakeJobFactory, fired
 
@@ -316,6 +323,29 @@ def test_shutdown_records_interrupted_before_cancelling_and_keeps_it(world):
     assert [e["state"] for e in world.events if e["type"] == "outcome"].count("interrupted") == 3
 
 
+def test_the_route_is_learned_from_the_phases_and_decides_an_interrupted_jobs_advice(world):
+    double = world.start("a")["id"]
+    single = world.start("b")["id"]
+    for job_id, first in ((double, Phase.UPLOAD), (single, Phase.PHASE1)):
+        fake = world.factory.jobs[job_id]
+        fake.enter(first)
+        fake.enter(Phase.REBOOT)
+    assert world.get(double)["route"] == "double_backup" and world.get(single)["route"] == "single_backup"
+    world.queue.shutdown()
+    world.clock.advance(1.0)
+    assert world.journal.get(double).advice == ADVICE_UPLOAD_UNSETTLED  # it may be taking the image
+    assert world.journal.get(single).advice.startswith(ADVICE_AFTER_PHASE1)  # it reboots into its loader
+
+
+def test_an_engine_failure_in_a_double_backup_reboot_does_not_claim_the_device_refused_the_image(world):
+    job_id = world.start("a")["id"]
+    fake = world.factory.jobs[job_id]
+    fake.enter(Phase.UPLOAD)
+    fake.enter(Phase.REBOOT)
+    fake.fail_with(RuntimeError("boom"))
+    assert world.journal.get(job_id).advice == ADVICE_UPLOAD_UNSETTLED
+
+
 def test_shutdown_gives_up_waiting_after_the_grace(world):
     world.factory.stop_delay = 100.0
     world.start("a")
@@ -358,11 +388,11 @@ def test_an_engine_that_fails_gets_the_recovery_advice_of_its_phase(world):
     fake = world.factory.jobs[job_id]
     fake.enter(Phase.PHASE2)
     fake.progress(30.0, point_of_no_return=True)
-    fake._done.errback(RuntimeError("boom"))
+    fake.fail_with(RuntimeError("boom"))
     record = world.journal.get(job_id)
     assert record.state is JobState.FINISHED and record.outcome.kind is OutcomeKind.FAILED
     assert "boom" in record.outcome.message and record.outcome.point_of_no_return
-    assert record.advice == ADVICE_LOADER  # not empty: the device waits in its loader
+    assert record.advice == ADVICE_LOADER + ADVICE_RESUME  # not empty: the device waits in its loader
     world.start("a")  # the device is free again
 
 

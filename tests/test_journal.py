@@ -11,14 +11,23 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
 from netota_daemon.daemon.journal import (
-    ADVICE_NEVER_STARTED,
     JOURNAL_FILE,
     JobJournal,
     JobRecord,
     JobState,
     JournalError,
 )
-from netota_daemon.engine.outcome import ADVICE_LOADER, ADVICE_RESET, ADVICE_UNVERIFIED, Outcome, OutcomeKind, Phase
+from netota_daemon.engine.outcome import (
+    ADVICE_LOADER,
+    ADVICE_NEVER_STARTED,
+    ADVICE_RESET,
+    ADVICE_UNVERIFIED,
+    ADVICE_UPLOAD_UNSETTLED,
+    Outcome,
+    OutcomeKind,
+    Phase,
+    Route,
+)
 
 
 def make(tmp_path, **changes) -> tuple[JobJournal, JobRecord]:
@@ -126,6 +135,29 @@ def test_a_job_lost_after_phase_2_is_not_told_its_device_waits_in_the_loader(tmp
     (recovered,) = journal.recover()
     assert recovered.advice.startswith(ADVICE_UNVERIFIED) and ADVICE_LOADER not in recovered.advice
     assert recovered.resumable
+
+
+def test_a_double_backup_job_lost_while_its_device_rebooted_is_told_to_check_before_resuming(tmp_path):
+    """The whole image went out: the device may have taken it. Neither 'phase 1 completed, rejoin its
+    loader' (single backup's reboot) nor 'the old firmware is intact'."""
+    journal, _ = make(tmp_path)
+    journal.update("j1", "running", state=JobState.RUNNING, started=1.0, phase=Phase.REBOOT, route=Route.DOUBLE_BACKUP)
+    journal.close()
+    after = JobJournal(tmp_path)
+    (recovered,) = after.recover()
+    assert recovered.advice == ADVICE_UPLOAD_UNSETTLED
+    assert after.get("j1").route is Route.DOUBLE_BACKUP and after.get("j1").to_json()["route"] == "double_backup"
+
+
+def test_a_journal_without_the_route_column_gets_it_and_reads_its_rows_as_unknown(tmp_path):
+    journal, _ = make(tmp_path)
+    journal.close()
+    with sqlite3.connect(tmp_path / JOURNAL_FILE) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN route")
+    reopened = JobJournal(tmp_path)
+    assert reopened.get("j1").route is None and reopened.get("j1").to_json()["route"] is None
+    reopened.update("j1", "phase upload", route=Route.DOUBLE_BACKUP)
+    assert JobJournal(tmp_path).get("j1").route is Route.DOUBLE_BACKUP
 
 
 def test_a_row_this_version_cannot_read_is_a_clear_error(tmp_path):

@@ -22,7 +22,7 @@ from netota_daemon.daemon.jobs import MAX_FIRMWARE_SET  # noqa: E402
 from netota_daemon.daemon.journal import MAX_PAGE, JobState  # noqa: E402
 from netota_daemon.daemon.rescue import RescueAction  # noqa: E402
 from netota_daemon.engine.events import TransferState  # noqa: E402
-from netota_daemon.engine.outcome import FailureClass, OutcomeKind, Phase  # noqa: E402
+from netota_daemon.engine.outcome import FailureClass, OutcomeKind, Phase, Route  # noqa: E402
 from netota_daemon.wire.firmware_kind import FirmwareKind  # noqa: E402
 
 J = "application/json"
@@ -252,6 +252,11 @@ SCHEMAS: Schema = {
                 "pattern": "^[0-9a-f]{64}$",
                 "description": "the SHA-256 of the image the job flashed (a job given a single image)",
             },
+            "route": {
+                "type": ["string", "null"],
+                "enum": [*values(Route), None],
+                "description": "the device's build, once the job has seen it (null before, or for an older job)",
+            },
             "history": {"type": "array", "items": ref("HistoryEntry"), "description": "only in GET /v1/jobs/ID"},
         },
         required=(
@@ -277,6 +282,7 @@ SCHEMAS: Schema = {
             "options",
             "batch",
             "image_sha256",
+            "route",
         ),
     ),
     "Probe": {

@@ -34,11 +34,15 @@ from netota_daemon.daemon.journal_thread import AsyncJournal
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.engine.events import EventPublisher, Finished, JobEvent, PhaseChanged, Progress, Waiting
 from netota_daemon.engine.outcome import (
+    ADVICE_UPLOAD_UNSETTLED,
     FailureClass,
+    Happened,
     Outcome,
     OutcomeKind,
     Phase,
-    recovery_advice,
+    Route,
+    advice,
+    route_of_phase,
 )
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
@@ -53,7 +57,8 @@ PROGRESS_INTERVAL = 0.1
 QueueEvent = dict[str, Any]
 QueueSubscriber = Callable[[QueueEvent], None]
 
-ADVICE_NOT_TOUCHED = "The job never started, so the device was not touched."
+#: A job that ends before its engine ran: the device was not touched.
+ADVICE_NOT_TOUCHED = advice(Happened.NEVER_STARTED, Phase.DETECT)
 
 
 class EngineJob(Protocol):
@@ -714,7 +719,7 @@ class JobQueue:
                     message=f"internal error: {e}",
                     phase=Phase.DETECT,
                     failure=FailureClass.PROTOCOL_ERROR,
-                    advice="The device was not touched.",
+                    advice=ADVICE_NOT_TOUCHED,
                 ),
             )
             return
@@ -740,7 +745,8 @@ class JobQueue:
             phase=phase,
             failure=FailureClass.PROTOCOL_ERROR,
             point_of_no_return=point_of_no_return,
-            advice=recovery_advice(point_of_no_return, phase),
+            # A bug, not the device: what it did is unknown, as if the daemon had stopped here.
+            advice=advice(Happened.INTERRUPTED, phase, point_of_no_return, active.record.route or Route.SINGLE_BACKUP),
         )
 
     def _on_engine_event(self, active: ActiveJob, event: JobEvent) -> None:
@@ -752,7 +758,8 @@ class JobQueue:
         if isinstance(event, PhaseChanged):
             written = None
             if event.phase is not record.phase:
-                active.record = replace(record, phase=event.phase, progress=latest)
+                route = route_of_phase(event.phase) or record.route
+                active.record = replace(record, phase=event.phase, progress=latest, route=route)
                 written = self._journal.save(active.record, f"phase {event.phase.value}")
             active.waiting = None
             self._registry.phase(record.device, event.phase)
@@ -773,7 +780,8 @@ class JobQueue:
                 written = self._journal.save(active.record, "point of no return")
                 log.warn("job {job} on {device}: point of no return reached", job=record.id, device=record.device)
             elif event.phase is not record.phase:
-                active.record = replace(record, phase=event.phase, progress=latest)
+                route = route_of_phase(event.phase) or record.route
+                active.record = replace(record, phase=event.phase, progress=latest, route=route)
                 written = self._journal.save(active.record, f"phase {event.phase.value}")
             due = self._progress_due(active, event)  # before active.progress changes: it compares with it
             active.progress = event
@@ -817,17 +825,21 @@ class JobQueue:
         now = self._reactor.seconds()
         point_of_no_return = record.point_of_no_return or outcome.point_of_no_return
         progress = progress_json(active.progress) if active.progress else record.progress
+        if record.route is None and outcome.details.get("route") in {r.value for r in Route}:
+            record = replace(record, route=Route(outcome.details["route"]))
         if record.state is JobState.INTERRUPTED and outcome.kind is OutcomeKind.ABORTED:
             # The daemon's shutdown stopped it: it stays interrupted (and resumable). A job that
             # reached its own end before the STOP took effect is finished with that outcome.
             final = replace(
-                record,
-                outcome=outcome,
-                phase=outcome.phase,
-                point_of_no_return=point_of_no_return,
-                finished=now,
+                record, outcome=outcome, phase=outcome.phase, point_of_no_return=point_of_no_return, finished=now
+            )
+            final = replace(
+                final,
                 progress=progress,
-                advice=interrupted_advice(outcome.phase, point_of_no_return, active.engine is not None),
+                # The engine knows more when the whole image went out before it stopped.
+                advice=outcome.advice
+                if outcome.advice == ADVICE_UPLOAD_UNSETTLED
+                else interrupted_advice(final, active.engine is not None),
             )
             note = f"interrupted: {outcome.kind.value}"
         else:
@@ -893,7 +905,7 @@ class JobQueue:
                 record,
                 state=JobState.INTERRUPTED,
                 message=reason,
-                advice=interrupted_advice(record.phase, record.point_of_no_return, started),
+                advice=interrupted_advice(record, started),
             )
             if not started:
                 interrupted = replace(interrupted, finished=self._reactor.seconds())

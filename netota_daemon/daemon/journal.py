@@ -25,7 +25,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from netota_daemon.engine.outcome import ADVICE_UNVERIFIED, Outcome, OutcomeKind, Phase, recovery_advice
+from netota_daemon.engine.outcome import Happened, Outcome, OutcomeKind, Phase, Route, advice
 
 log = Logger()
 
@@ -42,20 +42,11 @@ class JobState(str, enum.Enum):
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
 
-ADVICE_NEVER_STARTED = "The job never started, so the device was not touched: resume it or start it again."
 
-
-def interrupted_advice(phase: Phase, point_of_no_return: bool, started: bool) -> str:
-    """What to do about a job the daemon lost while it was queued or running."""
-    if not started:
-        return ADVICE_NEVER_STARTED
-    if phase in (Phase.VERIFY, Phase.DONE):
-        # Phase 2 completed: the device was flashed and reboots into its new firmware, not its loader.
-        return ADVICE_UNVERIFIED + (
-            " Resuming the job (netota resume JOB) checks it: it reads the device's firmware version back and"
-            " flashes nothing."
-        )
-    return recovery_advice(point_of_no_return, phase) + " Resume the job to continue (netota resume JOB)."
+def interrupted_advice(record: JobRecord, started: bool) -> str:
+    """What to do about a job the daemon lost while it was queued (``started`` False) or running."""
+    happened = Happened.INTERRUPTED if started else Happened.NEVER_STARTED
+    return advice(happened, record.phase, record.point_of_no_return, record.route or Route.SINGLE_BACKUP)
 
 
 @dataclass(frozen=True)
@@ -81,6 +72,7 @@ class JobRecord:
     also: tuple[str, ...] = ()  # further images of the job's set (one of each kind): the engine sends one
     batch: str | None = None  # the batch this job belongs to
     image_sha256: str | None = None  # the SHA-256 of the job's image (None: a set of images, or an older row)
+    route: Route | None = None  # the device's build, once the job has seen it (None: not yet, or an older row)
 
     @property
     def firmware_set(self) -> tuple[str, ...]:
@@ -126,6 +118,7 @@ class JobRecord:
             "progress": dict(self.progress) if self.progress is not None else None,
             "batch": self.batch,
             "image_sha256": self.image_sha256,
+            "route": self.route.value if self.route else None,
         }
 
 
@@ -182,10 +175,11 @@ _COLUMNS = (
     "also",
     "batch",
     "image_sha256",
+    "route",
 )
 
 #: Columns added after the first release, with their definitions: added to an older journal on open.
-_ADDED_COLUMNS = {"progress": "TEXT", "also": "TEXT", "batch": "TEXT", "image_sha256": "TEXT"}
+_ADDED_COLUMNS = {"progress": "TEXT", "also": "TEXT", "batch": "TEXT", "image_sha256": "TEXT", "route": "TEXT"}
 #: Indexes on added columns, made once the columns exist.
 _ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_image ON jobs (image_sha256)",
@@ -228,6 +222,7 @@ def _to_row(record: JobRecord) -> dict[str, Any]:
         "also": json.dumps(list(record.also)) if record.also else None,
         "batch": record.batch,
         "image_sha256": record.image_sha256,
+        "route": record.route.value if record.route else None,
     }
 
 
@@ -267,6 +262,7 @@ def _record_from_row(row: sqlite3.Row) -> JobRecord:
         also=tuple(str(name) for name in json.loads(row["also"])) if row["also"] else (),
         batch=row["batch"],
         image_sha256=row["image_sha256"],
+        route=Route(row["route"]) if row["route"] else None,
     )
 
 
@@ -510,7 +506,7 @@ class JobJournal:
                 state=JobState.INTERRUPTED,
                 finished=self._now(),
                 message=f"the daemon stopped while the job was {record.state.value} (phase {record.phase.value})",
-                advice=interrupted_advice(record.phase, record.point_of_no_return, started),
+                advice=interrupted_advice(record, started),
             )
             self.save(interrupted, "interrupted: found active at daemon start")
             log.warn(

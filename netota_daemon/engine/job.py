@@ -183,7 +183,9 @@ class UpgradeJob:
                 outcome = self._stopped_outcome()
             else:  # a bug: still an outcome, never an errback
                 log.failure("the upgrade job failed unexpectedly", **self.log_context)
-                outcome = self._failed(FailureClass.PROTOCOL_ERROR, f"internal error: {type(e).__name__}: {e}")
+                message = f"internal error: {type(e).__name__}: {e}"
+                # A bug, not the device: what it did is unknown, as if the daemon had stopped here.
+                outcome = self._outcome(OutcomeKind.FAILED, message, Happened.INTERRUPTED, FailureClass.PROTOCOL_ERROR)
         return outcome
 
     def _last_net(self, failure: Failure) -> Outcome:
@@ -197,7 +199,8 @@ class UpgradeJob:
             message=f"internal error: {type(error).__name__}: {error}",
             phase=self.phase,
             failure=FailureClass.PROTOCOL_ERROR,
-            advice=advice(Happened.FAILED, self.phase, self.point_of_no_return, self.facts.route),
+            # A bug, not the device: what it did is unknown, as if the daemon had stopped here.
+            advice=advice(Happened.INTERRUPTED, self.phase, self.point_of_no_return, self.facts.route),
             point_of_no_return=self.point_of_no_return,
             firmware_version_before=self.facts.version_before,
             details={"job": self.job_id, "device": self.target.name, "route": self.facts.route.value},

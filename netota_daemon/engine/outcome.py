@@ -64,6 +64,15 @@ class Route(str, enum.Enum):
     DOUBLE_BACKUP = "double_backup"  # ota_type "0" or absent: one FTP upload into the inactive bank
 
 
+def route_of_phase(phase: Phase) -> Route | None:
+    """The route a job is on, told by a phase only that route has (None: detect, reboot, verify, done)."""
+    if phase in (Phase.PHASE1, Phase.PHASE2):
+        return Route.SINGLE_BACKUP
+    if phase is Phase.UPLOAD:
+        return Route.DOUBLE_BACKUP
+    return None
+
+
 class Happened(str, enum.Enum):
     """What happened to a job, as far as the advice is concerned."""
 
@@ -168,11 +177,6 @@ def advice(
     else:
         text = ADVICE_RESET
     return text + ADVICE_RESUME if happened is Happened.INTERRUPTED else text
-
-
-def recovery_advice(point_of_no_return: bool, phase: Phase | None = None) -> str:
-    """The advice for a failed single-backup job (kept for callers that predate :func:`advice`)."""
-    return advice(Happened.FAILED, phase or Phase.PHASE1, point_of_no_return)
 
 
 @dataclass(frozen=True)
