@@ -1,4 +1,4 @@
-"""Deadlines and cancels always win: for every step that waits, a stop that comes in the same
+"""Deadlines and cancels always win: for every step that waits (both routes), a stop that comes in the same
 reactor pass as the step's own timeout (just before it, at the same moment, just after it) ends the
 job at once, as a timeout for the deadline and as aborted for a cancel, and is never turned into a
 retry. On a Clock with the scripted fake device; no sockets, no processes."""
@@ -12,11 +12,22 @@ import pytest
 from twisted.internet.task import Clock
 
 from netota_daemon.engine.job import UpgradeJob
-from netota_daemon.engine.outcome import ADVICE_LOADER, FailureClass, OutcomeKind, Phase
+from netota_daemon.engine.outcome import ADVICE_LOADER, ADVICE_UPLOAD_UNSETTLED, FailureClass, OutcomeKind, Phase
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
+from netota_daemon.protocols.ftp_upload import UploadEnd
 from netota_daemon.protocols.ota_stream import StreamEnd
-from tests.engine_fakes import IMAGE_SIZE, FakeDevice, FakeLink, Mode, StreamPlan, run_to_end, run_until
+from tests.engine_fakes import (
+    IMAGE_SIZE,
+    FakeDevice,
+    FakeLink,
+    Mode,
+    StreamPlan,
+    UploadPlan,
+    run_to_end,
+    run_until,
+)
+from tests.images import image_bytes_of
 
 pytestmark = pytest.mark.usefixtures("no_sockets_or_processes")
 
@@ -32,8 +43,10 @@ class Step:
     phase: Phase
     setup: Callable[[FakeDevice], None]
     started: Callable[[FakeLink], float | None]  # when the step began (None: not yet)
-    timeout: float  # the step's own timer, from its start
+    timeout: float | None  # the step's own timer, from its start (None: when it ends the job on its own)
     target: DeviceTarget = PLAIN
+    double_backup: bool = False  # a double-backup device (an FTP upload), else single backup
+    final_failure: FailureClass | None = None  # how the step's own timeout ends the job, when it does
 
 
 def first_call(what: str, after: Callable[[FakeLink], bool] = lambda link: True) -> Callable[[FakeLink], float | None]:
@@ -87,6 +100,14 @@ def _hook_hangs(device: FakeDevice) -> None:
     device.hook_hangs = True
 
 
+def _upload_stalls_at_7s(device: FakeDevice) -> None:
+    device.uploads[0] = UploadPlan(end=UploadEnd.TIMEOUT, code=None, fraction=0.3, seconds=7.0, message="stalled")
+
+
+def _image_not_accepted(device: FakeDevice) -> None:
+    device.uploads[0] = UploadPlan(accepted=False)  # the 226 comes, the device never reboots
+
+
 STEPS = {
     "connect": Step(Phase.PHASE1, _hang_connects, first_call("connect_ctp"), TIMEOUTS.connect),
     "ctp reply": Step(Phase.PHASE1, _silent_ctp, first_call("ctp"), TIMEOUTS.ctp_reply),
@@ -102,16 +123,25 @@ STEPS = {
     "reboot poll": Step(Phase.REBOOT, _stays_down, nth_fetch_in(1, 3), 0.0),
     "verify poll": Step(Phase.VERIFY, _new_firmware_silent, nth_fetch_in(2, 3), 0.0),
     "hook": Step(Phase.REBOOT, _hook_hangs, first_call("hook"), TIMEOUTS.hook, target=HOOKED),
+    "ftp upload": Step(Phase.UPLOAD, _upload_stalls_at_7s, first_call("upload"), 7.0, double_backup=True),
+    "upload reboot": Step(
+        Phase.REBOOT,
+        _image_not_accepted,
+        first_call("upload_end"),
+        None,  # its polls give up when the next would pass upload_reboot: the dry run tells when
+        double_backup=True,
+        final_failure=FailureClass.DEVICE_ERROR,  # it did not reboot: it did not accept the image
+    ),
 }
 
 
 def make(tmp_path, step: Step, deadline: float = 10_000.0):
     clock = Clock()
-    device = FakeDevice(clock)
+    device = FakeDevice(clock, ota_type="0" if step.double_backup else "1")
     step.setup(device)
     link = FakeLink(device)
     path = tmp_path / "update.ufw"
-    path.write_bytes(b"\x5a" * IMAGE_SIZE)
+    path.write_bytes(image_bytes_of("double") if step.double_backup else b"\x5a" * IMAGE_SIZE)
     job = UpgradeJob(clock, step.target, FirmwareImage(path), TIMEOUTS.replaced(deadline=deadline), "job-1", link=link)
     return clock, device, link, job
 
@@ -119,6 +149,10 @@ def make(tmp_path, step: Step, deadline: float = 10_000.0):
 def moment(tmp_path, step: Step) -> float:
     """When the step's own timer fires, from a dry run of the same (deterministic) scenario."""
     clock, device, link, job = make(tmp_path, step)
+    if step.timeout is None:
+        outcome = run_to_end(clock, job)
+        assert outcome.phase is step.phase and outcome.failure is step.final_failure, outcome
+        return clock.seconds()
     job.run()
     run_until(clock, lambda: step.started(link) is not None)
     start = step.started(link)
@@ -144,6 +178,8 @@ def test_the_deadline_wins_over_the_steps_own_timeout(tmp_path, name, order):
         assert job.phase is step.phase
     if step.phase is Phase.VERIFY:
         assert outcome.kind is OutcomeKind.UNVERIFIED, outcome
+    elif order == "timer first" and step.final_failure is not None:  # the step's own end may come first
+        assert outcome.kind is OutcomeKind.FAILED and outcome.failure in (FailureClass.TIMEOUT, step.final_failure)
     else:
         assert (outcome.kind, outcome.failure) == (OutcomeKind.FAILED, FailureClass.TIMEOUT), outcome
         if order != "timer first":  # else a step whose timeout is final (a CTP reply) may speak first
@@ -155,6 +191,10 @@ def test_the_deadline_wins_over_the_steps_own_timeout(tmp_path, name, order):
     if step.phase is Phase.PHASE2:
         assert outcome.advice == ADVICE_LOADER
         assert [stop[1] for stop in link.stops] in ([2], [])  # STOP on the stream it was still in
+    if step.double_backup and outcome.phase is Phase.REBOOT and outcome.failure is FailureClass.TIMEOUT:
+        assert outcome.advice == ADVICE_UPLOAD_UNSETTLED  # it was sent whole: the device may still take it
+    if step.double_backup:
+        assert link.stops == [] and "connect_ctp" not in link.names()  # no CTP, no 3335 on this route
 
 
 @pytest.mark.parametrize("order", list(ORDERS))
@@ -168,7 +208,8 @@ def test_a_cancel_wins_over_the_steps_own_timeout(tmp_path, name, order):
     if cancel.active():
         cancel.cancel()
     if order == "timer first" and outcome.kind is OutcomeKind.FAILED:
-        assert outcome.failure is FailureClass.TIMEOUT  # the step's own timeout was final (a CTP reply)
+        # The step's own timeout was final (a CTP reply; a device that did not reboot after its upload).
+        assert outcome.failure in (FailureClass.TIMEOUT, step.final_failure)
     else:
         assert outcome.kind is OutcomeKind.ABORTED, outcome
         assert "operator" in outcome.message
