@@ -1,5 +1,6 @@
-"""The reconnect-command runner with real processes (``sh -c``): exit code, environment, bounded
-output, the timeout kill and cancellation."""
+"""The reconnect-command runner: with real processes (``sh -c``) its exit code, environment, bounded
+output, the timeout kill and cancellation; on a Clock with a fake process, the order of the
+shell's exit and its last output."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import subprocess
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
-from netota_daemon.protocols.reconnect_hook import MAX_OUTPUT, run_hook
+from netota_daemon.protocols.reconnect_hook import MAX_OUTPUT, OUTPUT_DRAIN, run_hook
 
 ENV = {"PATH": "/usr/bin:/bin", "NETOTA_DEVICE": "shelf-3", "NETOTA_PHASE": "reboot"}
 
@@ -61,3 +65,60 @@ async def test_the_result_comes_when_the_shell_exits_even_if_a_child_keeps_its_p
     done, child = result.output.split()
     os.kill(int(child), signal.SIGKILL)  # what the command left running is its own business; the test cleans up
     assert result.ok and done == "done"
+
+
+class FakeProcessTransport:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.signals: list[str] = []
+
+    def loseConnection(self) -> None:
+        self.closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class FakeProcessReactor(Clock):
+    """spawnProcess hands the protocol a fake transport; the test plays the process's side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol = None
+        self.transport = FakeProcessTransport()
+
+    def spawnProcess(self, protocol, executable, args, env=None, *rest, **kwargs):
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        return self.transport
+
+
+def test_output_that_arrives_just_after_the_shells_exit_is_kept():
+    reactor = FakeProcessReactor()
+    results = []
+    run_hook(reactor, reactor, "echo rejoined", ENV, 30.0).addCallback(results.append)
+    reactor.protocol.processExited(Failure(ProcessDone(0)))
+    assert results == [] and not reactor.transport.closed  # its pipes are still read
+    reactor.protocol.childDataReceived(1, b"rejoined\n")
+    reactor.protocol.processEnded(Failure(ProcessDone(0)))  # every pipe closed: the result at once
+    (result,) = results
+    assert (result.exit_code, result.output) == (0, "rejoined") and reactor.transport.closed
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_pipe_held_open_by_a_child_delays_the_result_by_the_drain_only():
+    reactor = FakeProcessReactor()
+    results = []
+    run_hook(reactor, reactor, "echo ok; sleep 999 &", ENV, 30.0).addCallback(results.append)
+    reactor.protocol.childDataReceived(1, b"ok\n")
+    reactor.protocol.processExited(Failure(ProcessTerminated(exitCode=2)))
+    reactor.advance(OUTPUT_DRAIN * 0.9)
+    reactor.protocol.childDataReceived(2, b"late\n")
+    assert results == []
+    reactor.advance(OUTPUT_DRAIN * 0.2)  # processEnded never comes: the child keeps the pipe
+    (result,) = results
+    assert (result.exit_code, result.output) == (2, "ok\nlate") and reactor.transport.closed
+    assert reactor.transport.signals == []  # what it left running is not killed on a normal exit
+    assert reactor.getDelayedCalls() == []
