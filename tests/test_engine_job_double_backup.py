@@ -155,8 +155,26 @@ def test_a_226_without_a_reboot_means_the_device_did_not_accept_the_image(world)
         FailureClass.DEVICE_ERROR,
         Phase.REBOOT,
     )
-    assert "did not reboot within 20 s" in outcome.message and outcome.advice == ADVICE_NOT_ACCEPTED
+    assert "not seen to reboot within 20 s" in outcome.message and outcome.advice == ADVICE_NOT_ACCEPTED
     assert world.uploads() == 1  # a whole image the device did not take is not sent again
+
+
+def test_a_reboot_quicker_than_the_polls_shows_in_the_new_version_and_succeeds(tmp_path):
+    world = World(tmp_path, image_bytes_of("double"))
+    world.device.new_firmware_seconds = 0.0  # away and back between two polls: never seen away
+    outcome = world.run(upload_reboot=20.0)
+    assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
+    assert (outcome.firmware_version_before, outcome.firmware_version_after) == ("1.0.0", "2.0.0")
+    assert world.uploads() == 1
+
+
+def test_a_quick_reboot_of_a_build_with_a_fixed_version_is_not_seen_and_the_advice_says_to_check(tmp_path):
+    world = World(tmp_path, image_bytes_of("double"))
+    world.device.new_firmware_seconds = 0.0
+    world.device.fixed_version = True  # nothing in its answers changes: netota can't tell
+    outcome = world.run(upload_reboot=20.0)
+    assert (outcome.kind, outcome.phase) == (OutcomeKind.FAILED, Phase.REBOOT)
+    assert "most likely" in outcome.message and "firmware_version" in outcome.advice
 
 
 def test_a_cancel_mid_upload_resets_the_data_connection_and_the_old_firmware_is_intact(world):

@@ -25,6 +25,7 @@ from netota_daemon.engine.outcome import FailureClass, Phase, UpgradeFailed
 from netota_daemon.engine.steps import JobSteps, RouteEnd
 from netota_daemon.firmware import FirmwareImage
 from netota_daemon.protocols.ftp_upload import UploadEnd, UploadResult
+from netota_daemon.wire.description import DeviceDescription
 
 log = Logger()
 
@@ -62,8 +63,9 @@ async def upgrade_double_backup(steps: JobSteps, image: FirmwareImage) -> RouteE
             if result.end is UploadEnd.COMPLETE:
                 raise UpgradeFailed(
                     FailureClass.DEVICE_ERROR,
-                    f"the device answered the upload ({result.bytes_sent} bytes) but did not reboot within "
-                    f"{steps.timeouts.upload_reboot:g} s: it did not accept the image",
+                    f"the device answered the upload ({result.bytes_sent} bytes) but was not seen to reboot "
+                    f"within {steps.timeouts.upload_reboot:g} s (it kept answering, with the same firmware "
+                    "version): it most likely did not accept the image",
                 )
         elif not worth_retrying(result):
             raise UpgradeFailed(_failure_class(result), f"upload: {result.message}")
@@ -79,7 +81,16 @@ async def upgrade_double_backup(steps: JobSteps, image: FirmwareImage) -> RouteE
 
 async def _rebooted(steps: JobSteps, result: UploadResult) -> bool:
     steps.set_phase(Phase.REBOOT, "the device should reboot into its new bank about 2 s after the upload")
-    gone = await steps.wait_until_gone(steps.timeouts.upload_reboot, "waiting for the device to reboot")
+    before = steps.facts.version_before
+
+    def new_version_shown(description: DeviceDescription) -> bool:
+        # Another firmware_version than before the upload: the new bank booted (a stock build whose
+        # version string is fixed shows nothing here, and needs its reboot to be seen).
+        return before is not None and description.firmware_version not in (None, before)
+
+    gone = await steps.wait_until_gone(
+        steps.timeouts.upload_reboot, "waiting for the device to reboot", back_changed=new_version_shown
+    )
     if not gone:
         log.warn(
             "the device still answers {seconds:g} s after the upload ({end}): it did not take the image",

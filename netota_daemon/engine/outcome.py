@@ -117,8 +117,9 @@ ADVICE_UPLOAD_INCOMPLETE = (
     "switched to): try again."
 )
 ADVICE_NOT_ACCEPTED = (
-    "The device took the whole upload but did not reboot into it: it did not accept the image (wrong "
-    "kind, another board's image, or a corrupt file). Its old firmware is intact; check the image and try again."
+    "The device took the whole upload but was not seen to reboot: it most likely did not accept the image "
+    "(wrong kind, another board's image, or a corrupt file) and keeps its old firmware. Read its "
+    "firmware_version (netota devices --probe): if it is the old one, check the image and try again."
 )
 ADVICE_UPLOAD_UNSETTLED = (
     "The whole image was sent and closed cleanly before the job stopped: the device may still switch to "

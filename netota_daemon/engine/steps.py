@@ -344,9 +344,12 @@ class JobSteps:
             retryable=(Exception,),
         )
 
-    async def wait_until_gone(self, window: float, what: str) -> bool:
+    async def wait_until_gone(
+        self, window: float, what: str, back_changed: Callable[[DeviceDescription], bool] | None = None
+    ) -> bool:
         """Poll the description document until the device has gone away (it reboots), for at most
-        ``window`` seconds; whether it went.
+        ``window`` seconds; whether it went. A document for which ``back_changed`` is true counts as
+        gone and back already (a reboot quicker than the polls: it shows in what the device says).
 
         It has gone when a fetch is turned down (refused, reset, no route: its network stack or
         its access point is away), or when :data:`ABSENT_AFTER_MISSES` fetches in a row get no
@@ -364,7 +367,7 @@ class JobSteps:
         async def attempt() -> None:
             nonlocal misses
             try:
-                await self.link.fetch_description(presence)
+                description = await self.link.fetch_description(presence)
             except defer.CancelledError:
                 raise
             except Exception as e:
@@ -375,6 +378,8 @@ class JobSteps:
                     return  # silent, again and again: it is away
                 raise _StillThere(f"no answer within {presence:g} s ({misses} in a row)") from None
             misses = 0
+            if back_changed is not None and back_changed(description):
+                return  # it rebooted between two polls
             raise _StillThere("the device still answers")
 
         try:
