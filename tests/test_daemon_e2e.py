@@ -74,7 +74,7 @@ async def test_full_upgrade_through_the_client(rig, reactor):
     assert devices["dev1"]["last_outcome"] == "succeeded" and devices["dev1"]["firmware_version"] == "2.0.0"
     shown = (await rig.netota_json("show", job["id"]))["job"]
     notes = [h["note"] for h in shown["history"]]
-    assert notes[0] == "created" and notes[-1] == "finished: succeeded" and "phase phase2" in notes
+    assert notes[0] == "created" and notes[-1] == "finished: succeeded" and "entered phase 2" in notes
 
     # systemd's watchdog was pinged from the reactor.
     assert rig.notified(b"WATCHDOG=1")

@@ -151,7 +151,14 @@ def test_engine_events_are_fanned_out_with_job_and_device_and_journaled(world):
     record = world.journal.get(job_id)
     assert record.state is JobState.FINISHED and record.point_of_no_return and record.phase is Phase.PHASE2
     notes = [h["note"] for h in world.journal.history(job_id)]
-    assert notes == ["created", "running", "phase phase1", "phase phase2", "point of no return", "finished: succeeded"]
+    assert notes == [
+        "created",
+        "running",
+        "entered phase 1",
+        "entered phase 2",
+        "point of no return",
+        "finished: succeeded",
+    ]
     status = world.registry.get("a")
     assert (status.state, status.last_outcome, status.firmware_version, status.last_job) == (
         "idle",
@@ -491,7 +498,7 @@ def test_an_event_waits_for_its_row_and_a_later_one_never_overtakes_it(manual):
     manual.executor.run_all()
     fake = manual.factory.order[0]
     before = len(manual.events)
-    fake.enter(Phase.PHASE1)  # writes "phase phase1"
+    fake.enter(Phase.PHASE1)  # writes "entered phase 1"
     fake.progress(10.0)  # writes nothing, but must come after the phase
     fake.waiting(1, "connection refused")
     assert len(manual.events) == before  # held behind the phase row
@@ -634,7 +641,14 @@ def test_the_journal_keeps_the_latest_progress_at_phase_changes_no_return_and_th
     assert record.progress["percent"] == 70.0 and record.progress["phase"] == "phase2"
     assert record.to_json()["progress"] == record.progress
     notes = [h["note"] for h in reopened.history(job_id)]
-    assert notes == ["created", "running", "phase phase1", "phase phase2", "point of no return", "finished: succeeded"]
+    assert notes == [
+        "created",
+        "running",
+        "entered phase 1",
+        "entered phase 2",
+        "point of no return",
+        "finished: succeeded",
+    ]
 
 
 def test_resuming_a_job_whose_device_a_later_job_upgraded_needs_force(world):

@@ -102,7 +102,7 @@ def test_jobs_become_test_cases_with_their_durations_and_failures():
     for line in (
         "outcome: failed",
         "failure class: timeout",
-        "phase: phase2",
+        "phase: phase 2",
         f"advice: {failed.advice}",
         "job: jobshelf2",
         "firmware file: ac79-2.0.0.ufw",
@@ -194,6 +194,13 @@ def test_any_text_gives_a_parseable_report_that_keeps_it(message, advice, device
         assert f"message: {as_text(message)}\n" in failure.text
     if advice:
         assert f"advice: {as_text(advice)}\n" in failure.text
+
+
+def test_a_message_ending_in_a_carriage_return_keeps_its_line_break():
+    """Found by the property test above: "x\r" then the line's own \n was read back as one break."""
+    case = CaseResult(device="d", status="failed", kind="failed", message="x\r", advice="a")
+    failure = parse(junit_bytes("s", [case])).find("testsuite/testcase/failure")
+    assert "message: x\n\nadvice: a\n" in failure.text
 
 
 def test_xml_text_escapes_only_what_xml_cannot_carry():

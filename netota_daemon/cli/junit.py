@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from netota_daemon.engine.outcome import Outcome
+from netota_daemon.engine.outcome import Outcome, phase_label
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -178,6 +178,12 @@ def case_from_member(member: Mapping[str, Any]) -> CaseResult:
     return CaseResult(status=FAILED, kind="unknown", message=f"the member had not ended (it was {state})", **common)
 
 
+def _one_line_breaks(text: str) -> str:
+    """Line breaks as ``\n`` only: an XML parser reads a ``\r`` in element text as ``\n`` (and
+    ``\r\n`` as one), so a message ending in ``\r`` would lose a line against the next one."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _report_text(case: CaseResult) -> str:
     lines = [f"outcome: {case.kind}"]
     if case.failure:
@@ -185,7 +191,7 @@ def _report_text(case: CaseResult) -> str:
     if case.reason:
         lines.append(f"reason: {case.reason}")
     if case.phase:
-        lines.append(f"phase: {case.phase}")
+        lines.append(f"phase: {phase_label(case.phase)}")
     if case.message:
         lines.append(f"message: {case.message}")
     if case.advice:
@@ -193,7 +199,7 @@ def _report_text(case: CaseResult) -> str:
     if case.job:
         lines.append(f"job: {case.job}")
     lines.extend(f"{key}: {value}" for key, value in case.details.items())
-    return "\n".join(lines) + "\n"
+    return "".join(_one_line_breaks(line) + "\n" for line in lines)
 
 
 def junit_document(

@@ -42,6 +42,7 @@ from netota_daemon.engine.outcome import (
     Phase,
     Route,
     advice,
+    phase_label,
     route_of_phase,
 )
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
@@ -760,7 +761,7 @@ class JobQueue:
             if event.phase is not record.phase:
                 route = route_of_phase(event.phase) or record.route
                 active.record = replace(record, phase=event.phase, progress=latest, route=route)
-                written = self._journal.save(active.record, f"phase {event.phase.value}")
+                written = self._journal.save(active.record, f"entered {phase_label(event.phase)}")
             active.waiting = None
             self._registry.phase(record.device, event.phase)
             log.info(
@@ -782,7 +783,7 @@ class JobQueue:
             elif event.phase is not record.phase:
                 route = route_of_phase(event.phase) or record.route
                 active.record = replace(record, phase=event.phase, progress=latest, route=route)
-                written = self._journal.save(active.record, f"phase {event.phase.value}")
+                written = self._journal.save(active.record, f"entered {phase_label(event.phase)}")
             due = self._progress_due(active, event)  # before active.progress changes: it compares with it
             active.progress = event
             active.waiting = None

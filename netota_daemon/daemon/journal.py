@@ -25,7 +25,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from netota_daemon.engine.outcome import Happened, Outcome, OutcomeKind, Phase, Route, advice
+from netota_daemon.engine.outcome import Happened, Outcome, OutcomeKind, Phase, Route, advice, phase_label
 
 log = Logger()
 
@@ -505,7 +505,7 @@ class JobJournal:
                 record,
                 state=JobState.INTERRUPTED,
                 finished=self._now(),
-                message=f"the daemon stopped while the job was {record.state.value} (phase {record.phase.value})",
+                message=f"the daemon stopped while the job was {record.state.value} (in {phase_label(record.phase)})",
                 advice=interrupted_advice(record, started),
             )
             self.save(interrupted, "interrupted: found active at daemon start")

@@ -58,7 +58,7 @@ class ProbeResult:
 
 def description_mode(description: DeviceDescription) -> str:
     """``loader`` (the phase-2 update loader runs), ``main`` (single-backup main firmware) or
-    ``double_backup`` (``ota_type`` not "1": this upgrade protocol does not apply)."""
+    ``double_backup`` (``ota_type`` not "1": a double-backup build, upgraded over FTP)."""
     if description.in_loader:
         return "loader"
     return "main" if description.single_backup else "double_backup"
