@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from netota_daemon.daemon.batches import QueueRefused
@@ -184,7 +185,7 @@ class Rescuer:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         queue: RescueQueue,
         probe: Callable[[Iterable[str]], Awaitable[Mapping[str, Any]]],
         inspect: Callable[[str], Awaitable[ImageFacts]],

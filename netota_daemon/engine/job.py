@@ -59,7 +59,9 @@ __all__ = ["JobFacts", "UpgradeJob", "default_link"]
 
 
 def default_link(reactor: Any, target: DeviceTarget, log_context: dict[str, Any]) -> TwistedDeviceLink:
-    """The real link to ``target``: sockets through its interface and source address."""
+    """The real link to ``target``: sockets through its interface and source address. ``reactor``
+    provides IReactorTime, IReactorTCP and IReactorProcess at once (typing has no intersection of
+    interfaces, hence Any here: the link's parts each use the one interface they need)."""
     connector = DeviceConnector(reactor, target.host, target.interface, target.source_address)
     ports = DevicePorts(ctp=target.ctp_port, http=target.http_port, ota=target.ota_port, ftp=target.ftp_port)
     return TwistedDeviceLink(reactor, connector, ports, log_context)
