@@ -14,6 +14,8 @@ from netota_daemon.engine.outcome import ADVICE_NOTHING_SENT, FailureClass, Outc
 from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareImage
 
+pytestmark = pytest.mark.usefixtures("no_sockets_or_processes")  # the MemoryReactorClock is the only network
+
 TARGET = DeviceTarget(name="dev-1", host="127.0.0.1", ctp_port=13333, http_port=18080, ota_port=13335)
 
 
