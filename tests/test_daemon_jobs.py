@@ -40,6 +40,15 @@ from netota_daemon.engine.settings import DeviceTarget, UpgradeTimeouts
 from tests.daemon_fakes import FakeJobFactory, fired
 
 DEVICES = ("a", "b", "c", "d")
+#: What the journal's history says of a two-phase job that succeeded.
+TWO_PHASE_NOTES = [
+    "created",
+    "running",
+    "entered phase 1",
+    "entered phase 2",
+    "point of no return",
+    "finished: succeeded",
+]
 
 
 class World:
@@ -151,14 +160,7 @@ def test_engine_events_are_fanned_out_with_job_and_device_and_journaled(world):
     record = world.journal.get(job_id)
     assert record.state is JobState.FINISHED and record.point_of_no_return and record.phase is Phase.PHASE2
     notes = [h["note"] for h in world.journal.history(job_id)]
-    assert notes == [
-        "created",
-        "running",
-        "entered phase 1",
-        "entered phase 2",
-        "point of no return",
-        "finished: succeeded",
-    ]
+    assert notes == TWO_PHASE_NOTES
     status = world.registry.get("a")
     assert (status.state, status.last_outcome, status.firmware_version, status.last_job) == (
         "idle",
@@ -641,14 +643,7 @@ def test_the_journal_keeps_the_latest_progress_at_phase_changes_no_return_and_th
     assert record.progress["percent"] == 70.0 and record.progress["phase"] == "phase2"
     assert record.to_json()["progress"] == record.progress
     notes = [h["note"] for h in reopened.history(job_id)]
-    assert notes == [
-        "created",
-        "running",
-        "entered phase 1",
-        "entered phase 2",
-        "point of no return",
-        "finished: succeeded",
-    ]
+    assert notes == TWO_PHASE_NOTES
 
 
 def test_resuming_a_job_whose_device_a_later_job_upgraded_needs_force(world):
