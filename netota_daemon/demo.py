@@ -34,7 +34,15 @@ FIRMWARE = "demo-2.0.0.bin"
 def _say(text: str) -> None:
     """A line of the demo's own, wrapped to the terminal's width."""
     width = max(40, shutil.get_terminal_size().columns - 1)
-    print(textwrap.fill(text, width, initial_indent="demo: ", subsequent_indent="      "), flush=True)
+    wrapped = textwrap.fill(
+        text,
+        width,
+        initial_indent="demo: ",
+        subsequent_indent="      ",
+        break_on_hyphens=False,  # a path (/tmp/netota-demo-xxxx/control.sock) stays on one line
+        break_long_words=False,
+    )
+    print(wrapped, flush=True)
 
 
 def _wait_for(

@@ -8,8 +8,10 @@ is set (then its tests are skipped, with that reason).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 
 #: The browser binary (Debian's package installs it here); NETOTA_CHROMIUM overrides it.
 CHROMIUM = os.environ.get("NETOTA_CHROMIUM", "/usr/bin/chromium")
@@ -49,5 +51,11 @@ def skipped_on_purpose() -> bool:
 
 
 def launch(playwright: object) -> object:
-    """A headless Chromium browser from a started ``sync_playwright()``."""
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)  # type: ignore[attr-defined]
+    """A headless Chromium browser from a started ``sync_playwright()``. Its home, config and cache
+    are a temporary directory (removed when the tests end), not the user's ~/.config and ~/.cache."""
+    home = tempfile.mkdtemp(prefix="netota-chromium-")
+    atexit.register(shutil.rmtree, home, True)
+    env = {**os.environ, "HOME": home, "XDG_CONFIG_HOME": f"{home}/config", "XDG_CACHE_HOME": f"{home}/cache"}
+    return playwright.chromium.launch(  # type: ignore[attr-defined]
+        executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True, env=env
+    )

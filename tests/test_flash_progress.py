@@ -252,7 +252,7 @@ def test_a_terminal_line_follows_resizes_and_the_device_working_time():
     clock.advance(1.0)
     screen = Screen(120).feed(out.getvalue())
     assert screen.drawn[-1].endswith("device working: erasing flash  0:01  device 0%  no return")
-    assert screen.shown[-1] == "phase 2  99.0%  device working: erasing"  # 39 columns: cut, not wrapped
+    assert screen.shown[-1] == "phase 2  99.0%  device working: eras..."  # 39 columns: cut (and says so), not wrapped
     width[0] = 200
     clock.advance(3.0)
     assert (
@@ -318,7 +318,7 @@ def test_a_phase_announced_again_keeps_its_percent():
 
 def test_a_field_list_of_essentials_only_is_cut_not_dropped():
     fields = [Field("shelf1", ESSENTIAL), Field("device working: writing and checking the image", ESSENTIAL)]
-    assert [t for t, _ in fit(fields, 30)] == ["shelf1", "device working: writin"]
+    assert [t for t, _ in fit(fields, 30)] == ["shelf1", "device working: wri..."]  # cut, and says so
 
 
 def test_formats():

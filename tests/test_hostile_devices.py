@@ -171,7 +171,16 @@ async def test_hostile_devices_cannot_grow_the_daemon_or_stop_a_healthy_upgrade(
     make_image(firmware_dir / "v2.bin", "2.0.0", IMAGE_SIZE)
     healthy = SimulatedDevice(
         reactor,
-        SimConfig(state_dir=tmp_path / "healthy", ctp_port=0, http_port=0, ota_port=0, time_scale=0.1),
+        SimConfig(
+            state_dir=tmp_path / "healthy",
+            ctp_port=0,
+            http_port=0,
+            ota_port=0,
+            time_scale=0.1,
+            # Its wait for each reply is 5 s, as a real device's: the floods share this process and
+            # its cores, and a reply late by half a second must not fail the healthy upgrade.
+            reply_timeout=50.0,
+        ),
     )
     await healthy.start()
     hostile = {kind: HostileDevice(reactor, kind) for kind in ("read_flood", "ctp_flood", "garbage", "endless_http")}

@@ -153,6 +153,10 @@ class Field:
     bar: float | None = None
 
 
+#: The end of a field cut to fit the line.
+CUT = "..."
+
+
 def bar_width(width: int) -> int:
     """The inner width of a bar on a line of ``width`` columns."""
     return min(BAR_MAX, max(BAR_MIN, width // 4))
@@ -191,7 +195,9 @@ def fit(fields: list[Field], width: int, cut: bool = True) -> list[tuple[str, Fi
         text, f = drawn[-1]
         excess = total - width
         if len(text) > excess:
-            drawn[-1] = (text[: len(text) - excess], f)
+            room = len(text) - excess
+            # Cut text says so ("..."), where there is room for it and a word before it.
+            drawn[-1] = (text[: room - len(CUT)] + CUT if room > 2 * len(CUT) else text[:room], f)
             break
         drawn.pop()
         total = sum(len(t) for t, _ in drawn) + len(SEPARATOR) * max(0, len(drawn) - 1)
