@@ -414,3 +414,18 @@ def test_phase1_all_size_option_sends_the_notice_in_phase1():
     session.dataReceived(reply_to(headers(sent(transport))[0], image))
     notice = headers(sent(transport))[0]
     assert (notice.status, notice.read_size, notice.all_size) == (Status.DOING, 0, 100_000)
+
+
+def test_with_a_flash_speed_the_next_read_waits_for_the_window_to_be_written():
+    image = build_image("2.0.0", 200_000)
+    host = FakeHost(flash_kbps=100.0)  # 100 KiB/s: a 20436-byte window takes about 0.2 s
+    session, transport = connect(host)
+    host.reactor.advance(0.1)
+    (first,) = headers(sent(transport))
+    session.dataReceived(reply_to(first, image))
+    written = first.read_size / (100.0 * 1024)
+    host.reactor.advance(written * 0.99)
+    assert transport.value() == b""  # still writing
+    host.reactor.advance(written * 0.02)
+    (second,) = headers(sent(transport))
+    assert second.status == Status.READ and second.seek_addr > first.seek_addr

@@ -199,7 +199,8 @@ def add_parser(subparsers: arguments.Subcommands) -> argparse.ArgumentParser:
         "--flash-kbps",
         type=_scale,
         metavar="K",
-        help="flash writes K KiB per second: the device stops reading the upload while it writes (default: free)",
+        help="flash writes K KiB per second: the device asks for its next 3335 window once the last is written, "
+        "and stops reading an FTP upload while it writes (default: free)",
     )
     fl = parser.add_argument_group("faults (each fires as described; --fault-phase limits them to one phase)")
     fl.add_argument(

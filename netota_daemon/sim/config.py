@@ -78,7 +78,7 @@ class SimConfig:
     ftp_password: str = "12345678"
     burn_seconds: float = 1.0  # net_fclose: writing the boot info (the device allows up to ~5 s)
     db_reset_seconds: float = 2.0  # from the 226 of a good upload to the reset (net_update_system_reset)
-    flash_kbps: float | None = None  # flash write speed in KiB/s; None: writes cost nothing
+    flash_kbps: float | None = None  # flash write speed in KiB/s (both routes); None: writes cost nothing
 
     # Outcomes chosen by the operator.
     reject_image: bool = False  # every session ends ERR after the transfer

@@ -313,7 +313,7 @@ class OtaDeviceSession(Protocol):
             return False
         self.timers.cancel(self._wait_call)
         self.host.ota_progress(self)
-        self._after_reply()
+        self._after_reply(len(payload))
         return True
 
     def _checksum_error(self, header: OtaHeader, injected: bool) -> None:
@@ -323,7 +323,7 @@ class OtaDeviceSession(Protocol):
             "checksum_error", phase=self.phase, seek=header.seek_addr, read_size=header.read_size, injected=injected
         )
 
-    def _after_reply(self) -> None:
+    def _after_reply(self, size: int) -> None:
         replies = self.reader.replies
         faults = self.host.faults
         apply = self.config.faults_apply(self.phase)
@@ -342,6 +342,10 @@ class OtaDeviceSession(Protocol):
             self.host.record("fault_stall", phase=self.phase, replies=replies, seconds=stall.seconds)
             self.state = SessionState.STALLED
             self.timers.later(stall.seconds, self._resume)
+            return
+        kbps = self.config.flash_kbps
+        if kbps is not None:  # it writes the window to flash before it asks for the next
+            self.timers.later(size / (kbps * 1024), self._advance)
             return
         self._advance()
 
