@@ -12,7 +12,7 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import Logger, capturedLogs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -21,12 +21,12 @@ from netota_daemon.daemon.notify import (
     CommandHook,
     JobNotifier,
     NotifyConfigError,
-    RateLimitedWarnings,
     check_webhook_url,
     default_http_client,
     job_environment,
     url_for_log,
 )
+from netota_daemon.protocols.log_limit import LogLimiter
 
 URL = "http://hooks.example/netota/T0KEN-SECRET?key=abc"
 
@@ -175,10 +175,11 @@ def test_failures_are_logged_at_most_once_a_minute_with_a_count():
         clock.advance(20)
         hooks.job_ended(job(99))
         stub.flush()
-    lines = [e["log_format"].format(**e) for e in events if e["log_format"].startswith("{hook} for job")]
-    assert len(lines) == 2
-    assert lines[1].startswith("webhook http://hooks.example for job job99")
-    assert lines[1].endswith("(4 more like it in the last 60 s not logged)")
+    lines = [e["log_format"].format(**e) for e in events]
+    failures = [line for line in lines if line.startswith("webhook http://hooks.example for job")]
+    assert len(failures) == 2 and failures[1].startswith("webhook http://hooks.example for job job99")
+    count = lines.index(failures[1]) - 1  # the count of those left out, just before the next one
+    assert lines[count] == "skipped 4 more failures of the webhook http://hooks.example in the last 70 s"
     assert hooks.stats()["webhook"]["failed"] == 6
 
 
@@ -202,20 +203,29 @@ def test_stopping_sends_what_it_can_within_the_grace_and_drops_the_rest():
     assert clock.getDelayedCalls() == []
 
 
-def test_the_rate_limiter_keys_are_separate():
+def test_drops_and_failures_are_limited_apart_and_the_counts_left_are_logged_at_the_stop():
     clock = Clock()
-    warnings = RateLimitedWarnings(clock, interval=60)
+    resource = Recorder(hold=True)
+    hooks, stub = notifier(clock, resource, attempts=1, timeout=60.0, max_pending=1)
     with capturedLogs() as events:
-        assert warnings.warn("a", "one")
-        assert warnings.warn("b", "two")
-        assert not warnings.warn("a", "three")
-        clock.advance(60)
-        assert warnings.warn("a", "four")
-    assert [e["log_format"] for e in events] == [
-        "one",
-        "two",
-        "four ({suppressed} more like it in the last {interval:g} s not logged)",
+        for n in range(4):  # job0 is being sent; job1 and job2 are dropped in turn for the newer ones
+            hooks.job_ended(job(n))
+        stub.flush()
+        clock.advance(60.0)  # job0 times out: a failure, logged though a drop was just logged
+        stub.flush()
+        done = hooks.stop(grace=1.0)
+        clock.advance(1.0)
+    assert done.called
+    lines = [e["log_format"].format(**e) for e in events]
+    assert [line for line in lines if "is dropped" in line] == [
+        "webhook http://hooks.example: 1 notification(s) waiting, the limit: the one for job job1 on shelf1 is dropped"
     ]
+    assert [line for line in lines if "for job job0" in line] == [
+        "webhook http://hooks.example for job job0 on shelf1 failed: timed out after 60 s (after 1 attempt(s))"
+        " (the job is not affected)"
+    ]
+    assert lines[-1] == "skipped 1 more notifications dropped by the webhook http://hooks.example in the last 61 s"
+    assert hooks.stats()["webhook"]["dropped"] == 3  # job1, job2, and job3 at the stop
 
 
 def test_webhook_urls_are_checked_and_logged_without_their_secrets():
@@ -328,7 +338,7 @@ def test_a_command_that_ends_on_sigterm_is_not_killed():
 
 def test_an_empty_command_is_refused():
     with pytest.raises(NotifyConfigError):
-        CommandHook("  ", lambda *a: None, Clock(), RateLimitedWarnings(Clock()))
+        CommandHook("  ", lambda *a: None, Clock(), LogLimiter(Clock(), Logger()))
 
 
 # ----- for real: a loopback HTTP server and /bin/sh

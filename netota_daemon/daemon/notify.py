@@ -18,7 +18,8 @@ Nothing here blocks the reactor (processes and HTTP are asynchronous) and nothin
 bound: each hook delivers one notification at a time, in order, and keeps at most ``max_pending``
 waiting; past that the oldest waiting one is dropped (and counted). A failing hook is logged
 (at most one line per hook every :data:`LOG_INTERVAL` seconds, with the count of the lines left
-out) and counted (:meth:`JobNotifier.stats`); it never changes the job. Only the webhook's scheme,
+out, in a line of its own: :class:`~netota_daemon.protocols.log_limit.LogLimiter`) and counted
+(:meth:`JobNotifier.stats`); it never changes the job. Only the webhook's scheme,
 host and port are logged: its path and query often hold a secret. Notifications waiting when the
 daemon stops are sent if they can be within its grace time; the rest are dropped and counted.
 """
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.protocol import Protocol as StreamProtocol
 from twisted.internet.task import deferLater
@@ -43,6 +44,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netota_daemon import __version__
+from netota_daemon.protocols.endpoints import bounded
+from netota_daemon.protocols.log_limit import LogLimiter
 
 log = Logger()
 
@@ -120,34 +123,6 @@ def job_environment(job: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-class RateLimitedWarnings:
-    """At most one warning per ``key`` every ``interval`` seconds; the next one says how many were
-    left out meanwhile."""
-
-    def __init__(self, clock: IReactorTime, interval: float = LOG_INTERVAL, logger: Logger = log) -> None:
-        self.clock = clock
-        self.interval = interval
-        self.logger = logger
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, key: str, format: str, **fields: Any) -> bool:
-        """Log ``format`` (PEP 3101, with ``fields``) unless ``key`` was logged within the interval;
-        returns whether it was logged."""
-        now = self.clock.seconds()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return False
-        self._last[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            format += " ({suppressed} more like it in the last {interval:g} s not logged)"
-            fields.update(suppressed=suppressed, interval=self.interval)
-        self.logger.warn(format, **fields)
-        return True
-
-
 @dataclass
 class HookCounters:
     """What one hook did since the daemon started."""
@@ -195,7 +170,7 @@ class _Hook:
 
     name = "hook"
 
-    def __init__(self, clock: IReactorTime, warnings: RateLimitedWarnings, max_pending: int) -> None:
+    def __init__(self, clock: IReactorTime, warnings: LogLimiter, max_pending: int) -> None:
         self.clock = clock
         self.warnings = warnings
         self.max_pending = max_pending
@@ -221,6 +196,7 @@ class _Hook:
             self.counters.dropped += 1
             self.warnings.warn(
                 f"{self.name}:dropped",
+                f"notifications dropped by the {self.describe()}",
                 "{hook}: {count} notification(s) waiting, the limit: the one for job {job} on {device} is dropped",
                 hook=self.describe(),
                 count=len(self._queue) + 1,
@@ -255,6 +231,7 @@ class _Hook:
             self.counters.failed += 1
             self.warnings.warn(
                 f"{self.name}:failed",
+                f"failures of the {self.describe()}",
                 "{hook} for job {job} on {device} failed: {error} (the job is not affected)",
                 hook=self.describe(),
                 job=notification.job,
@@ -325,7 +302,7 @@ class WebhookHook(_Hook):
         url: str,
         client: HttpPoster,
         clock: IReactorTime,
-        warnings: RateLimitedWarnings,
+        warnings: LogLimiter,
         timeout: float = DEFAULT_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
         retry_delay: Callable[[int], float] | None = None,
@@ -413,37 +390,25 @@ class _CommandProcess(ProcessProtocol):
         if not self.ended.called:
             self.ended.callback(getattr(reason.value, "exitCode", None))
 
+    def when_ended(self) -> defer.Deferred[None]:
+        """A new Deferred that fires once the process ended: a wait that gives up on it (cancels it)
+        leaves ``ended`` alone."""
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def fired(result: Any) -> Any:
+            if not d.called:
+                d.callback(None)
+            return result
+
+        self.ended.addBoth(fired)
+        return d
+
     def signal(self, name: str) -> None:
         try:
             if self.transport is not None:
                 self.transport.signalProcess(name)
         except Exception:  # already gone (ProcessExitedAlready), or never started
             pass
-
-
-async def _within(d: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> bool:
-    """Whether ``d`` fires within ``seconds`` (``d`` itself is left alone: it is not cancelled)."""
-    if d.called:
-        return True
-    waiter: defer.Deferred[bool] = defer.Deferred()
-
-    def expired() -> None:
-        if not waiter.called:
-            waiter.callback(False)
-
-    call: IDelayedCall = clock.callLater(seconds, expired)
-
-    def fired(result: Any) -> Any:
-        if not waiter.called:
-            waiter.callback(True)
-        return result
-
-    d.addBoth(fired)
-    try:
-        return await waiter
-    finally:
-        if call.active():
-            call.cancel()
 
 
 class CommandHook(_Hook):
@@ -454,7 +419,7 @@ class CommandHook(_Hook):
         command: str,
         spawn: Spawner,
         clock: IReactorTime,
-        warnings: RateLimitedWarnings,
+        warnings: LogLimiter,
         timeout: float = DEFAULT_TIMEOUT,
         max_pending: int = MAX_PENDING,
         base_environment: Mapping[str, str] | None = None,
@@ -479,11 +444,15 @@ class CommandHook(_Hook):
         except Exception as e:
             raise NotSent(f"could not start /bin/sh: {e}") from None
         try:
-            if not await _within(process.ended, self.timeout, self.clock):
+            try:
+                await bounded(self.clock, process.when_ended(), self.timeout, "the command")
+            except defer.TimeoutError:
                 process.signal("TERM")
-                if not await _within(process.ended, KILL_GRACE, self.clock):
+                try:
+                    await bounded(self.clock, process.when_ended(), KILL_GRACE, "the command after SIGTERM")
+                except defer.TimeoutError:
                     process.signal("KILL")
-                raise NotSent(f"still running after {self.timeout:g} s: killed")
+                raise NotSent(f"still running after {self.timeout:g} s: killed") from None
         except defer.CancelledError:
             if not process.ended.called:
                 process.signal("KILL")
@@ -524,7 +493,7 @@ class JobNotifier:
         base_environment: Mapping[str, str] | None = None,
     ) -> None:
         self.clock: IReactorTime = clock or reactor
-        self.warnings = RateLimitedWarnings(self.clock)
+        self.warnings = LogLimiter(self.clock, log, burst=1, interval=LOG_INTERVAL)
         self.hooks: list[_Hook] = []
         if on_job_end:
 
@@ -585,15 +554,18 @@ class JobNotifier:
         idle = defer.DeferredList([hook.idle() for hook in self.hooks], consumeErrors=True)
 
         async def drain() -> None:
-            finished = await _within(idle, grace, self.clock)
+            # At the grace's end the list is cancelled, and so its hooks' idle() waits: it then fires
+            # at once (with their failures, consumed). What the hooks still hold is dropped below.
+            await bounded(self.clock, idle, grace, "the hooks")
             for hook in self.hooks:
                 left = hook.pending
                 hook.stop()
-                if not finished and left:
+                if left:
                     log.warn(
                         "{hook}: {count} notification(s) not sent: the daemon is stopping",
                         hook=hook.describe(),
                         count=left,
                     )
+            self.warnings.flush()  # the counts of the lines left out
 
         return defer.ensureDeferred(drain())

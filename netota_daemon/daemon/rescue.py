@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from netota_daemon.daemon.batches import QueueRefused
 from netota_daemon.daemon.image_facts import FirmwareProblem, ImageFacts
-from netota_daemon.daemon.notify import RateLimitedWarnings
+from netota_daemon.protocols.log_limit import LogLimiter
 
 log = Logger()
 
@@ -199,7 +199,7 @@ class Rescuer:
         self.inspect = inspect
         self.busy = busy
         self.devices = list(devices)
-        self.warnings = RateLimitedWarnings(clock, log_interval)
+        self.warnings = LogLimiter(clock, log, burst=1, interval=log_interval)
         self._sweeping = False
 
     async def _images(self, names: Iterable[str]) -> dict[str, ImageFacts | FirmwareProblem]:
@@ -264,7 +264,11 @@ class Rescuer:
             for plan in await self.plan():
                 if plan.action is RescueAction.NEEDS_FIRMWARE:
                     self.warnings.warn(
-                        f"rescue:{plan.device}", "rescue: {message}", message=plan.message, device=plan.device
+                        f"rescue:{plan.device}",
+                        f"rescue warnings for {plan.device}",
+                        "rescue: {message}",
+                        message=plan.message,
+                        device=plan.device,
                     )
                 elif plan.action is not RescueAction.NONE:
                     done.append(await self.carry_out(plan))
