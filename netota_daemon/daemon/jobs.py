@@ -31,6 +31,7 @@ from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, DaemonConfig,
 from netota_daemon.daemon.firmware_store import FirmwareRefused, FirmwareStore
 from netota_daemon.daemon.journal import DEFAULT_PAGE, JobRecord, JobState, JournalError, interrupted_advice
 from netota_daemon.daemon.journal_thread import AsyncJournal
+from netota_daemon.daemon.probe import BUILD_OF_MODE
 from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.engine.events import EventPublisher, Finished, JobEvent, PhaseChanged, Progress, Waiting
 from netota_daemon.engine.outcome import (
@@ -169,12 +170,6 @@ class WrongImageKind(JobError):
 
 #: Images one job may be given (one of each kind is what a mixed rack needs).
 MAX_FIRMWARE_SET = 4
-#: A probed device's mode, as the build whose images it takes.
-BUILD_OF_MODE = {
-    "main": FirmwareKind.SINGLE_BACKUP,
-    "loader": FirmwareKind.SINGLE_BACKUP,
-    "double_backup": FirmwareKind.DOUBLE_BACKUP,
-}
 
 
 def firmware_set(firmware: Any) -> tuple[str, ...]:
@@ -187,6 +182,24 @@ def firmware_set(firmware: Any) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise FirmwareInvalid("the same image is named twice")
     return tuple(names)
+
+
+def check_options(options: Any) -> dict[str, Any]:
+    """The engine timeouts a client overrides for one job (or a batch for each of its jobs), checked
+    as the config file's are; :class:`BadOptions` says what is wrong."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise BadOptions("options must be a JSON object")
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in TIMEOUT_KEYS:
+            raise BadOptions(f"unknown option {key!r} (known: {', '.join(sorted(TIMEOUT_KEYS))})")
+        try:
+            checked[key] = check_timeout("options", key, key, value)
+        except ConfigError as e:
+            raise BadOptions(f"option {key}: {e.problem}") from None
+    return checked
 
 
 def check_image_kinds(names: tuple[str, ...], images: list[FirmwareImage], device_mode: str | None) -> None:
@@ -438,22 +451,6 @@ class JobQueue:
 
     # ----- commands
 
-    def _check_options(self, options: Any) -> dict[str, Any]:
-        """The engine timeouts a client overrides for one job, checked as the config file's are."""
-        if options is None:
-            return {}
-        if not isinstance(options, dict):
-            raise BadOptions("options must be a JSON object")
-        checked: dict[str, Any] = {}
-        for key, value in options.items():
-            if key not in TIMEOUT_KEYS:
-                raise BadOptions(f"unknown option {key!r} (known: {', '.join(sorted(TIMEOUT_KEYS))})")
-            try:
-                checked[key] = check_timeout("options", key, key, value)
-            except ConfigError as e:
-                raise BadOptions(f"option {key}: {e.problem}") from None
-        return checked
-
     def start(
         self,
         device: str,
@@ -487,7 +484,7 @@ class JobQueue:
             active = self._active.get(busy)
             state = active.record.state.value if active else "being created"
             raise DeviceBusy(f"device {device} is busy with job {busy} ({state})")
-        checked = self._check_options(options)
+        checked = check_options(options)
         names = firmware_set(firmware)
         try:
             images = [self._firmware.open(name) for name in names]

@@ -5,8 +5,9 @@ never CTP, never the OTA port, so it can't disturb a device and needs no CTP ses
 through a :class:`~netota_daemon.protocols.endpoints.DeviceConnector` built from the device's
 target (its interface and source address apply, as for a job) and is bounded by the device's
 ``timeouts.http``. A device with a queued or running job is not contacted at all: the answer says
-it is busy. Every other device named is probed at the same time; the registry keeps the last probe
-of each, and a firmware version read from the main firmware becomes the device's known version.
+it is busy (``busy_job`` names the job, ``error`` says it in words). Every other device named is
+probed at the same time; the registry keeps the last probe of each, and a firmware version read from
+the main firmware becomes the device's known version.
 """
 
 from __future__ import annotations
@@ -24,16 +25,27 @@ from netota_daemon.daemon.registry import DeviceRegistry
 from netota_daemon.protocols.description_fetch import DescriptionFetchError, description_url, fetch_description
 from netota_daemon.protocols.endpoints import DeviceConnector, EndpointError, bounded, connection_error_message
 from netota_daemon.wire.description import DeviceDescription
+from netota_daemon.wire.firmware_kind import FirmwareKind
 
 log = Logger()
 
 #: ``fetch(connector, port, timeout, clock)``: :func:`fetch_description`, or a test's fake.
 DescriptionFetcher = Callable[[DeviceConnector, int, float, Any], Awaitable[DeviceDescription]]
 
+#: The kind of image each build takes, by the ``mode`` a probe reports (:func:`description_mode`):
+#: the main firmware and the phase-2 loader of a single-backup build take a single-backup image, a
+#: double-backup build a double-backup image. Single- and double-backup images can't cross-upgrade.
+BUILD_OF_MODE = {
+    "main": FirmwareKind.SINGLE_BACKUP,
+    "loader": FirmwareKind.SINGLE_BACKUP,
+    "double_backup": FirmwareKind.DOUBLE_BACKUP,
+}
+
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What one probe found; ``ok`` False carries ``error`` instead of the document's fields."""
+    """What one probe found; ``ok`` False carries ``error`` instead of the document's fields. A
+    device that was not contacted because a job holds it has ``busy_job`` (that job's id)."""
 
     ok: bool
     time: float
@@ -41,7 +53,8 @@ class ProbeResult:
     ota_type: str | None = None
     ota_step: str | None = None
     mode: str | None = None  # main | loader | double_backup
-    error: str | None = None
+    error: str | None = None  # for people
+    busy_job: str | None = None  # for programs: the job that holds the device (it was not contacted)
 
     def to_json(self) -> dict[str, Any]:
         if not self.ok:
@@ -122,7 +135,9 @@ class DeviceProber:
         status = self.registry.get(name)
         if status.state in ("queued", "running"):
             # Not contacted, and not remembered: the last real probe stays the device's last probe.
-            return ProbeResult(ok=False, time=self.clock.seconds(), error=f"busy with job {status.job}")
+            return ProbeResult(
+                ok=False, time=self.clock.seconds(), error=f"busy with job {status.job}", busy_job=status.job
+            )
         result = await self._fetch(status.config)
         self.registry.probed(name, result.to_json(), result.firmware_version)
         log.info("probe of {device}: {result}", device=name, result=result.to_json())
