@@ -433,6 +433,69 @@ def test_stop_during_preflight_ignores_the_probes_answer():
     assert batch.preflight_done({"a": MAIN}, 2) == []
 
 
+# ----- a job that can't be followed, a decision that can't be journaled
+
+
+def test_a_member_whose_job_end_is_not_known_fails_and_a_canary_so_lost_stops_the_batch():
+    rack = Rack("abc", RolloutPolicy(canary=1))
+    rack.begin()
+    actions = rack.batch.job_lost("a", rack.jobs["a"], "the daemon could not follow its job", 5)
+    member = rack.batch.members["a"]
+    assert (member.state, member.outcome, member.message) == (
+        MemberState.FAILED,
+        None,
+        "the daemon could not follow its job",
+    )
+    assert rack.batch.stop_reason is Reason.CANARY_FAILED and isinstance(actions[-1], Finish)
+    assert "canary a did not succeed (its end is not known)" in rack.batch.stop_message
+    assert rack.batch.job_lost("a", rack.jobs["a"], "again", 6) == []  # it ended already
+
+
+def test_a_lost_member_frees_its_slot_for_the_next_one():
+    rack = Rack("ab", RolloutPolicy(max_parallel=1))
+    rack.begin()
+    assert rack.batch.job_lost("b", "job-x", "not its job", 5) == []  # b has no job: a stale report
+    assert started(rack.batch.job_lost("a", rack.jobs["a"], "lost", 5)) == ["b"]
+
+
+def test_a_halted_batch_starts_nothing_more_and_frees_what_it_did_not_start():
+    rack = Rack("abcd", RolloutPolicy(max_parallel=2))
+    rack.begin()  # a and b run
+    rack.clock.advance(10)
+    not_made = rack.batch.job_ended("a", rack.jobs["a"], OK, rack.now)
+    assert not_made == [Start("c")]  # the decision the daemon could not journal
+    assert rack.batch.halt("its state could not be journaled (disk full)", not_made, rack.now) == []
+    batch = rack.batch
+    assert batch.state is BatchState.STOPPING and batch.stop_reason is Reason.JOURNAL_ERROR
+    assert {d: (m.state, m.reason) for d, m in batch.members.items()} == {
+        "a": (MemberState.SUCCEEDED, None),
+        "b": (MemberState.RUNNING, None),
+        "c": (MemberState.SKIPPED, Reason.JOURNAL_ERROR),
+        "d": (MemberState.SKIPPED, Reason.JOURNAL_ERROR),
+    }
+    assert batch.members["c"].message == "not started: its state could not be journaled (disk full)"
+    actions = rack.end("b")  # a running job finishes, and the batch with it
+    assert isinstance(actions[-1], Finish) and batch.result() == "failed"
+
+
+def test_a_halt_with_a_resume_not_made_fails_the_member_and_a_cancel_not_made_lets_the_job_end():
+    rack = Rack("abc", RolloutPolicy(max_parallel=2))
+    rack.begin()
+    restored = BatchPolicy.from_json(rack.batch.to_json())
+    resume = restored.job_interrupted("a", rack.jobs["a"], 20)
+    assert restored.halt("its state could not be journaled", resume, 20) == []
+    a = restored.members["a"]
+    assert a.state is MemberState.FAILED and a.outcome.kind == "interrupted"
+    assert a.outcome.message == "its interrupted job was not resumed: its state could not be journaled"
+    cancel = restored.cancel("wrong shelf", 21)
+    assert cancel == [Cancel("b", rack.jobs["b"])]
+    assert restored.halt("its state could not be journaled", cancel, 21) == []
+    assert restored.state is BatchState.CANCELLING and restored.members["b"].state is MemberState.CANCELLING
+    actions = restored.job_ended("b", rack.jobs["b"], OK, 30)  # not stopped: it ran to its end
+    assert restored.members["b"].state is MemberState.SUCCEEDED and isinstance(actions[-1], Finish)
+    assert restored.result() == "cancelled"
+
+
 # ----- the policy as a request gives it
 
 
@@ -579,6 +642,8 @@ def test_no_sequence_of_outcomes_breaks_the_batchs_promises(
         choices += [("refuse", d) for d in sorted(pending_start)]
         choices += [("end", d) for d in sorted(live_job)]
         choices += [("interrupt", d) for d in sorted(live_job)]
+        choices += [("lost", d) for d in sorted(live_job)]
+        choices.append(("halt", None))
         choices.append(("restart", None))
         choices.append(("stop", None))
         kind, device = data.draw(st.sampled_from(choices), label="event")
@@ -608,6 +673,23 @@ def test_no_sequence_of_outcomes_breaks_the_batchs_promises(
                 canary_failed = True
             if batch.members[device].ended:
                 interrupted.pop(device, None)
+        elif kind == "lost":
+            job = live_job.pop(device)
+            was_canary = batch.members[device].canary
+            check(batch.job_lost(device, job, "could not be followed", now))
+            if was_canary and batch.members[device].state is MemberState.FAILED:
+                canary_failed = True
+        elif kind == "halt":
+            # The last decision could not be journaled: the starts and resumes told and not confirmed
+            # yet are taken as its actions, not made.
+            not_made = []
+            for told in sorted(pending_start):
+                member = batch.members[told]
+                not_made.append(Resume(told, member.job) if member.jobs else Start(told))
+                pending_start.discard(told)
+            check(batch.halt("its state could not be journaled", not_made, now))
+            assert batch.state not in (BatchState.PREFLIGHT, BatchState.RUNNING)
+            stopped_or_cancelled = True
         elif kind == "stop":
             check(batch.stop(Reason.IMAGE_CHANGED, "the firmware file changed", now))
         elif kind == "restart":

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from netota_daemon.daemon.batch_policy import EarlierJob
-from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchStore
+from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchStore, BatchStoreError
 from netota_daemon.daemon.batches import BatchError, BatchManager, BatchRefusal, QueueRefused
 from netota_daemon.daemon.image_facts import FirmwareProblem, ImageFacts
 
@@ -25,6 +26,7 @@ class Probed:
     mode: str | None = "main"
     firmware_version: str | None = "1.0.0"
     error: str | None = None
+    busy_job: str | None = None
 
 
 class FakeQueue:
@@ -105,6 +107,13 @@ class FakeQueue:
             d.callback(dict(job))
         return job["id"]
 
+    def fail_wait(self, device, error):
+        """The wait for the device's newest job fails with ``error`` (the job itself goes on)."""
+        job = next(j for j in reversed(list(self.jobs.values())) if j["device"] == device)
+        for d in self.waiters.pop(job["id"]):
+            d.errback(error)
+        return job["id"]
+
     def started(self):
         return [c[1] for c in self.calls if c[0] == "start"]
 
@@ -128,6 +137,7 @@ class World:
         self.store = BatchStore(tmp_path / "state")
         self.images = [image]
         self.busy_jobs: dict[str, str] = {}
+        self.broken: str | None = None  # set: every call of the batch store fails with this error
         self.ids = iter(f"batch{n}" for n in range(1, 100))
         self.manager = self.make_manager(devices, tags)
 
@@ -141,7 +151,7 @@ class World:
             self.clock,
             self.queue,
             self.prober,
-            AsyncBatchStore(self.store, defer.maybeDeferred),
+            AsyncBatchStore(self.store, self.submit),
             list(devices),
             inspect,
             busy=self.busy_jobs.get,
@@ -152,9 +162,20 @@ class World:
         manager.recovered = True  # as after a start-up with nothing to carry on
         return manager
 
+    def submit(self, call):
+        if self.broken:
+            return defer.fail(BatchStoreError(self.broken))
+        return defer.maybeDeferred(call)
+
     def create(self, body):
         d = defer.ensureDeferred(self.manager.create(body))
         return self.result(d)
+
+    def refused(self, coroutine):
+        """The BatchError a request is refused with."""
+        with pytest.raises(BatchError) as caught:
+            self.result(defer.ensureDeferred(coroutine))
+        return caught.value
 
     @staticmethod
     def result(d):
@@ -425,3 +446,149 @@ def test_a_batch_asked_for_before_the_restart_was_carried_on_waits_for_it(tmp_pa
     failures = []
     d.addErrback(failures.append)
     assert failures and failures[0].value.kind is BatchRefusal.BUSY
+
+
+def test_a_busy_device_is_refused_by_the_probes_busy_job_not_by_its_wording(tmp_path):
+    results = {
+        "a": Probed(False, mode=None, error="occupied (job j9 holds it)", busy_job="j9"),
+        "b": Probed(False, mode=None, error="busy with job nothing: just a device's odd answer"),
+    }
+    world = World(tmp_path, devices=("a", "b", "c"), results=results)
+    batch = world.create({"firmware": "fw.ufw", "all": True})
+    assert member_states(batch) == {"a": ("refused", "busy"), "b": ("refused", "unreachable"), "c": ("running", None)}
+    a = batch["members"][0]
+    assert a["probe"]["busy_job"] == "j9" and a["message"] == "busy with job j9"
+    assert batch["members"][1]["probe"]["busy_job"] is None
+
+
+def test_a_member_whose_job_cannot_be_followed_fails_and_the_batch_goes_on(tmp_path):
+    world = World(tmp_path, devices=("a", "b", "c"))
+    world.create({"firmware": "fw.ufw", "all": True, "policy": {"max_parallel": 1, "max_failures": 2}})
+    with capturedLogs() as events:
+        job = world.queue.fail_wait("a", QueueRefused("journal_unavailable", "can't read the journal: disk I/O error"))
+    batch = world.get("batch1")
+    a = batch["members"][0]
+    assert (a["state"], a["outcome"]) == ("failed", None)
+    assert a["message"].startswith(f"the daemon could not follow its job {job} to its end (can't read the journal")
+    assert f"the job itself may still run (netota show {job})" in a["message"]
+    assert world.queue.started() == ["a", "b"]  # the policy went on
+    errors = [e for e in events if e.get("log_level").name == "error"]
+    assert [e["device"] for e in errors] == ["a"] and "disk I/O error" in errors[0]["message"]
+    with capturedLogs():
+        world.queue.fail_wait("b", RuntimeError("a bug"))  # not the queue's own refusal
+    final = world.get("batch1")
+    assert member_states(final) == {"a": ("failed", None), "b": ("failed", None), "c": ("skipped", "max_failures")}
+    assert "(a bug)" in final["members"][1]["message"]
+    assert final["state"] == "finished" and final["result"] == "failed"
+    assert world.store.get("batch1").state == "finished" and world.manager.batches == {}
+
+
+def test_a_job_end_the_batch_cannot_read_still_ends_its_member(tmp_path):
+    world = World(tmp_path, devices=("a",))
+    world.create({"firmware": "fw.ufw", "devices": ["a"], "policy": {"canary": 1}})
+    job = world.queue.jobs["j1"]
+    job.update(state="finished", outcome="garbage")
+    with capturedLogs():
+        for d in world.queue.waiters.pop("j1"):
+            d.callback(dict(job))
+    final = world.get("batch1")
+    assert member_states(final) == {"a": ("failed", None)}
+    assert "its end can't be read" in final["members"][0]["message"]
+    assert final["state"] == "finished" and final["result"] == "failed"
+
+
+def test_a_wait_refused_by_a_queue_that_shuts_down_leaves_the_member_for_the_restart(tmp_path):
+    world = World(tmp_path)
+    world.create({"firmware": "fw.ufw", "devices": ["a", "b"], "policy": {"max_parallel": 1}})
+    world.queue.fail_wait("a", QueueRefused("shutting_down", "the daemon is shutting down"))
+    assert world.manager.stopping and world.queue.started() == ["a"]
+    row = world.store.get("batch1")
+    assert {m["device"]: m["state"] for m in row.data["policy"]["members"]} == {"a": "running", "b": "ready"}
+    world.queue.jobs["j1"]["state"] = "interrupted"  # as the queue's shutdown left it
+    world.manager = world.make_manager()
+    world.result(defer.ensureDeferred(world.manager.recover()))
+    assert [c for c in world.queue.calls if c[0] == "resume"] == [("resume", "j1")]
+
+
+def test_a_save_that_fails_starts_nothing_frees_the_devices_and_says_why(tmp_path):
+    world = World(tmp_path, devices=("a", "b", "c"))
+    world.create({"firmware": "fw.ufw", "all": True, "policy": {"max_parallel": 1}})
+    world.broken = "can't write the batch journal: database or disk is full"
+    with capturedLogs() as events:
+        world.queue.end("a")  # its decision (start b) can't be journaled
+    assert world.queue.started() == ["a"]  # so b was not started
+    (line,) = [e for e in events if e.get("log_level").name == "error"]
+    assert line["batch"] == "batch1" and "disk is full" in str(line["error"]) and line["then"]
+    batch = world.get("batch1")  # from memory: the journal still has it as it was
+    assert batch["journal_error"] == "can't write the batch journal: database or disk is full"
+    assert batch["stop_reason"] == "journal_error" and batch["state"] == "finished"
+    assert member_states(batch) == {
+        "a": ("succeeded", None),
+        "b": ("skipped", "journal_error"),
+        "c": ("skipped", "journal_error"),
+    }
+    assert "could not be journaled" in batch["members"][1]["message"]
+    assert [world.manager.batch_of_device(d) for d in "abc"] == [None, None, None]  # nothing is held
+    assert world.store.get("batch1").state == "running"
+    # A new batch can't be journaled before the old one's end is: refused, nothing taken.
+    refusal = world.refused(world.manager.create({"firmware": "fw.ufw", "devices": ["b"]}))
+    assert refusal.kind is BatchRefusal.JOURNAL_UNAVAILABLE and "batch batch1" in refusal.message
+    assert world.manager.batches == {}
+    world.broken = None  # the disk has room again
+    batch2 = world.create({"firmware": "fw.ufw", "devices": ["b", "c"]})
+    assert batch2["id"] == "batch2" and world.queue.started() == ["a", "b", "c"]
+    row = world.store.get("batch1")  # journaled first: no two unfinished batches claim b
+    assert row.state == "finished"
+    assert [m["state"] for m in row.data["policy"]["members"]] == ["succeeded", "skipped", "skipped"]
+
+
+def test_a_cancel_that_cannot_be_journaled_is_refused_and_the_running_job_finishes(tmp_path):
+    world = World(tmp_path, devices=("a", "b", "c"))
+    world.create({"firmware": "fw.ufw", "all": True, "policy": {"max_parallel": 1}})
+    world.broken = "can't write the batch journal: disk I/O error"
+    with capturedLogs():
+        refusal = world.refused(world.manager.cancel("batch1", "wrong shelf"))
+    assert refusal.kind is BatchRefusal.JOURNAL_UNAVAILABLE
+    assert refusal.message.startswith("the cancel of batch batch1 can't be journaled (can't write the batch journal")
+    assert "its running jobs were not stopped" in refusal.message
+    assert [c for c in world.queue.calls if c[0] == "cancel"] == []  # not journaled, not done
+    assert [world.manager.batch_of_device(d) for d in "abc"] == ["batch1", None, None]  # a's job still runs
+    world.broken = None
+    world.queue.end("a")
+    final = world.get("batch1")
+    assert final["state"] == "cancelled" and member_states(final)["a"] == ("succeeded", None)
+    assert world.store.get("batch1").state == "cancelled" and world.manager.batches == {}
+
+
+def test_a_batch_that_cannot_be_journaled_is_refused_and_takes_nothing(tmp_path):
+    world = World(tmp_path)
+    world.broken = "can't write the batch journal: disk I/O error"
+    with capturedLogs():
+        refusal = world.refused(world.manager.create({"firmware": "fw.ufw", "devices": ["a"]}))
+    assert refusal.kind is BatchRefusal.JOURNAL_UNAVAILABLE and "disk I/O error" in refusal.message
+    assert world.manager.batches == {} and world.queue.calls == []
+    world.broken = None
+    assert world.create({"firmware": "fw.ufw", "devices": ["a"]})["id"] == "batch2"
+
+
+def test_a_probe_or_a_start_that_fails_by_a_bug_refuses_its_members_and_the_batch_ends(tmp_path):
+    world = World(tmp_path, devices=("a", "b"))
+
+    async def broken_probe(names):
+        raise RuntimeError("probe bug")
+
+    world.prober.probe = broken_probe
+    with capturedLogs():
+        batch = world.create({"firmware": "fw.ufw", "all": True})
+    assert member_states(batch) == {"a": ("refused", "unreachable"), "b": ("refused", "unreachable")}
+    assert batch["members"][0]["message"] == "unreachable: the probe failed: probe bug"
+    assert batch["state"] == "finished" and world.queue.calls == []
+
+    def broken_start(device, firmware, options, batch):
+        raise RuntimeError("start bug")
+
+    world.queue.start = broken_start
+    with capturedLogs():
+        batch = world.create({"firmware": "fw.ufw", "devices": ["a"], "policy": {"preflight": False}})
+    assert member_states(batch) == {"a": ("refused", "start_refused")}
+    assert batch["members"][0]["message"] == "internal error: start bug" and batch["state"] == "finished"

@@ -14,20 +14,24 @@ A batch is one firmware image for a set of devices (its *members*) under a :clas
   skipped with the reason.
 - ``max_parallel``: at most this many member jobs at once (never more than the daemon's).
 - ``resume_interrupted`` (default on): a member job interrupted by a daemon restart is resumed.
+- A decision the daemon could not journal is not carried out, and the batch starts nothing more
+  (:meth:`BatchPolicy.halt`): what was not started is skipped (``journal_error``), running jobs finish.
 
 The object is fed what happens (:meth:`BatchPolicy.begin`, :meth:`~BatchPolicy.preflight_done`,
 :meth:`~BatchPolicy.job_started`, :meth:`~BatchPolicy.start_refused`, :meth:`~BatchPolicy.job_ended`,
-:meth:`~BatchPolicy.job_interrupted`, :meth:`~BatchPolicy.cancel`) and answers each with the actions
-to take now (:class:`Probe`, :class:`Start`, :class:`Resume`, :class:`Cancel`, :class:`Finish`). Times
-are passed in (``now``), never read. :meth:`~BatchPolicy.to_json` / :meth:`~BatchPolicy.from_json`
-round-trip the whole state, so the daemon journals it and carries on after a restart.
+:meth:`~BatchPolicy.job_interrupted`, :meth:`~BatchPolicy.job_lost`, :meth:`~BatchPolicy.cancel`,
+:meth:`~BatchPolicy.halt`) and answers each with the actions to take now (:class:`Probe`,
+:class:`Start`, :class:`Resume`, :class:`Cancel`, :class:`Finish`). Times are passed in (``now``),
+never read. :meth:`~BatchPolicy.to_json` / :meth:`~BatchPolicy.from_json` round-trip the whole state,
+so the daemon journals it and carries on after a restart.
 
 Member states::
 
     pending --preflight--> ready --Start--> starting --job_started--> running --job_ended--> succeeded | failed
        |                     |                 |                         |  \\--cancel--> cancelling --> cancelled
        |                     |                 \\--start_refused--> refused \\--job_interrupted--> (Resume) starting
-       +--> refused          +--> skipped (already current, max_failures, canary_failed, cancelled)
+       |                     |                                              \\--job_lost--> failed
+       +--> refused          +--> skipped (already current, max_failures, canary_failed, cancelled, ...: see Reason)
        +--> skipped
 """
 
@@ -38,15 +42,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from netota_daemon.daemon.probe import BUILD_OF_MODE
 from netota_daemon.engine.outcome import OutcomeKind
+from netota_daemon.wire.firmware_kind import FirmwareKind
 
-#: The image kinds (``netota_daemon.wire.firmware_kind``'s values) and the builds (a probe's ``mode``).
-IMAGE_KINDS = ("single_backup", "double_backup", "unknown")
-BUILD_MODES = ("main", "loader", "double_backup")
-
-#: Which image kind each build takes: the main firmware and the phase-2 loader of a single-backup
-#: build take a single-backup image; a double-backup build takes a double-backup image.
-_KIND_OF_MODE = {"main": "single_backup", "loader": "single_backup", "double_backup": "double_backup"}
+#: The image kinds (``netota_daemon.wire.firmware_kind``'s values) and the builds (a probe's ``mode``;
+#: which kind each takes is :data:`~netota_daemon.daemon.probe.BUILD_OF_MODE`).
+IMAGE_KINDS = tuple(kind.value for kind in FirmwareKind)
+BUILD_MODES = tuple(BUILD_OF_MODE)
 
 _KIND_WORDS = {"single_backup": "single-backup", "double_backup": "double-backup", "unknown": "unknown"}
 
@@ -180,9 +183,9 @@ def target_version_from_jobs(image_sha256: str, jobs: Iterable[EarlierJob]) -> T
 def image_fits(image_kind: str, mode: str | None) -> str | None:
     """Why an image of ``image_kind`` can't go to a build in ``mode``, or None when it can (or when
     either is unknown: an unrecognised image is not proof of a wrong one)."""
-    if mode is None or image_kind == "unknown" or mode not in _KIND_OF_MODE:
+    if mode is None or image_kind == FirmwareKind.UNKNOWN.value or mode not in BUILD_OF_MODE:
         return None
-    wanted = _KIND_OF_MODE[mode]
+    wanted = BUILD_OF_MODE[mode].value
     if wanted == image_kind:
         return None
     build = "a double-backup build (ota_type 0)" if mode == "double_backup" else "a single-backup build"
@@ -300,10 +303,11 @@ class Reason(str, enum.Enum):
     BUSY = "busy"  # refused: another job holds the device
     START_REFUSED = "start_refused"  # refused: the daemon refused its job (see the message)
     IMAGE_CHANGED = "image_changed"  # skipped: the firmware file changed since the batch began
+    JOURNAL_ERROR = "journal_error"  # skipped: the batch's state could not be journaled, so it starts nothing more
 
 
 #: Skips that say the batch went wrong (a client's exit status is non-zero for them).
-FAILURE_SKIPS = (Reason.MAX_FAILURES, Reason.CANARY_FAILED, Reason.IMAGE_CHANGED)
+FAILURE_SKIPS = (Reason.MAX_FAILURES, Reason.CANARY_FAILED, Reason.IMAGE_CHANGED, Reason.JOURNAL_ERROR)
 
 
 @dataclass
@@ -374,7 +378,7 @@ class Member:
 class BatchState(str, enum.Enum):
     PREFLIGHT = "preflight"  # probing the members
     RUNNING = "running"  # launching members as slots free up
-    STOPPING = "stopping"  # a canary failed or max_failures was reached: running jobs finish, nothing starts
+    STOPPING = "stopping"  # a canary failed, max_failures was reached, the image changed or the journal failed: running jobs finish, nothing starts
     CANCELLING = "cancelling"  # cancelled: running jobs are being stopped
     FINISHED = "finished"  # every member ended (see ``result``)
     CANCELLED = "cancelled"  # cancelled, and every member ended
@@ -633,6 +637,17 @@ class BatchPolicy:
         self._check_failures()
         return self._advance(now)
 
+    def job_lost(self, device: str, job_id: str, message: str, now: float) -> list[Action]:
+        """The end of the member's job ``job_id`` can't be learnt (following it failed: ``message``
+        says how). The member failed, with no outcome: the job may still run, and a canary whose
+        result is not known did not succeed."""
+        member = self.members[device]
+        if not member.active or job_id != member.job:
+            return []
+        self._end(member, MemberState.FAILED, None, message, now)
+        self._check_failures()
+        return self._advance(now)
+
     def cancel(self, reason: str, now: float) -> list[Action]:
         """Cancel the batch: members not started are skipped, running jobs are cancelled (STOP)."""
         if self.done or self.state is BatchState.CANCELLING:
@@ -660,6 +675,26 @@ class BatchPolicy:
         if self.state is not BatchState.RUNNING:
             return []
         self._stop(reason, message)
+        return self._advance(now)
+
+    def halt(self, message: str, not_made: Iterable[Action], now: float) -> list[Action]:
+        """The daemon could not journal the batch's last decision, so it did not carry out its actions
+        (``not_made``): the batch starts nothing more (``journal_error``). A member told to start was
+        not started and is skipped with the others not started; a job told to resume was not resumed
+        (the member failed); a job told to stop was not stopped: it runs to its end, like every
+        running job, and its member ends with it. The devices of the members that ended are free."""
+        for action in not_made:
+            if isinstance(action, Start):
+                member = self.members[action.device]
+                if member.state is MemberState.STARTING and not member.jobs:
+                    member.state = MemberState.READY
+            elif isinstance(action, Resume):
+                member = self.members[action.device]
+                if member.state is MemberState.STARTING and member.job == action.job:
+                    member.outcome = MemberOutcome("interrupted", f"its interrupted job was not resumed: {message}")
+                    self._end(member, MemberState.FAILED, None, member.outcome.message, now)
+        if self.state in (BatchState.PREFLIGHT, BatchState.RUNNING):
+            self._stop(Reason.JOURNAL_ERROR, message)
         return self._advance(now)
 
     def restart(self, now: float) -> list[Action]:
@@ -720,7 +755,7 @@ class BatchPolicy:
             None,
         )
         if failed_canary is not None:
-            kind = failed_canary.outcome.kind if failed_canary.outcome else "failed"
+            kind = failed_canary.outcome.kind if failed_canary.outcome else "its end is not known"
             self._stop(Reason.CANARY_FAILED, f"canary {failed_canary.device} did not succeed ({kind})")
             return
         limit = self.policy.max_failures

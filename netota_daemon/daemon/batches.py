@@ -6,6 +6,15 @@ after a daemon restart.
 - **Journal before acting**: every decision of a batch's policy is saved (:mod:`batch_store`) before
   its actions are carried out or its events published. A start decided but not made when the daemon
   died is found again at start-up (the device's job that names the batch), or made again.
+- **A save that fails** (a full disk) is logged and its actions are not carried out; the batch starts
+  nothing more (:meth:`BatchPolicy.halt`), so what it had not started is free at once and what runs
+  is free when its job ends. The request that made the decision (a cancel) is refused
+  (``journal_unavailable``). The state is saved again with the batch's next decision, and before any
+  new batch is journaled (a new batch is refused while an older one's state can't be), so the
+  journal never holds two unfinished batches that claim one device.
+- **Every member's job is followed to its end**: if the daemon can't learn that end (the wait for it
+  fails), the member fails with a message that says so (:meth:`BatchPolicy.job_lost`). A pre-flight
+  probe or a start that fails by a bug refuses the members it was for: no member waits forever.
 - **What it needs** of the rest of the daemon is narrow (:class:`BatchQueue`, :class:`BatchProber`,
   and a few callables), so it is tested on a ``Clock`` with fakes.
 - **Bounds**: a device belongs to at most one unfinished batch, so unfinished batches (the only ones
@@ -49,8 +58,11 @@ from netota_daemon.daemon.batch_policy import (
     target_version_from_jobs,
 )
 from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchRow
-from netota_daemon.daemon.config import TIMEOUT_KEYS, ConfigError, check_timeout
 from netota_daemon.daemon.image_facts import FirmwareProblem, ImageFacts
+from netota_daemon.daemon.jobs import BadOptions
+from netota_daemon.daemon.jobs import check_options as check_job_options
+from netota_daemon.daemon.journal import JournalError
+from netota_daemon.daemon.probe import ProbeResult
 from netota_daemon.engine.events import EventPublisher
 
 log = Logger()
@@ -135,8 +147,8 @@ class BatchQueue(Protocol):
 
 
 class BatchProber(Protocol):
-    def probe(self, names: Iterable[str]) -> Awaitable[Mapping[str, Any]]:
-        """Each device's probe result: an object with ``ok``, ``mode``, ``firmware_version``, ``error``."""
+    def probe(self, names: Iterable[str]) -> Awaitable[Mapping[str, ProbeResult]]:
+        """Each device's probe result (``ok``, ``mode``, ``firmware_version``, ``error``, ``busy_job``)."""
         ...
 
 
@@ -151,7 +163,8 @@ class Batch:
     selection: dict[str, Any]  # {"devices": [...]} | {"all": true} | {"tag": "T"}
     options: dict[str, Any]
     policy: BatchPolicy
-    journal_error: str | None = None  # set when a save failed: the batch acts no more
+    journal_error: str | None = None  # the last save that failed: the batch starts nothing more
+    unsaved_since: int | None = None  # the save count when a save failed, until one begun later succeeds
     _published: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -218,22 +231,15 @@ def member_outcome(job: Mapping[str, Any]) -> MemberOutcome:
 
 
 def check_options(options: Any) -> dict[str, Any]:
-    """The engine timeouts a batch passes to each member's job, checked as the config file's are."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise BatchError(BatchRefusal.BAD_OPTIONS, "options must be a JSON object")
-    checked: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in TIMEOUT_KEYS:
-            raise BatchError(
-                BatchRefusal.BAD_OPTIONS, f"unknown option {key!r} (known: {', '.join(sorted(TIMEOUT_KEYS))})"
-            )
-        try:
-            checked[key] = check_timeout("options", key, key, value)
-        except ConfigError as e:
-            raise BatchError(BatchRefusal.BAD_OPTIONS, f"option {key}: {e.problem}") from None
-    return checked
+    """The engine timeouts a batch passes to each member's job, checked as a job's own options are."""
+    try:
+        return check_job_options(options)
+    except BadOptions as e:
+        raise BatchError(BatchRefusal.BAD_OPTIONS, e.message) from None
+
+
+def _error_text(error: BaseException) -> str:
+    return str(getattr(error, "message", None) or error) or type(error).__name__
 
 
 _FIRMWARE_REFUSALS = {
@@ -269,6 +275,10 @@ class BatchManager:
         self.known_version = known_version
         self.new_id = new_id
         self.batches: dict[str, Batch] = {}  # the unfinished ones
+        # Batches whose latest state is not in the journal (a save failed), ended or not: saved again
+        # before any new batch is journaled, so they are never more than were unfinished at once.
+        self._unsaved: dict[str, Batch] = {}
+        self._saves = 0  # saves begun so far: a save clears a failure only if it began after it
         self.events: EventPublisher[BatchEvent] = EventPublisher()
         self.stopping = False
         self._tasks: set[Deferred[Any]] = set()
@@ -304,8 +314,12 @@ class BatchManager:
                 return batch.id
         return None
 
+    def _in_memory(self, batch_id: str) -> Batch | None:
+        """An unfinished batch, or an ended one whose end is not journaled yet."""
+        return self.batches.get(batch_id) or self._unsaved.get(batch_id)
+
     async def get(self, batch_id: str) -> dict[str, Any]:
-        batch = self.batches.get(batch_id)
+        batch = self._in_memory(batch_id) if isinstance(batch_id, str) else None
         if batch is not None:
             return batch.to_json()
         row = await self.store.get(batch_id) if isinstance(batch_id, str) else None
@@ -320,7 +334,7 @@ class BatchManager:
             raise BatchError(BatchRefusal.BAD_QUERY, str(e)) from None
         batches = []
         for row in found.rows:
-            live = self.batches.get(row.id)
+            live = self._in_memory(row.id)
             batches.append((live or Batch.from_row(row)).summary_json())
         return {"batches": batches, "next_cursor": found.next_cursor}
 
@@ -394,25 +408,15 @@ class BatchManager:
         if target_version is not None and (not isinstance(target_version, str) or not target_version.strip()):
             raise BatchError(BatchRefusal.BAD_FIELD, "target_version must be a non-empty string")
         options = check_options(body.get("options"))
-        taken = {d: self.batch_of_device(d) for d in devices}
-        taken = {d: b for d, b in taken.items() if b}
-        if taken:
-            raise BatchError(
-                BatchRefusal.BUSY,
-                "; ".join(f"device {d} belongs to the unfinished batch {b}" for d, b in taken.items()),
-            )
+        self._refuse_taken(devices)
         image = await self._inspect(firmware)
-        if self.stopping:
-            raise BatchError(BatchRefusal.SHUTTING_DOWN, "the daemon is shutting down")
-        taken = {d: b for d in devices if (b := self.batch_of_device(d))}  # another request meanwhile
-        if taken:
-            raise BatchError(
-                BatchRefusal.BUSY,
-                "; ".join(f"device {d} belongs to the unfinished batch {b}" for d, b in taken.items()),
-            )
         target = TargetVersion(target_version.strip()) if target_version else None
         if target is None and rollout.skip_current:
             target = target_version_from_jobs(image.sha256, await self.queue.earlier_jobs(image.sha256))
+        await self._save_unsaved()
+        if self.stopping:
+            raise BatchError(BatchRefusal.SHUTTING_DOWN, "the daemon is shutting down")
+        self._refuse_taken(devices)  # another request may have taken one meanwhile: nothing waits from here on
         policy = BatchPolicy(
             devices,
             rollout,
@@ -431,14 +435,16 @@ class BatchManager:
             policy=policy,
         )
         actions = policy.begin(batch.created)
-        self.batches[batch.id] = batch
-        row = BatchRow(batch.id, batch.created, firmware, policy.state.value, batch.to_record())
+        self.batches[batch.id] = batch  # its devices are taken from here on ...
         try:
+            row = BatchRow(batch.id, batch.created, firmware, policy.state.value, batch.to_record())
             await self.store.create(row)
         except Exception as e:
-            del self.batches[batch.id]
-            log.failure("batch {batch}: can't journal it", batch=batch.id)
-            raise BatchError(BatchRefusal.JOURNAL_UNAVAILABLE, f"the batch can't be journaled: {e}") from None
+            del self.batches[batch.id]  # ... and free again: nothing was journaled or started
+            self._log_save_failed(batch, e, "it is refused")
+            raise BatchError(
+                BatchRefusal.JOURNAL_UNAVAILABLE, f"the batch can't be journaled: {_error_text(e)}"
+            ) from None
         log.info(
             "batch {batch}: {count} device(s) with firmware {firmware} ({kind}), policy {policy}",
             batch=batch.id,
@@ -451,6 +457,14 @@ class BatchManager:
         self._carry_out(batch, actions)
         return batch.to_json()
 
+    def _refuse_taken(self, devices: Iterable[str]) -> None:
+        taken = {d: b for d in devices if (b := self.batch_of_device(d))}
+        if taken:
+            raise BatchError(
+                BatchRefusal.BUSY,
+                "; ".join(f"device {d} belongs to the unfinished batch {b}" for d, b in taken.items()),
+            )
+
     async def cancel(self, batch_id: str, reason: str = CANCEL_REASON) -> dict[str, Any]:
         batch = self.batches.get(batch_id)
         if batch is None:
@@ -459,7 +473,13 @@ class BatchManager:
         if self.stopping:
             raise BatchError(BatchRefusal.SHUTTING_DOWN, "the daemon is shutting down")
         log.info("batch {batch}: cancelling ({reason})", batch=batch_id, reason=reason)
-        await self._decide(batch, batch.policy.cancel(reason, self.clock.seconds()))
+        problem = await self._decide(batch, batch.policy.cancel(reason, self.clock.seconds()))
+        if problem is not None:
+            raise BatchError(
+                BatchRefusal.JOURNAL_UNAVAILABLE,
+                f"the cancel of batch {batch_id} can't be journaled ({problem}): the batch starts nothing more, "
+                "but its running jobs were not stopped (netota cancel JOB stops one)",
+            )
         return batch.to_json()
 
     # ----- carrying out decisions
@@ -475,21 +495,68 @@ class BatchManager:
 
         d.addBoth(done)
 
-    async def _decide(self, batch: Batch, actions: list[Action]) -> None:
-        """Journal the batch's state (as it is now), then publish its changes and carry out ``actions``."""
-        if batch.journal_error:
-            return
-        state, record = batch.policy.state.value, batch.to_record()
+    async def _decide(self, batch: Batch, actions: list[Action]) -> str | None:
+        """Journal the batch's state (as it is now), then publish its changes and carry out ``actions``.
+        If the state can't be journaled, none of ``actions`` is carried out and the batch is halted:
+        the answer is then why (else None)."""
+        published = dict(batch._published)
         events = self._changes(batch)
-        try:
-            await self.store.save(batch.id, state, record)
-        except Exception as e:
-            batch.journal_error = str(e)
-            log.failure("batch {batch}: can't journal its state: it acts no more until a restart", batch=batch.id)
-            return
+        problem = await self._save(batch)
+        if problem is not None:
+            batch._published = published  # those events did not go out: the halted state's will
+            self._halt(batch, actions, problem)
+            return problem
         for event in events:
             self.events.publish(event)
         self._carry_out(batch, actions)
+        return None
+
+    async def _save(self, batch: Batch) -> str | None:
+        """Save the batch's state as it is now; None, or why it could not be saved."""
+        self._saves += 1
+        began, state, record = self._saves, batch.policy.state.value, batch.to_record()
+        try:
+            await self.store.save(batch.id, state, record)
+        except Exception as e:
+            batch.unsaved_since = self._saves  # a save already under way holds an older state
+            self._unsaved[batch.id] = batch
+            self._log_save_failed(batch, e, "it starts nothing more")
+            return _error_text(e)
+        if batch.unsaved_since is not None and began > batch.unsaved_since:
+            batch.unsaved_since = None
+            self._unsaved.pop(batch.id, None)
+            log.info("batch {batch}: its state is journaled again", batch=batch.id)
+        return None
+
+    async def _save_unsaved(self) -> None:
+        """Before a new batch is journaled: every state that could not be, or a refusal."""
+        for batch in list(self._unsaved.values()):
+            problem = await self._save(batch)
+            if problem is not None:
+                raise BatchError(
+                    BatchRefusal.JOURNAL_UNAVAILABLE,
+                    f"the state of batch {batch.id} can't be journaled ({problem}), so no new batch is",
+                )
+
+    @staticmethod
+    def _log_save_failed(batch: Batch, error: BaseException, then: str) -> None:
+        if isinstance(error, JournalError):
+            log.error("batch {batch}: can't journal it: {error}: {then}", batch=batch.id, error=error, then=then)
+        else:  # a bug (called while it is handled): with its traceback
+            log.failure("batch {batch}: can't journal it: {then}", batch=batch.id, then=then)
+
+    def _halt(self, batch: Batch, not_made: list[Action], problem: str) -> None:
+        """A decision that could not be journaled: its actions are not carried out, and the batch
+        starts nothing more. What it had not started is skipped, so those devices are free now; what
+        runs is free when its job ends. Its end (once every member ended) is carried out: it holds
+        nothing then."""
+        batch.journal_error = problem
+        now = self.clock.seconds()
+        message = f"its state could not be journaled ({problem})"
+        actions: list[Action] = [a for a in not_made if isinstance(a, Finish)]
+        actions += batch.policy.halt(message, not_made, now)
+        self._publish_changes(batch)  # what GET shows: the halted batch, with its journal_error
+        self._carry_out(batch, [a for a in actions if isinstance(a, Finish)])
 
     def _event(self, batch: Batch, actions: list[Action]) -> None:
         self._spawn(self._decide(batch, actions), batch, "journaling")
@@ -518,20 +585,26 @@ class BatchManager:
                 probes[device] = MemberProbe(reachable=False, busy_job=job)
             else:
                 to_probe.append(device)
-        results = await self.prober.probe(to_probe) if to_probe else {}
+        results: Mapping[str, ProbeResult] = {}
+        try:
+            results = await self.prober.probe(to_probe) if to_probe else {}
+        except Exception as e:  # a bug (a device's failure is its result): the batch still goes on
+            log.failure("batch {batch}: the pre-flight probe failed", batch=batch.id)
+            probes.update(
+                {d: MemberProbe(reachable=False, error=f"the probe failed: {_error_text(e)}") for d in to_probe}
+            )
         for device in to_probe:
             result = results.get(device)
             if result is None:
-                continue  # counted as unreachable ("no probe result")
-            error = getattr(result, "error", None)
-            if not result.ok and error and str(error).startswith("busy with job "):
-                probes[device] = MemberProbe(reachable=False, busy_job=str(error)[len("busy with job ") :])
+                continue  # counted as unreachable ("no probe result"), unless said above
+            if result.busy_job is not None:  # a job took the device meanwhile: it was not contacted
+                probes[device] = MemberProbe(reachable=False, error=result.error, busy_job=result.busy_job)
             else:
                 probes[device] = MemberProbe(
                     reachable=bool(result.ok),
-                    mode=getattr(result, "mode", None),
-                    firmware_version=getattr(result, "firmware_version", None),
-                    error=error,
+                    mode=result.mode,
+                    firmware_version=result.firmware_version,
+                    error=result.error,
                 )
         if self.stopping:
             return
@@ -566,12 +639,20 @@ class BatchManager:
             return
         try:
             job = await self.queue.start(device, batch.firmware, batch.options or None, batch.id)
-        except QueueRefused as e:
-            if self.stopping or e.code == "shutting_down":
+        except Exception as e:
+            if self.stopping or (isinstance(e, QueueRefused) and e.code == "shutting_down"):
                 return  # after the restart it is started again (start_lost)
-            self._event(batch, batch.policy.start_refused(device, e.message, now()))
+            self._event(batch, batch.policy.start_refused(device, self._refusal(batch, device, e), now()))
             return
         self._started(batch, device, job)
+
+    @staticmethod
+    def _refusal(batch: Batch, device: str, error: Exception) -> str:
+        """What the member is told of a start the queue refused, or that failed (a bug: logged)."""
+        if isinstance(error, QueueRefused):
+            return error.message
+        log.failure("batch {batch}: starting the job of {device} failed", batch=batch.id, device=device)
+        return f"internal error: {_error_text(error)}"
 
     def _started(self, batch: Batch, device: str, job: Mapping[str, Any]) -> None:
         self._event(batch, batch.policy.job_started(device, str(job["id"]), self.clock.seconds()))
@@ -580,10 +661,11 @@ class BatchManager:
     async def _resume(self, batch: Batch, action: Resume) -> None:
         try:
             job = await self.queue.resume(action.job, batch.id)
-        except QueueRefused as e:
-            if self.stopping or e.code == "shutting_down":
+        except Exception as e:
+            if self.stopping or (isinstance(e, QueueRefused) and e.code == "shutting_down"):
                 return
-            self._event(batch, batch.policy.start_refused(action.device, e.message, self.clock.seconds()))
+            message = self._refusal(batch, action.device, e)
+            self._event(batch, batch.policy.start_refused(action.device, message, self.clock.seconds()))
             return
         self._started(batch, action.device, job)
 
@@ -594,10 +676,36 @@ class BatchManager:
             pass  # it ended meanwhile: its end is reported by _follow
 
     async def _follow(self, batch: Batch, device: str, job_id: str) -> None:
-        job = await self.queue.wait(job_id)
+        """Wait for the member's job to leave the queue and tell the policy how. However that wait
+        ends, the member's state moves on: a wait that fails (a journal error, a bug) ends the member."""
+        try:
+            job = await self.queue.wait(job_id)
+        except Exception as e:
+            if self.stopping:
+                return  # the daemon is stopping: the restart reconciles the member with its job
+            if isinstance(e, QueueRefused) and e.code == "shutting_down":
+                log.info("batch {batch}: the job queue is shutting down: the batches act no more", batch=batch.id)
+                self.shutdown()  # as the daemon's own stop does: carried on after the restart
+                return
+            if not isinstance(e, QueueRefused):  # a bug: with its traceback
+                log.failure("batch {batch}: following job {job} of {device} failed", job=job_id, device=device)
+            self._lost(batch, device, job_id, _error_text(e))
+            return
         if self.stopping:
             return  # interrupted by the daemon's shutdown: carried on after the restart
-        self._job_left(batch, device, job_id, job)
+        try:
+            self._job_left(batch, device, job_id, job)
+        except Exception as e:  # a job this code can't read: a bug, but the member still ends
+            log.failure("batch {batch}: the end of job {job} of {device} can't be read", job=job_id, device=device)
+            self._lost(batch, device, job_id, f"its end can't be read: {_error_text(e)}")
+
+    def _lost(self, batch: Batch, device: str, job_id: str, problem: str) -> None:
+        message = (
+            f"the daemon could not follow its job {job_id} to its end ({problem}): counted as failed; "
+            f"the job itself may still run (netota show {job_id})"
+        )
+        log.error("batch {batch}: {device}: {message}", batch=batch.id, device=device, message=message)
+        self._event(batch, batch.policy.job_lost(device, job_id, message, self.clock.seconds()))
 
     def _job_left(self, batch: Batch, device: str, job_id: str, job: Mapping[str, Any]) -> None:
         finished = job.get("finished")
