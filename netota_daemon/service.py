@@ -173,7 +173,10 @@ class NetotaService(MultiService):
         self.queue.subscribe(QueueEventFeed(self.metrics, reactor))
         self.journal_store.on_write = self.metrics.journal_write
         self.catalog = FirmwareCatalog(
-            config.firmware_dir, in_use=self._firmware_in_use, max_upload=config.firmware_max_upload
+            config.firmware_dir,
+            self._run_blocking,
+            in_use=self._firmware_in_use,
+            max_upload=config.firmware_max_upload,
         )
         # Batches, rescue and the job-end hooks (issue 13): around the queue, never inside it.
         firmware = FirmwareStore(config.firmware_dir)
@@ -214,7 +217,7 @@ class NetotaService(MultiService):
             token=config.control_token,
             idle_timeout=config.control_idle_timeout,
             max_connections=config.control_max_connections,
-            firmware=FirmwareEndpoints(self.catalog, self._run_blocking),
+            firmware=FirmwareEndpoints(self.catalog),
             metrics=self.metrics,
             batches=self.batches,
             rescuer=self.rescuer,
@@ -266,7 +269,8 @@ class NetotaService(MultiService):
         return listener
 
     def _firmware_in_use(self) -> list[str]:
-        """The firmware file names queued and running jobs use (as the catalogue names them)."""
+        """The firmware file names queued and running jobs use (as the catalogue names them). The job
+        queue's state is the reactor's: the catalogue calls this on the reactor thread only."""
         return [os.path.normpath(name) for job in self.queue.active_jobs() for name in job["firmware_set"]]
 
     def _run_blocking(self, call: Callable[[], Any]) -> Deferred[Any]:

@@ -243,7 +243,7 @@ def test_upload_streams_the_file_in_chunks_with_its_length_and_honours_if_none_m
     firmware_dir = tmp_path / "fw"
     firmware_dir.mkdir()
     api = ControlResource()
-    api.add(FirmwareEndpoints(FirmwareCatalog(firmware_dir), maybeDeferred).routes())  # the catalogue's work inline
+    api.add(FirmwareEndpoints(FirmwareCatalog(firmware_dir, maybeDeferred)).routes())  # the catalogue's work inline
     recording = Recording(api)
     agent = RequestTraversalAgent(recording)
     clock = Clock()

@@ -38,7 +38,7 @@ def test_every_route_and_method_is_described():
         DeviceEndpoints(None, None),  # type: ignore[arg-type]
         JobEndpoints(None),  # type: ignore[arg-type]
         EventStreams(None, None, Clock(), 1),  # type: ignore[arg-type]
-        FirmwareEndpoints(None, None),  # type: ignore[arg-type]
+        FirmwareEndpoints(None),  # type: ignore[arg-type]
         BatchEndpoints(None, None, None, None, None),  # type: ignore[arg-type]
         OpenApiEndpoints(),
     ]

@@ -1,8 +1,9 @@
 """The firmware endpoints: ``GET /v1/firmware`` (the catalogue of ``firmware_dir``),
 ``GET /v1/firmware/NAME``, ``PUT /v1/firmware/NAME`` (upload) and ``DELETE /v1/firmware/NAME``.
 
-The catalogue's work (hashing, copying, fsync) blocks, so it runs through ``run_blocking`` (a thread
-in the daemon; inline in tests). An upload's body has arrived whole before the handler runs: the
+The catalogue's work (hashing, copying, fsync) blocks, so the catalogue runs it through its
+``run_blocking`` (a thread in the daemon), deciding on the reactor what a job could race (see
+:mod:`netota_daemon.daemon.firmware_catalog`). An upload's body has arrived whole before the handler runs: the
 control channel bounds it to :data:`MAX_UPLOAD` bytes as it arrives, and Twisted keeps a body that
 large in an anonymous temporary file on disk, never in memory; the catalogue then copies it into
 ``firmware_dir`` through a hidden temporary file that is fsynced and renamed.
@@ -10,16 +11,14 @@ large in an anonymous temporary file on disk, never in memory; the catalogue the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from twisted.internet.defer import Deferred
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from netota_daemon.control.errors import ApiError
 from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route
 from netota_daemon.daemon.firmware_catalog import CatalogError, FirmwareCatalog
 
-RunBlocking = Callable[[Callable[[], Any]], Deferred[Any]]
+T = TypeVar("T")
 
 #: What each refusal of the catalogue becomes: (HTTP status, error code).
 REFUSALS = {
@@ -45,9 +44,8 @@ def is_upload(method: bytes, path: bytes) -> bool:
 
 
 class FirmwareEndpoints:
-    def __init__(self, catalog: FirmwareCatalog, run_blocking: RunBlocking) -> None:
+    def __init__(self, catalog: FirmwareCatalog) -> None:
         self.catalog = catalog
-        self.run_blocking = run_blocking
 
     def routes(self) -> list[Route]:
         return [
@@ -55,21 +53,23 @@ class FirmwareEndpoints:
             Route(("firmware", "{name}"), {"GET": self.show, "PUT": self.upload, "DELETE": self.remove}),
         ]
 
-    async def _run(self, call: Callable[[], Any]) -> Any:
+    @staticmethod
+    async def _answer(work: Awaitable[T]) -> T:
+        """What the catalogue answers; its refusal as the API's error."""
         try:
-            return await self.run_blocking(call)
+            return await work
         except CatalogError as e:
             raise refusal(e) from None
 
     async def list(self, request: ApiRequest) -> Answer:
         request.query(())
-        items = await self._run(self.catalog.list)
+        items = await self._answer(self.catalog.list())
         return Answer({"firmware": [item.to_json() for item in items]})
 
     async def show(self, request: ApiRequest) -> Answer:
         request.query(())
         name = request.params["name"]
-        item = await self._run(lambda: self.catalog.get(name))
+        item = await self._answer(self.catalog.get(name))
         return Answer({"firmware": item.to_json()})
 
     async def upload(self, request: ApiRequest) -> Answer:
@@ -81,11 +81,11 @@ class FirmwareEndpoints:
         body.seek(0)
         # ``If-None-Match: *`` (RFC 9110 13.1.2): store only if no image has that name yet.
         replace = (request.request.getHeader(b"if-none-match") or b"").strip() != b"*"
-        item = await self._run(lambda: self.catalog.add(name, body, replace=replace))
+        item = await self._answer(self.catalog.add(name, body, replace=replace))
         return Answer({"firmware": item.to_json()}, 201, {"location": f"/{API_PREFIX}/firmware/{name}"})
 
     async def remove(self, request: ApiRequest) -> Answer:
         request.query(())
         name = request.params["name"]
-        item = await self._run(lambda: self.catalog.remove(name))
+        item = await self._answer(self.catalog.remove(name))
         return Answer({"removed": item.to_json()})
