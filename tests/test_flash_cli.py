@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 
 from netota_daemon.cli.exit_codes import EXIT_USAGE
-from netota_daemon.cli.flash import flash
+from netota_daemon.cli.flash import flash, run_flash_command
 from netota_daemon.cli.main import build_parser
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
@@ -263,38 +263,71 @@ def test_help_documents_the_exit_codes(capsys):
         assert line in text
 
 
-def test_flash_command_opens_the_firmware_once(tmp_path, monkeypatch):
-    """The command checks the arguments before the reactor starts and runs the job with what that
-    check opened: the image is read once, and the job flashes exactly what was checked."""
-    from twisted.internet import task
+class Command:
+    """``run_flash_command``'s hooks, recording: the log started, the reactor run (``main`` given a
+    stand-in reactor; it ends with SystemExit(code), as under ``task.react``), the job run with what
+    was checked. ``before_reactor`` runs just before the reactor would start."""
 
-    import netota_daemon.cli.flash as flash_module
+    def __init__(self, code: int = 0, before_reactor: Any = None) -> None:
+        self.code = code
+        self.before_reactor = before_reactor
+        self.calls: list[str] = []
+        self.prepared: Any = None
 
-    image = make_image(tmp_path / "update.ufw", "2.0.0", 1000)
-    opened: list[Any] = []
-    real_open = flash_module.open_image
-    monkeypatch.setattr(flash_module, "open_image", lambda path: opened.append(path) or real_open(path))
-    seen: dict[str, Any] = {}
+    def begin_logging(self, args: Any) -> None:
+        self.calls.append("logging")
 
-    async def fake_flash(reactor: Any, args: Any, on_job: Any = None, prepared: Any = None, **_: Any) -> int:
-        seen["prepared"] = prepared
-        return 0
-
-    def fake_react(main: Any) -> None:
+    def react(self, main: Any) -> None:
+        self.calls.append("reactor")
+        if self.before_reactor is not None:
+            self.before_reactor()
         failures: list[Any] = []
         main(object()).addErrback(failures.append)
-        raise failures[0].value  # main ends with SystemExit(code)
+        raise failures[0].value
 
-    monkeypatch.setattr(flash_module, "flash", fake_flash)
-    monkeypatch.setattr(flash_module, "_start_logging", lambda args: None)
-    monkeypatch.setattr(task, "react", fake_react)
-    args = build_parser().parse_args(["flash", str(image), "--host", "127.0.0.1"])
+    async def run_job(self, reactor: Any, args: Any, on_job: Any = None, prepared: Any = None) -> int:
+        self.calls.append("job")
+        self.prepared = prepared
+        return self.code
+
+    def __call__(self, argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
+        return run_flash_command(args, begin_logging=self.begin_logging, react=self.react, run_job=self.run_job)
+
+
+def test_flash_command_opens_the_firmware_once_before_the_reactor_starts(tmp_path):
+    """The command checks the arguments before the reactor starts and runs the job with what that
+    check opened: the file is read once, so the job flashes exactly what was checked, even if the
+    file changes on disk afterwards."""
+    image = Path(make_image(tmp_path / "update.ufw", "2.0.0", 1000))
+    checked = image.read_bytes()
+    command = Command(code=3, before_reactor=lambda: image.write_bytes(b"another image entirely"))
     with pytest.raises(SystemExit) as exit_info:
-        flash_module.run_flash_command(args)
-    assert exit_info.value.code == 0
-    assert opened == [str(image)]
-    target, prepared_image, _, _ = seen["prepared"]
-    assert target.host == "127.0.0.1" and prepared_image.path == Path(image)
+        command(["flash", str(image), "--host", "127.0.0.1"])
+    assert exit_info.value.code == 3  # the job's code
+    assert command.calls == ["logging", "reactor", "job"]
+    target, prepared_image, _, _ = command.prepared
+    assert target.host == "127.0.0.1" and prepared_image.path == image
+    assert bytes(prepared_image.read(0, prepared_image.size)) == checked
+
+
+def test_bad_arguments_end_the_command_before_the_log_or_the_reactor_start(tmp_path, capsys):
+    command = Command()
+    assert command(["flash", str(tmp_path / "missing.ufw"), "--host", "127.0.0.1"]) == EXIT_USAGE
+    assert command.calls == []
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_log_file_that_cannot_be_opened_ends_the_command_before_the_reactor_starts(tmp_path, capsys):
+    """The real log start: a --log-file in no directory is one clear line and exit 64."""
+    image = make_image(tmp_path / "update.ufw", "2.0.0", 1000)
+    command = Command()
+    args = build_parser().parse_args(
+        ["flash", str(image), "--host", "127.0.0.1", "--log-file", str(tmp_path / "no" / "flash.log")]
+    )
+    assert run_flash_command(args, react=command.react, run_job=command.run_job) == EXIT_USAGE
+    assert command.calls == []
+    assert capsys.readouterr().err.startswith("netota flash: error: can't open the log file ")
 
 
 @pytest.mark.parametrize(

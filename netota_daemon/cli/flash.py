@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from twisted.internet import defer
@@ -285,7 +286,7 @@ async def flash(
     return code
 
 
-def _start_logging(args: argparse.Namespace) -> None:
+def start_logging(args: argparse.Namespace) -> None:
     """Engine log to stderr (errors only, or every step with --verbose) and, with --log-file, every
     event as JSON lines. Raises :class:`UsageError` when the log file can't be opened."""
     observers: list[ILogObserver] = []
@@ -302,13 +303,29 @@ def _start_logging(args: argparse.Namespace) -> None:
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
 
-def run_flash_command(args: argparse.Namespace) -> int:
-    """The ``netota flash`` entry point: runs the reactor until the job ends, then exits."""
-    from twisted.internet import task
+#: Runs the reactor with ``main(reactor)`` until its Deferred ends, then exits: ``task.react``.
+ReactorRunner = Callable[[Callable[[Any], defer.Deferred[None]]], object]
+#: Runs one flash job: :func:`flash`.
+FlashRunner = Callable[..., Awaitable[int]]
 
+
+def run_flash_command(
+    args: argparse.Namespace,
+    *,
+    begin_logging: Callable[[argparse.Namespace], None] = start_logging,
+    react: ReactorRunner | None = None,
+    run_job: FlashRunner = flash,
+) -> int:
+    """The ``netota flash`` entry point: checks the arguments and opens the firmware, starts the
+    log (``begin_logging``), then runs the reactor (``react``, default ``task.react``) until the job
+    (``run_job``, given what was checked) ends, and exits with its code."""
+    if react is None:
+        from twisted.internet import task
+
+        react = task.react
     try:
         prepared = prepare(args)  # fail on bad arguments before the reactor starts
-        _start_logging(args)
+        begin_logging(args)
     except UsageError as e:
         sys.stderr.write(f"netota flash: error: {e}\n")
         return EXIT_USAGE
@@ -327,11 +344,11 @@ def run_flash_command(args: argparse.Namespace) -> int:
 
     async def main(reactor: Any) -> None:
         try:
-            code = await flash(reactor, args, on_job=lambda job: hook_signals(reactor, job), prepared=prepared)
+            code = await run_job(reactor, args, on_job=lambda job: hook_signals(reactor, job), prepared=prepared)
         except BrokenPipeError:  # whoever read stdout went away (| head): end quietly
             silence_stdout()
             code = EXIT_BROKEN_PIPE
         raise SystemExit(code)
 
-    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    react(lambda reactor: defer.ensureDeferred(main(reactor)))
     return 0  # not reached: react exits
