@@ -499,6 +499,26 @@ def test_a_refusal_is_its_message_and_resume_force_sends_force(capsys):
     assert capsys.readouterr().out.splitlines()[0] == "job j1 resumed as job j2"
 
 
+def test_a_job_that_ended_before_the_clients_stream_opened_is_not_missed(capsys):
+    """The daemon snapshots a job as its stream opens: a job that ended before (a fast one) gives a
+    stream of its final snapshot alone, and the client takes its end from it, alone or among
+    several, with no outcome event."""
+    answers: dict = {("POST", "/v1/jobs"): lambda body: {"job": job(f"j-{body['device']}", body["device"])}}
+    streams = {}
+    for device, kind in (("a", "failed"), ("b", "succeeded")):
+        final = job(f"j-{device}", device, state="finished", kind=kind, message=f"{kind}: {device}")
+        answers[("GET", f"/v1/jobs/j-{device}")] = {"job": final}
+        streams[f"/v1/jobs/j-{device}/events"] = [("job", {"type": "job", "job": f"j-{device}", "snapshot": final})]
+    assert run(FakeControl(answers, streams), "upgrade", "a", "v2.bin", "--wait") == 1
+    assert capsys.readouterr().out.splitlines()[0] == "job j-a on a: failed: a"
+    assert run(FakeControl(answers, streams), "upgrade", "b", "a", "v2.bin", "--wait") == 1
+    rows = [line.split(None, 4) for line in capsys.readouterr().out.splitlines()]
+    assert rows[1:] == [
+        ["b", "j-b", "finished", "succeeded", "succeeded: b"],
+        ["a", "j-a", "finished", "failed", "failed: a"],
+    ]
+
+
 def test_a_batch_exits_with_the_first_bad_devices_code_and_names_refusals(capsys):
     answers = {}
 
@@ -675,11 +695,20 @@ async def test_ctrl_c_while_waiting_leaves_the_job_running_and_exits_130(tmp_pat
 
 @pytest_twisted.ensureDeferred
 async def test_upgrade_all_waits_for_every_device_and_prints_a_summary(tmp_path, reactor):
-    service = make_service(tmp_path, reactor, AutoJobFactory(step=0.002), max_parallel=2)
+    factory = AutoJobFactory(step=0.002)
+    service = make_service(tmp_path, reactor, factory, max_parallel=2)
     service.privilegedStartService()
     service.startService()
+    # The fake jobs play only once the client follows all three (EventStreams.opened): fast as they
+    # are, they would otherwise be past phase 1, or over, before its streams open, and there would
+    # be no progress of theirs to see (their ends it would still see, in the streams' snapshots).
+    following = streams_opened(service, 3, reactor)
+    play = factory.on_run
+    assert play is not None
+    factory.on_run = lambda job: following.addCallback(lambda _: play(job))
     try:
         code, out, err = await run_netota(reactor, control_of(service), "upgrade", "--all", "v2.bin", "--wait")
+        await following  # the client followed all three jobs
         assert code == 0, err
         lines = out.splitlines()
         assert lines[0].split() == ["DEVICE", "JOB", "STATE", "OUTCOME", "MESSAGE"]
