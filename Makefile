@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.netota-installed
+# What the installed package is built from: a change to any of them reinstalls it, so the venv's
+# `netota` and `twistd netota` (which import the installed copy, not this tree) are never stale.
+SOURCES = setup.cfg pyproject.toml $(shell find netota_daemon twisted -type f -not -path '*/__pycache__/*' -not -name '*.pyc')
 PYTEST_ARGS ?=
 
 .PHONY: test test-api lint demo rack-demo install benchmark clean
@@ -13,9 +16,8 @@ TYPED = netota_daemon tools
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q --upgrade pip; }
 	$(BIN)/python -m pip install -q '.[test]'
 	# Regenerate Twisted's plugin cache so `twistd --help` lists netota.
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
