@@ -150,7 +150,7 @@ class DaemonMetrics:
         )
         self.receive_timeouts = Counter(
             "netota_ota_receive_timeouts_total",
-            "OTA streams ended because the device sent no request for too long.",
+            "Receive timeouts of OTA streams: waits of timeouts.receive seconds in which the device sent no request.",
             ["device", "phase"],
             registry=r,
         )
