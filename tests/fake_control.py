@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from netota_daemon.cli.client import run_command
 from netota_daemon.cli.main import build_parser
+from netota_daemon.cli.runner import run_command
 
 Answer = dict[str, Any] | BaseException | Callable[[Any], dict[str, Any]]
 Script = list[tuple[str, dict[str, Any]] | BaseException]

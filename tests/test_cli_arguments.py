@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -35,3 +36,56 @@ def test_good_values_are_converted():
     assert arguments.tcp_port(allow_zero=True)("0") == 0
     assert arguments.tcp_port()("3333") == 3333
     assert arguments.whole_number(0)("0") == 0
+
+
+def choices(words: tuple[str, ...], capsys) -> list[str]:
+    """The subcommands of ``netota WORDS``, from the error argparse gives for an unknown one."""
+    from netota_daemon.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*words, "no-such-command"])
+    error = capsys.readouterr().err
+    if "invalid choice" not in error:
+        return []  # no subcommands: the word was taken as an argument
+    return re.findall(r"'([a-z-]+)'", error.split("choose from", 1)[1])
+
+
+def subcommand_paths(capsys, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every ``netota`` subcommand, as its words (``("batch", "start")``)."""
+    paths = []
+    for name in choices(prefix, capsys):
+        paths.append((*prefix, name))
+        if name in ("batch", "firmware"):
+            paths += subcommand_paths(capsys, (*prefix, name))
+    return paths
+
+
+def help_text(words: tuple[str, ...], capsys) -> str:
+    from netota_daemon.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*words, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_commands_help_fits_80_columns(monkeypatch, capsys):
+    columns = 80
+    monkeypatch.setenv("COLUMNS", str(columns))
+    paths = subcommand_paths(capsys)
+    assert ("batch", "start") in paths and ("firmware", "add") in paths and ("flash",) in paths
+    for words in paths:
+        text = help_text(words, capsys)
+        long = [line for line in text.splitlines() if len(line) > columns]
+        assert long == [], f"netota {' '.join(words)} --help at {columns} columns"
+
+
+def test_a_wrapped_epilog_keeps_every_word_and_the_exit_code_list(monkeypatch, capsys):
+    from netota_daemon.cli.flash import EPILOG
+
+    monkeypatch.setenv("COLUMNS", "80")
+    text = help_text(("flash",), capsys)
+    assert " ".join(EPILOG.split()) in " ".join(text.split())
+    # The list keeps one item per code, each continued under its text.
+    lines = text.splitlines()
+    first = lines.index("  64  bad arguments (missing, empty, unreadable or over-4-GiB firmware,")
+    assert lines[first + 1].startswith("      unknown interface")

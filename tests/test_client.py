@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import time
 
 import pytest
@@ -351,6 +352,27 @@ def test_jobs_has_a_time_column_and_one_spelling_for_phases_and_booleans(capsys,
     ]
     assert re.match(r"j2 +\d\d:\d\d:\d\d +a +v2\.bin +running +phase 2 +40\.0% +- +no$", newer)
     assert re.match(r"j1 +2025-06-15 15:06 +a +v2\.bin +interrupted +phase 1 +- +interrupted +yes$", older)
+
+
+def test_jobs_pages_with_the_cursor_the_daemon_gave(capsys):
+    """A page with older jobs ends with the command that shows them (the same filters, quoted for a
+    shell, and the daemon's cursor); the last page has no such line. The query is URL-encoded."""
+    client = FakeControl(
+        answers={
+            ("GET", "/v1/jobs?device=shelf+1&limit=1"): {"jobs": [job("j2", "shelf 1")], "next_cursor": "1843"},
+            ("GET", "/v1/jobs?device=shelf+1&limit=1&cursor=1843"): {
+                "jobs": [job("j1", "shelf 1")],
+                "next_cursor": None,
+            },
+        }
+    )
+    assert run(client, "jobs", "--device", "shelf 1", "--limit", "1") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[0] == "j2"
+    assert lines[-1] == "older jobs: netota jobs --device 'shelf 1' --limit 1 --cursor 1843"
+    assert run(client, *shlex.split(lines[-1].split(": ", 1)[1])[1:]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["JOB", "j1"]
 
 
 def test_show_prints_human_times_and_durations(capsys, monkeypatch):
@@ -717,6 +739,31 @@ async def test_upgrade_all_waits_for_every_device_and_prints_a_summary(tmp_path,
         # Progress of each device, prefixed with its name, on plain timestamped lines.
         assert re.search(r"^\d\d:\d\d:\d\d a: phase 1  ", err, re.M) and re.search(r"^\S+ c: phase 2  ", err, re.M)
         assert {j["state"] for j in await service.queue.jobs()} == {"finished"}
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_pages_through_a_daemons_journal(tmp_path, reactor):
+    """Three jobs in the daemon's journal, two to a page: the newest two, then the line whose command
+    shows the oldest one, then no further line."""
+    service = make_service(tmp_path, reactor, AutoJobFactory(step=0.002))
+    service.privilegedStartService()
+    service.startService()
+    try:
+        control = control_of(service)
+        for device in ("a", "b", "c"):
+            code, out, err = await run_netota(reactor, control, "upgrade", device, "v2.bin", "--wait")
+            assert code == 0, err
+        ids = [j["id"] for j in sorted(await service.queue.jobs(), key=lambda j: j["created"], reverse=True)]
+        code, out, err = await run_netota(reactor, control, "jobs", "--limit", "2")
+        assert code == 0, err
+        lines = out.splitlines()
+        assert [line.split()[0] for line in lines[1:3]] == ids[:2]
+        assert lines[3].startswith("older jobs: netota jobs --limit 2 --cursor ")
+        code, out, err = await run_netota(reactor, control, *shlex.split(lines[3].split(": ", 1)[1])[1:])
+        assert code == 0, err
+        assert [line.split()[0] for line in out.splitlines()] == ["JOB", ids[2]]
     finally:
         await service.stopService()
 

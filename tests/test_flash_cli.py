@@ -19,8 +19,9 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 
 from netota_daemon.cli.exit_codes import EXIT_USAGE
-from netota_daemon.cli.flash import flash, run_flash_command
+from netota_daemon.cli.flash import abort_line, flash, run_flash_command
 from netota_daemon.cli.main import build_parser
+from netota_daemon.engine.outcome import Phase, phase_label
 from netota_daemon.sim.device import SimulatedDevice
 from netota_daemon.sim.image import make_image
 from tests.conftest import PYTHON, subprocess_env
@@ -251,6 +252,7 @@ def test_help_documents_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["flash", "--help"])
     text = capsys.readouterr().out
+    flowing = " ".join(text.split())  # the epilog is filled to the terminal's width
     for line in (
         "0   succeeded",
         "1   failed",
@@ -258,9 +260,9 @@ def test_help_documents_the_exit_codes(capsys):
         "3   already current",
         "4   aborted",
         "64  bad arguments",
-        "an image of the other kind for this device's build (not applicable): nothing was sent",
     ):
         assert line in text
+    assert "an image of the other kind for this device's build (not applicable): nothing was sent" in flowing
 
 
 class Command:
@@ -374,3 +376,30 @@ async def test_junit_report_of_a_flash(reactor, tmp_path):
     assert "advice: " in failure.text
     d, out, err = run_flash_in_process(reactor, flash_args(device, image, "--junit", str(tmp_path / "no" / "r.xml")))
     assert await d == 64 and "no such directory" in err.getvalue()
+
+
+def test_bad_arguments_with_json_give_one_json_error_too(tmp_path, capsys):
+    """A script reading --json gets an object for a refused argument as well: its message and 64."""
+    command = Command()
+    assert command(["flash", str(tmp_path / "missing.ufw"), "--host", "127.0.0.1", "--json"]) == EXIT_USAGE
+    assert command.calls == []
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["error"] == "bad_argument" and answer["exit_code"] == EXIT_USAGE
+    assert "does not exist" in answer["message"] and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "phase,what",
+    [
+        (Phase.DETECT, "nothing more is sent to the device"),
+        (Phase.PHASE1, "STOP to the device's stream if one is open"),
+        (Phase.REBOOT, "nothing more is sent to the device"),
+        (Phase.PHASE2, "STOP to the device's stream if one is open"),
+        (Phase.UPLOAD, "the upload's data connection is reset, not closed"),
+        (Phase.VERIFY, "nothing more is sent to the device"),
+    ],
+)
+def test_a_signal_says_what_the_abort_does_in_each_phase(phase, what):
+    line = abort_line("Ctrl-C", phase)
+    assert line.startswith(f"Ctrl-C: aborting in {phase_label(phase)} (") and what in line

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import textwrap
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -58,3 +60,46 @@ def tcp_port(allow_zero: bool = False) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+class WrappingHelpFormatter(argparse.HelpFormatter):
+    """Help whose description and epilog are filled to the terminal's width (argparse's own width:
+    ``$COLUMNS``, else the terminal's, less 2) paragraph by paragraph, as argparse fills an
+    option's help, but keeping their layout: blank lines between paragraphs stay, and an indented
+    paragraph is a list whose items (the lines at its least indentation, each with the deeper lines
+    after it) are filled one by one, their continuation lines indented as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = [p for p in re.split(r"\n[ \t]*\n", text.strip("\n")) if p.strip()]
+        return "\n\n".join(_fill_paragraph(p.splitlines(), width, indent) for p in paragraphs) + "\n"
+
+
+def _indent_of(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _fill_paragraph(lines: list[str], width: int, indent: str) -> str:
+    if not any(_indent_of(line) for line in lines):  # prose
+        return _fill(" ".join(lines), width, indent, indent)
+    least = min(len(_indent_of(line)) for line in lines)
+    items: list[list[str]] = []
+    for line in lines:
+        if not items or len(_indent_of(line)) == least:
+            items.append([line])
+        else:
+            items[-1].append(line)
+    filled = []
+    for item in items:
+        lead = _indent_of(item[0])
+        after = _indent_of(item[1]) if len(item) > 1 else lead + "    "
+        text = " ".join(line.strip() for line in item)
+        filled.append(_fill(text, width, indent + lead, indent + after))
+    return "\n".join(filled)
+
+
+def _fill(text: str, width: int, first: str, rest: str) -> str:
+    """``text`` filled to ``width``, broken only at spaces: an option (``--no-color``) or a path
+    stays whole."""
+    return textwrap.fill(
+        text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False, break_long_words=False
+    )

@@ -18,11 +18,12 @@ import sys
 from typing import Any
 
 from netota_daemon.cli import arguments
-from netota_daemon.cli.client import DaemonStopped, _board, _common, _parse_options, _run
+from netota_daemon.cli.client import DaemonStopped, board_for, follow_quietly, older_hint, page_query, parse_options
 from netota_daemon.cli.control_client import ApiRefused, DaemonUnavailable, event_from_json
 from netota_daemon.cli.exit_codes import EXIT_CANT_CREATE, EXIT_UNAVAILABLE, exit_code
 from netota_daemon.cli.junit import JUnitError, case_from_member, check_junit_path, write_junit
 from netota_daemon.cli.output import print_json
+from netota_daemon.cli.runner import add_common_options, command_runner
 from netota_daemon.cli.text import dash, format_elapsed, format_time, kind_label, outcome_text, table
 from netota_daemon.engine.outcome import OutcomeKind
 
@@ -156,7 +157,7 @@ async def follow_batch(client: Any, batch: dict[str, Any], args: argparse.Namesp
     """Follow ``batch`` to its end on its event stream, a line per device on stderr; the ended
     batch. :class:`DaemonUnavailable` when the daemon goes away first."""
     batch_id = batch["id"]
-    board = None if args.json else _board(client, args, sys.stderr)
+    board = None if args.json else board_for(client, args, sys.stderr)
     final: dict[str, Any] = dict(batch)
     shutdown: list[bool] = []
     device_of_job: dict[str, str] = {}
@@ -295,7 +296,7 @@ def start_body(args: argparse.Namespace) -> dict[str, Any]:
         policy["resume_interrupted"] = False
     if policy:
         body["policy"] = policy
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     if options:
         body["options"] = options
     return body
@@ -349,8 +350,7 @@ async def cmd_batch_cancel(client: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_batches(client: Any, args: argparse.Namespace) -> int:
-    query = f"?limit={args.limit}" if args.limit is not None else ""
-    answer = await client.request("GET", f"/v1/batches{query}")
+    answer = await client.request("GET", "/v1/batches" + page_query(limit=args.limit, cursor=args.cursor))
     if args.json:
         print_json(answer)
         return 0
@@ -369,8 +369,9 @@ async def cmd_batches(client: Any, args: argparse.Namespace) -> int:
             ]
         )
     print(table(rows, ["BATCH", "CREATED", "FIRMWARE", "DEVICES", "STATE", "RESULT", "MEMBERS"]))
-    if answer.get("next_cursor"):
-        print("(older batches: netota batches --limit N shows more)")
+    hint = older_hint("batches", "netota batches", answer.get("next_cursor"), limit=args.limit)
+    if hint:
+        print(hint)
     return 0
 
 
@@ -385,13 +386,11 @@ async def cmd_rescue(client: Any, args: argparse.Namespace) -> int:
     code = 0
     jobs: dict[str, dict[str, Any]] = {}
     if args.wait and any(p.get("started") for p in plans):
-        from netota_daemon.cli.client import _follow_quietly
-
-        board = None if args.json else _board(client, args, sys.stderr)
+        board = None if args.json else board_for(client, args, sys.stderr)
         try:
             for plan in plans:
                 if plan.get("started"):
-                    jobs[plan["device"]] = await _follow_quietly(
+                    jobs[plan["device"]] = await follow_quietly(
                         client, {"id": plan["started"], "device": plan["device"]}, board
                     )
         finally:
@@ -422,32 +421,51 @@ async def cmd_rescue(client: Any, args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- arguments
 
-EPILOG = """\
+CONTROL_TEXT = """\
 The control address is --control, else $NETOTA_CONTROL, else unix:/run/netota/control.sock;
 a bearer token comes from --token or $NETOTA_TOKEN.
+"""
 
+EPILOG = (
+    CONTROL_TEXT
+    + """
 Exit codes of batch start --wait and batch watch: 0 every device succeeded (or was skipped as
 already current); else that of the first device, in the batch's order, that did not: its job's
 outcome (1 failed, 2 unverified, 4 aborted, 64 an image of the other kind), 1 refused at pre-flight
 or skipped after a failure, 4 skipped because the batch was cancelled. 64 bad arguments or a
 request refused as bad, 69 the daemon went away before the batch ended (it carries the batch on
 after a restart), 75 busy (a device in another unfinished batch) or not cancellable (409).
-rescue: 0 nothing is left in a loader that netota could not take on; 1 a device needs an image
-named (--firmware) or a rescue job failed (with --wait, its outcome's code).
 """
+)
+
+RESCUE_EPILOG = (
+    CONTROL_TEXT
+    + """
+Each device is probed (its description document only); one found in its phase-2 loader is
+finished: the job that left it there is resumed, else phase 2 runs with --firmware. Devices not in
+a loader, busy or unreachable are left alone and listed with the reason.
+
+Exit codes: 0 nothing is left in a loader that netota could not take on (with --wait: every rescue
+job succeeded); 1 a device needs an image named (--firmware) or a rescue job failed (with --wait,
+its outcome's code: 2 unverified, 4 aborted); 64 bad arguments or an unknown device; 69 the daemon
+can't be reached or went away.
+"""
+)
 
 
 def add_parser(subparsers: Any) -> None:
-    def sub(parent: Any, name: str, help_text: str, command: Any, draws: bool = False) -> argparse.ArgumentParser:
+    def sub(
+        parent: Any, name: str, help_text: str, command: Any, draws: bool = False, epilog: str = EPILOG
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=epilog,
+            formatter_class=arguments.WrappingHelpFormatter,
         )
-        _common(p, draws)
-        p.set_defaults(func=_run(command), command=command)
+        add_common_options(p, draws)
+        p.set_defaults(func=command_runner(command), command=command)
         return p
 
     batch = subparsers.add_parser(
@@ -455,7 +473,7 @@ def add_parser(subparsers: Any) -> None:
         help="Roll a firmware out to several devices as one batch: canary, failure threshold, pre-flight, skip-current.",
         description="Batches: one firmware for a set of devices, under a policy, journaled by the daemon.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=arguments.WrappingHelpFormatter,
     )
     commands = batch.add_subparsers(dest="batch_command", metavar="COMMAND", required=True)
 
@@ -466,7 +484,7 @@ def add_parser(subparsers: Any) -> None:
         cmd_batch_start,
         draws=True,
     )
-    p.usage = "netota batch start [options] FIRMWARE (--all | --tag TAG | DEVICE [DEVICE ...])"
+    p.usage = "netota batch start [options] FIRMWARE (--all | --tag TAG | DEVICE ...)"
     p.add_argument("firmware", metavar="FIRMWARE")
     p.add_argument("devices", nargs="*", metavar="DEVICE")
     p.add_argument("--all", action="store_true", help="every configured device")
@@ -520,7 +538,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--reason", help="recorded with the batch")
 
     p = sub(subparsers, "batches", "List batches, newest first.", cmd_batches)
-    p.add_argument("--limit", type=arguments.whole_number(1), help="at most this many (default: the daemon's page)")
+    p.add_argument(
+        "--limit", type=arguments.whole_number(1), help="at most this many (1 to 1000; default: the daemon's page, 50)"
+    )
+    p.add_argument("--cursor", help="the page after the one that printed it (its last line: older batches: ...)")
 
     p = sub(
         subparsers,
@@ -528,6 +549,7 @@ def add_parser(subparsers: Any) -> None:
         "Finish devices left waiting in their phase-2 loader: resume the job that left each there, or phase 2 with its image.",
         cmd_rescue,
         draws=True,
+        epilog=RESCUE_EPILOG,
     )
     p.add_argument("devices", nargs="*", metavar="DEVICE", help="only these devices (default: all)")
     p.add_argument("--firmware", metavar="FILE", help="the image to finish with, when the journal knows none")

@@ -14,34 +14,32 @@ when it follows several); values are written as :mod:`netota_daemon.cli.text` sp
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import urllib.parse
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 
+from netota_daemon.cli import arguments
 from netota_daemon.cli.control_client import (
     ApiRefused,
-    ControlClient,
     DaemonUnavailable,
     event_from_json,
     progress_from_json,
 )
 from netota_daemon.cli.exit_codes import (
-    EXIT_BROKEN_PIPE,
     EXIT_CANT_CREATE,
-    EXIT_INTERRUPTED,
-    EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
-    EXIT_USAGE,
     exit_code,
 )
 from netota_daemon.cli.junit import CaseResult, JUnitError, case_from_job, check_junit_path, write_junit
-from netota_daemon.cli.output import print_json, silence_stdout
+from netota_daemon.cli.output import print_json
 from netota_daemon.cli.progress import DeviceBoard, ProgressRenderer, colour_wanted
+from netota_daemon.cli.runner import Command, add_common_options, command_runner, refusal_text
 from netota_daemon.cli.text import (
     dash,
     format_bytes,
@@ -58,9 +56,7 @@ from netota_daemon.cli.text import (
 from netota_daemon.engine.events import Finished, PhaseChanged
 from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase
 
-DEFAULT_CONTROL = "unix:/run/netota/control.sock"
 ACTIVE_STATES = ("queued", "running", "cancelling")
-Command = Callable[[Any, argparse.Namespace], Awaitable[int]]
 
 
 # ---------------------------------------------------------------- how a job is told
@@ -123,11 +119,6 @@ def _job_exit_code(job: dict[str, Any], strict: bool = False) -> int:
     return exit_code(OutcomeKind(outcome["kind"]), strict=strict)
 
 
-def refusal_text(error: ApiRefused) -> str:
-    """A refusal as a person reads it: the daemon's message, then its code (for scripts and searches)."""
-    return f"{error.message} ({error.code})" if error.code and error.code not in error.message else error.message
-
-
 def _queued_text(position: Any) -> str:
     return f"queued at position {position}" if position else "queued"
 
@@ -171,7 +162,7 @@ def _renderer(client: Any, args: argparse.Namespace) -> ProgressRenderer:
     )
 
 
-def _board(client: Any, args: argparse.Namespace, out: Any) -> DeviceBoard:
+def board_for(client: Any, args: argparse.Namespace, out: Any) -> DeviceBoard:
     return DeviceBoard(out, colour=colour_wanted(out, getattr(args, "no_color", False)), reactor=client.reactor)
 
 
@@ -256,7 +247,7 @@ async def _follow_job(
     return _job_exit_code(job, strict=getattr(args, "strict", False))
 
 
-async def _follow_quietly(client: Any, job: dict[str, Any], board: DeviceBoard | None) -> dict[str, Any]:
+async def follow_quietly(client: Any, job: dict[str, Any], board: DeviceBoard | None) -> dict[str, Any]:
     """Follow one job of a batch to its end (its progress on ``board``); its final state. Raises
     :class:`DaemonUnavailable` when the daemon goes away before the job's end is known."""
     job_id, device = job["id"], job["device"]
@@ -354,7 +345,7 @@ async def cmd_devices(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
+def parse_options(pairs: list[str]) -> dict[str, Any]:
     import json
 
     options: dict[str, Any] = {}
@@ -382,7 +373,7 @@ async def cmd_upgrade(client: Any, args: argparse.Namespace) -> int:
         devices = list(dict.fromkeys(args.targets[:-1]))  # a device named twice gets one job
     also = list(dict.fromkeys(getattr(args, "also", None) or []))
     firmware: str | list[str] = [args.targets[-1], *also] if also else args.targets[-1]
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     if args.junit:
         if not args.wait:
             raise ValueError("--junit needs --wait (the report is written when the jobs end)")
@@ -441,11 +432,11 @@ async def _upgrade_many(
             refused[device] = e
             sys.stderr.write(f"netota: {device}: {refusal_text(e)}\n")
     if args.wait and jobs:
-        board = None if args.json else _board(client, args, sys.stderr)
+        board = None if args.json else board_for(client, args, sys.stderr)
 
         async def follow(device: str) -> None:
             try:
-                jobs[device] = await _follow_quietly(client, jobs[device], board)
+                jobs[device] = await follow_quietly(client, jobs[device], board)
             except DaemonUnavailable as e:
                 lost[device] = e
             except ApiRefused as e:  # e.g. 503 from a daemon that stopped between two requests
@@ -513,13 +504,28 @@ async def _upgrade_many(
     return code
 
 
+def page_query(**fields: Any) -> str:
+    """A list request's query (``?device=a%20b&limit=5``): the fields given, encoded; "" for none."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    return "?" + urllib.parse.urlencode(given) if given else ""
+
+
+def older_hint(what: str, command: str, next_cursor: Any, **options: Any) -> str | None:
+    """The line after a page of a list that has older entries: the command that shows the next page
+    (the same ``options``, and ``--cursor``); None on the last page."""
+    if not next_cursor:
+        return None
+    words = [command]
+    for name, value in options.items():
+        if value is not None:
+            words += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+    return f"older {what}: {' '.join(words)} --cursor {next_cursor}"
+
+
 async def cmd_jobs(client: Any, args: argparse.Namespace) -> int:
-    query = []
-    if args.device:
-        query.append(f"device={args.device}")
-    if args.limit is not None:  # 0 too: the daemon refuses it, rather than listing everything
-        query.append(f"limit={args.limit}")
-    answer = await client.request("GET", "/v1/jobs" + ("?" + "&".join(query) if query else ""))
+    # --limit 0 too is sent: the daemon refuses it, rather than listing everything
+    query = page_query(device=args.device, limit=args.limit, cursor=args.cursor)
+    answer = await client.request("GET", "/v1/jobs" + query)
     if args.json:
         print_json(answer)
         return 0
@@ -546,6 +552,9 @@ async def cmd_jobs(client: Any, args: argparse.Namespace) -> int:
         )
     headers = ["JOB", "CREATED", "DEVICE", "FIRMWARE", "STATE", "PHASE", "PERCENT", "OUTCOME", "RESUMABLE"]
     print(table(rows, headers))
+    hint = older_hint("jobs", "netota jobs", answer.get("next_cursor"), device=args.device, limit=args.limit)
+    if hint:
+        print(hint)
     return 0
 
 
@@ -611,7 +620,7 @@ async def cmd_watch(client: Any, args: argparse.Namespace) -> int:
     if args.job:
         args.events_json = args.json  # with --json: each event as a JSON line, then the final job
         return await _follow_job(client, args.job, args)
-    board = _board(client, args, sys.stdout)
+    board = board_for(client, args, sys.stdout)
 
     def on_event(event_type: str, data: dict[str, Any]) -> bool:
         if args.json:
@@ -679,70 +688,6 @@ async def cmd_resume(client: Any, args: argparse.Namespace) -> int:
     return await _follow_job(client, job["id"], args)
 
 
-# ---------------------------------------------------------------- running a command
-
-
-async def run_command(command: Command, client: Any, args: argparse.Namespace, stopping: list[bool]) -> int | None:
-    """``command``'s exit code, every error it can end with turned into one plain line on stderr and
-    its code; None when our own shutdown (Ctrl-C) ended it (``stopping`` is set)."""
-    try:
-        return await command(client, args)
-    except BrokenPipeError:
-        silence_stdout()  # whoever read stdout stopped (| head): end quietly
-        return EXIT_BROKEN_PIPE
-    except DaemonUnavailable as e:
-        if stopping:
-            return None  # our own shutdown (Ctrl-C) closed the connection, not the daemon
-        sys.stderr.write(f"netota: {e}\n")
-        return EXIT_UNAVAILABLE
-    except ApiRefused as e:
-        sys.stderr.write(f"netota: {refusal_text(e)}\n")
-        return e.exit_code
-    except ValueError as e:
-        sys.stderr.write(f"netota: {e}\n")
-        return EXIT_USAGE
-    except Exception:  # a bug, or an answer this client does not understand: never "interrupted"
-        import traceback
-
-        sys.stderr.write(f"netota: internal error:\n{traceback.format_exc()}")
-        return EXIT_SOFTWARE
-
-
-def _run(command: Command) -> Callable[[argparse.Namespace], int]:
-    def func(args: argparse.Namespace) -> int:
-        from twisted.internet import task
-
-        codes: list[int] = []
-        stopping: list[bool] = []
-
-        async def main(reactor: Any) -> None:
-            reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
-            try:
-                client = ControlClient(reactor, args.control, args.token)
-            except ValueError as e:
-                sys.stderr.write(f"netota: {e}\n")
-                codes.append(EXIT_USAGE)
-                return
-            code = await run_command(command, client, args, stopping)
-            if code is not None:
-                codes.append(code)
-
-        try:
-            task.react(lambda reactor: ensureDeferred(main(reactor)))
-        except SystemExit:
-            pass
-        if not codes:
-            # Ctrl-C (or SIGTERM) stopped the reactor before the command finished: a job being
-            # watched carries on in the daemon.
-            sys.stderr.write(
-                "netota: interrupted; any job started keeps running in the daemon (netota jobs, netota watch JOB)\n"
-            )
-            return EXIT_INTERRUPTED
-        return codes[0]
-
-    return func
-
-
 EPILOG = """\
 The control address is --control, else $NETOTA_CONTROL, else unix:/run/netota/control.sock
 (the daemon's own endpoint string works: unix:PATH[:mode=...], tcp:PORT:interface=HOST, or
@@ -761,24 +706,6 @@ the output went away (| head).
 """
 
 
-def _common(parser: argparse.ArgumentParser, draws: bool = False) -> None:
-    parser.add_argument(
-        "--control",
-        default=os.environ.get("NETOTA_CONTROL", DEFAULT_CONTROL),
-        help="the daemon's control address (default: $NETOTA_CONTROL or %(default)s)",
-    )
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("NETOTA_TOKEN"),
-        help="bearer token for a daemon that requires one (default: $NETOTA_TOKEN)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the API's JSON instead of text")
-    if draws:
-        parser.add_argument(
-            "--no-color", action="store_true", help="no colour in the progress display (also: NO_COLOR set)"
-        )
-
-
 def add_parser(subparsers: Any) -> None:
     def sub(name: str, help_text: str, command: Command, draws: bool = False) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = subparsers.add_parser(
@@ -786,10 +713,10 @@ def add_parser(subparsers: Any) -> None:
             help=help_text,
             description=help_text,
             epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=arguments.WrappingHelpFormatter,
         )
-        _common(p, draws)
-        p.set_defaults(func=_run(command), command=command)
+        add_common_options(p, draws)
+        p.set_defaults(func=command_runner(command), command=command)
         return p
 
     p = sub("devices", "List the daemon's devices and what each is doing.", cmd_devices)
@@ -841,9 +768,13 @@ def add_parser(subparsers: Any) -> None:
         "backup), so one command upgrades a rack of both kinds; repeatable",
     )
 
-    p = sub("jobs", "List jobs, newest first.", cmd_jobs)
+    p = sub("jobs", "List jobs, newest first: the latest page, then older ones with --cursor.", cmd_jobs)
     p.add_argument("--device", help="only this device's jobs")
-    p.add_argument("--limit", type=int, help="at most this many")
+    p.add_argument("--limit", type=int, help="at most this many (1 to 500; default: the daemon's page, 100)")
+    p.add_argument(
+        "--cursor",
+        help="the page after the one that printed it (its last line: older jobs: ... --cursor C)",
+    )
 
     p = sub("show", "Show one job, with its times and its history.", cmd_show)
     p.add_argument("job", metavar="JOB")

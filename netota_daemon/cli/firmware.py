@@ -28,10 +28,10 @@ from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from netota_daemon.cli import arguments
-from netota_daemon.cli.client import _common, _run
 from netota_daemon.cli.control_client import ApiRefused
 from netota_daemon.cli.exit_codes import EXIT_FAILED, EXIT_USAGE
 from netota_daemon.cli.output import print_json
+from netota_daemon.cli.runner import add_common_options, command_runner
 from netota_daemon.cli.text import dash, format_bytes, format_short_time, kind_label, table
 from netota_daemon.daemon.firmware_catalog import CatalogError, check_name
 from netota_daemon.firmware import FirmwareError, FirmwareImage
@@ -70,7 +70,7 @@ def add_parser(subparsers: arguments.Subcommands) -> None:
         description="Look at firmware images (inspect, on this machine), and list, add or remove those\n"
         "in the daemon's firmware_dir (list, add, rm).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=arguments.WrappingHelpFormatter,
     )
     commands = parser.add_subparsers(dest="firmware_command", metavar="COMMAND")
 
@@ -90,10 +90,10 @@ def add_parser(subparsers: arguments.Subcommands) -> None:
             help=help_text,
             description=textwrap.fill(help_text, 96),
             epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=arguments.WrappingHelpFormatter,
         )
-        _common(p)
-        p.set_defaults(func=_run(command), command=command)
+        add_common_options(p)
+        p.set_defaults(func=command_runner(command), command=command)
         return p
 
     client_command("list", "List the images in the daemon's firmware_dir: kind, version, size, SHA-256.", cmd_list)

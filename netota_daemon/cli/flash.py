@@ -39,7 +39,7 @@ from netota_daemon.cli.junit import JUnitError, case_from_outcome, check_junit_p
 from netota_daemon.cli.output import silence_stdout
 from netota_daemon.cli.progress import ProgressRenderer, colour_wanted
 from netota_daemon.cli.text import human_text, outcome_text
-from netota_daemon.engine.outcome import Outcome, OutcomeKind
+from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase, phase_label
 from netota_daemon.engine.settings import DeviceTarget, UpgradeBehaviour, UpgradeTimeouts
 from netota_daemon.firmware import FirmwareError, FirmwareImage, open_image
 from netota_daemon.logs import json_file_log_observer
@@ -47,8 +47,12 @@ from netota_daemon.protocols.endpoints import EndpointError, check_interface
 
 DEFAULTS = UpgradeTimeouts()
 
+#: What ``--json`` prints for a bad argument (a real one has the message).
+BAD_ARGUMENT_EXAMPLE = '{"error": "bad_argument", "message": "...", "exit_code": 64}'
+
 EPILOG = f"""\
 exit codes:
+
   {EXIT_CODES[OutcomeKind.SUCCEEDED]}   succeeded (the new firmware answered), or already current (the device
       answered SAME) unless --strict
   {EXIT_CODES[OutcomeKind.FAILED]}   failed (device refused, device error, timeout, protocol error, firmware
@@ -61,7 +65,9 @@ exit codes:
   {EXIT_CANT_CREATE}  the upgrade ended (its outcome is printed) but the --junit report could not be written
 
 --json prints one JSON object on stdout: the outcome (kind, message, phase, failure, advice,
-point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code.
+point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code; for a
+bad argument found by netota's checks (the firmware, the interface, the --junit path),
+{BAD_ARGUMENT_EXAMPLE} (argparse's own usage errors are text only).
 The progress goes to stderr, one line per phase (percent, bytes, rate, an ETA once there is one,
 "device working" while the device writes, the point of no return in red); --quiet turns it off,
 --no-color (or NO_COLOR) turns its colour off. --log-file writes the engine's log as JSON lines
@@ -85,7 +91,7 @@ def add_parser(subparsers: arguments.Subcommands) -> argparse.ArgumentParser:
         "ended: a single-backup build (ota_type 1) over the 3335 stream in two phases, a double-backup build "
         "(ota_type 0) by an FTP upload; the route is chosen from the device's description document.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=arguments.WrappingHelpFormatter,
     )
     parser.add_argument(
         "firmware", metavar="FIRMWARE", help="the upgrade file (update.ufw, or update-ota.ufw for double backup)"
@@ -213,6 +219,28 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return target, image, timeouts, UpgradeBehaviour(echo_final_notice=args.echo_final_notice)
 
 
+def usage_error(error: UsageError, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """A bad argument found before anything was sent: one line on ``err`` and, with ``--json``, one
+    JSON object on ``out`` (``{"error": "bad_argument", "message": ..., "exit_code": 64}``); 64."""
+    err.write(f"netota flash: error: {error}\n")
+    if getattr(args, "json", False):
+        out.write(json.dumps({"error": "bad_argument", "message": str(error), "exit_code": EXIT_USAGE}) + "\n")
+        out.flush()
+    return EXIT_USAGE
+
+
+def abort_line(signal_name: str, phase: Phase) -> str:
+    """What ``netota flash`` says when a signal aborts it, in ``phase``: what the abort does to the
+    device there (the outcome, printed at the end, says what state it was left in)."""
+    if phase in (Phase.PHASE1, Phase.PHASE2):
+        what = "STOP to the device's stream if one is open"
+    elif phase is Phase.UPLOAD:
+        what = "the upload's data connection is reset, not closed"
+    else:
+        what = "nothing more is sent to the device"
+    return f"{signal_name}: aborting in {phase_label(phase)} ({what})..."
+
+
 def result_json(outcome: Outcome, code: int) -> str:
     return json.dumps({**outcome.to_json(), "exit_code": code}, sort_keys=True)
 
@@ -252,8 +280,7 @@ async def flash(
         try:
             prepared = prepare(args)
         except UsageError as e:
-            err.write(f"netota flash: error: {e}\n")
-            return EXIT_USAGE
+            return usage_error(e, args, out, err)
     target, image, timeouts, behaviour = prepared
     job = UpgradeJob(reactor, target, image, timeouts, job_id=f"flash-{uuid.uuid4().hex[:8]}", behaviour=behaviour)
     renderer = None
@@ -327,13 +354,12 @@ def run_flash_command(
         prepared = prepare(args)  # fail on bad arguments before the reactor starts
         begin_logging(args)
     except UsageError as e:
-        sys.stderr.write(f"netota flash: error: {e}\n")
-        return EXIT_USAGE
+        return usage_error(e, args, sys.stdout, sys.stderr)
 
     def hook_signals(reactor: Any, job: Any) -> None:
         def on_signal(signum: int, frame: Any) -> None:
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            sys.stderr.write(f"\n{name}: aborting (STOP to the device)...\n")
+            sys.stderr.write(f"\n{abort_line(name, job.phase)}\n")
             reactor.callFromThread(job.cancel, f"interrupted ({name})")
 
         def install() -> None:  # after the reactor installed its own handlers
