@@ -58,6 +58,7 @@ async def test_probe_answers_like_devices_and_get_devices_keeps_the_last_probe(h
     devices = {d["name"]: d for d in answer["devices"]}
     assert list(devices) == ["a", "b", "c"]
     assert devices["a"]["probe"]["error"] == f"busy with job {job['id']}" and devices["a"]["state"] == "running"
+    assert devices["a"]["probe"]["busy_job"] == job["id"]  # for programs: which job holds it
     assert held.fetched == [8080, 8080]  # b and c; a was not contacted
     assert devices["b"]["probe"]["ok"] and devices["b"]["probe"]["mode"] == "main"
     assert devices["b"]["firmware_version"] == "9.9"

@@ -110,7 +110,7 @@ def test_a_busy_device_is_not_contacted_and_its_last_probe_is_kept():
     reg.running("b", "job2")
     results = run(DeviceProber(reg, clock, fetch).probe())
     assert fetch.calls == []
-    assert results[0]["a"].to_json() == {"ok": False, "error": "busy with job job1", "time": 0.0}
+    assert results[0]["a"].to_json() == {"ok": False, "error": "busy with job job1", "busy_job": "job1", "time": 0.0}
     assert results[0]["b"].to_json()["error"] == "busy with job job2"
     assert (results[0]["a"].busy_job, results[0]["b"].busy_job) == ("job1", "job2")  # for programs
     assert reg.get("a").probe == {"ok": True, "firmware_version": "1.0.0"}

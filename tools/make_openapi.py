@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))  # the enums below are the daemon's own: the docum
 from netota_daemon.control.firmware import REFUSALS as FIRMWARE_REFUSALS  # noqa: E402
 from netota_daemon.daemon.batch_policy import BatchState, MemberState, Reason  # noqa: E402
 from netota_daemon.daemon.batch_store import MAX_PAGE as MAX_BATCH_PAGE  # noqa: E402
-from netota_daemon.daemon.config import _MAY_BE_ZERO, MAX_COUNT, MAX_SECONDS, TIMEOUT_KEYS  # noqa: E402
+from netota_daemon.daemon.config import MAX_COUNT, MAX_SECONDS, MAY_BE_ZERO, TIMEOUT_KEYS  # noqa: E402
 from netota_daemon.daemon.firmware_catalog import MAX_NAME_BYTES  # noqa: E402
 from netota_daemon.daemon.jobs import MAX_FIRMWARE_SET  # noqa: E402
 from netota_daemon.daemon.journal import MAX_PAGE, JobState  # noqa: E402
@@ -134,7 +134,7 @@ def option_schema(name: str, types: tuple[type, ...]) -> Schema:
         return {"type": "boolean"}
     if int in types and float not in types:
         return {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
-    bound = {"minimum": 0} if name in _MAY_BE_ZERO else {"exclusiveMinimum": 0}
+    bound = {"minimum": 0} if name in MAY_BE_ZERO else {"exclusiveMinimum": 0}
     return {"type": "number", **bound, "maximum": MAX_SECONDS}
 
 
@@ -297,7 +297,14 @@ SCHEMAS: Schema = {
                     "time": {"type": "number"},
                 }
             ),
-            obj({"ok": {"const": False}, "error": {"type": "string"}, "time": {"type": "number"}}),
+            obj(
+                {
+                    "ok": {"const": False},
+                    "error": {"type": "string"},
+                    "busy_job": STRING_OR_NULL,
+                    "time": {"type": "number"},
+                }
+            ),
         ]
     },
     "Device": obj(

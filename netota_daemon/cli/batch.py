@@ -30,7 +30,6 @@ from netota_daemon.engine.outcome import OutcomeKind
 EXIT_FAILED = 1
 EXIT_CANCELLED = 4
 ENDED = ("finished", "cancelled")
-FAILURE_SKIPS = ("max_failures", "canary_failed", "image_changed")
 
 
 # ---------------------------------------------------------------- how a batch is told

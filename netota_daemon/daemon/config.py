@@ -239,7 +239,7 @@ def _check_range(source: str, key: str, value: float, spec: _Spec) -> None:
 
 
 #: Timeouts that may be 0 (0 turns the keep-alive off); every other duration must be positive.
-_MAY_BE_ZERO = {"keepalive_interval"}
+MAY_BE_ZERO = {"keepalive_interval"}
 
 
 def check_timeout(source: str, key: str, name: str, value: Any) -> Any:
@@ -259,7 +259,7 @@ def check_timeout(source: str, key: str, name: str, value: Any) -> Any:
         if value > MAX_COUNT:
             raise ConfigError(source, key, f"must be at most {MAX_COUNT}, not {_short(value)}")
         return value
-    if value < 0 or (value == 0 and name not in _MAY_BE_ZERO):
+    if value < 0 or (value == 0 and name not in MAY_BE_ZERO):
         raise ConfigError(source, key, f"must be a positive number of seconds, not {_short(value)}")
     if value > MAX_SECONDS:
         raise ConfigError(source, key, f"must be at most {MAX_SECONDS:g} seconds (a week), not {_short(value)}")

@@ -58,7 +58,7 @@ class ProbeResult:
 
     def to_json(self) -> dict[str, Any]:
         if not self.ok:
-            return {"ok": False, "error": self.error, "time": self.time}
+            return {"ok": False, "error": self.error, "busy_job": self.busy_job, "time": self.time}
         return {
             "ok": True,
             "firmware_version": self.firmware_version,
