@@ -361,3 +361,14 @@ def test_upgrade_wait_junit_for_one_device_and_an_unwritable_report(capsys, tmp_
     client.requests.clear()
     assert run(client, "upgrade", "a", "v2.bin", "--wait", "--junit", str(report)) == 64
     assert client.requests == []
+
+
+def test_a_member_whose_job_was_lost_is_shown_with_the_reason(capsys):
+    """A member that failed with no outcome (the end of its job could not be learnt) says why, not
+    only "failed"."""
+    batch = make_batch(("a",), preflight=False)
+    batch.policy.job_started("a", "j1", 1)
+    batch.policy.job_lost("a", "j1", "the journal has no job j1", 2)
+    client = FakeControl(answers={("GET", "/v1/batches/b1"): {"batch": batch.to_json()}})
+    assert run(client, "batch", "show", "b1") == 0  # show reports; only --wait and watch exit by members
+    assert "job j1 failed: the journal has no job j1" in capsys.readouterr().out

@@ -44,6 +44,8 @@ def member_text(member: dict[str, Any]) -> str:
         return job + outcome_text(outcome.get("kind", state), outcome.get("message") or "", outcome.get("failure"))
     if state in ("skipped", "refused"):
         return f"{state} ({kind_label(member.get('reason'))}): {member.get('message') or ''}".rstrip(": ")
+    if state in ("failed", "cancelled") and member.get("message"):  # ended with no outcome (its job lost)
+        return f"{job}{state}: {member['message']}"
     if state == "starting":
         return "starting"
     if state == "pending":
