@@ -269,9 +269,10 @@ class NetotaService(MultiService):
         return listener
 
     def _firmware_in_use(self) -> list[str]:
-        """The firmware file names queued and running jobs use (as the catalogue names them). The job
-        queue's state is the reactor's: the catalogue calls this on the reactor thread only."""
-        return [os.path.normpath(name) for job in self.queue.active_jobs() for name in job["firmware_set"]]
+        """The firmware file names jobs being created, queued and running use (as the catalogue names
+        them). The job queue's state is the reactor's: the catalogue calls this on the reactor thread
+        only."""
+        return [os.path.normpath(name) for name in self.queue.firmware_in_use()]
 
     def _run_blocking(self, call: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)

@@ -549,6 +549,25 @@ def test_a_job_whose_row_can_not_be_written_is_refused_and_frees_its_device(manu
     assert len(manual.factory.order) == 1
 
 
+def test_a_jobs_firmware_is_in_use_from_the_moment_its_image_is_open(manual):
+    """While a job's row is being written its image is already open: its file must not be replaced
+    or removed (the catalogue asks firmware_in_use) until the job is over, or refused."""
+    from netota_daemon.daemon.journal import JournalError
+
+    assert manual.queue.firmware_in_use() == set()
+    failed = []
+    manual.queue.start("a", "v2.bin").addErrback(failed.append)
+    assert manual.queue.active_jobs() == [] and manual.queue.firmware_in_use() == {"v2.bin"}
+    manual.executor.fail_next = JournalError("disk full")
+    manual.executor.run_one()
+    assert failed and manual.queue.firmware_in_use() == set()  # refused: nothing holds the file
+    manual.queue.start("a", "v2.bin")
+    assert manual.queue.firmware_in_use() == {"v2.bin"}
+    manual.executor.run_all()
+    assert [j["state"] for j in manual.queue.active_jobs()] == ["running"]
+    assert manual.queue.firmware_in_use() == {"v2.bin"}
+
+
 def test_shutdown_stops_an_engine_only_after_interrupted_is_recorded(manual):
     manual.queue.start("a", "v2.bin")
     manual.executor.run_all()

@@ -8,6 +8,7 @@ only ever asked on the reactor's thread."""
 from __future__ import annotations
 
 import binascii
+import errno
 import hashlib
 import importlib.util
 import io
@@ -188,6 +189,26 @@ def test_an_interrupted_or_oversized_upload_leaves_nothing_behind(tmp_path):
     assert refused(catalog.add("empty.bin", io.BytesIO(b""))).reason == "empty"
     assert visible(tmp_path) == ["keep.bin"]
     assert (tmp_path / "keep.bin").read_bytes() == b"old"
+
+
+class FailingBody(io.BytesIO):
+    """A body whose bytes can't be read past the first chunk: an I/O error (of the disk the
+    request body was spooled to), as a full disk fails the copy's writes."""
+
+    def __init__(self) -> None:
+        super().__init__(b"x" * 200_000)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() > 0:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(size)
+
+
+def test_an_upload_that_meets_an_io_error_is_refused_as_unavailable_and_leaves_nothing(tmp_path):
+    catalog = make_catalog(tmp_path)
+    error = refused(catalog.add("v2.bin", FailingBody()))
+    assert error.reason == "unavailable" and "Input/output error" in error.message
+    assert visible(tmp_path) == [] and os.listdir(tmp_path) == []  # no partial either
 
 
 def test_a_file_in_use_is_neither_replaced_nor_removed(tmp_path):

@@ -293,6 +293,11 @@ class FirmwareCatalog:
                 os.fsync(out.fileno())
                 st = os.fstat(out.fileno())
             os.chmod(temporary, 0o644)
+        except OSError as e:  # a full disk (ENOSPC), an I/O error: nothing is left behind
+            _unlink_quietly(temporary)
+            raise CatalogError(
+                "unavailable", f"can't write {name!r} into {self.firmware_dir}: {e.strerror or e}"
+            ) from None
         except BaseException:
             _unlink_quietly(temporary)
             raise

@@ -294,6 +294,7 @@ class JobQueue:
         self._active: dict[str, ActiveJob] = {}
         self._waiting: deque[str] = deque()
         self._by_device: dict[str, str] = {}  # device -> its job (being created, queued or running)
+        self._creating: dict[str, tuple[str, ...]] = {}  # job being created (its row written) -> its firmware
         self._events: EventPublisher[QueueEvent] = EventPublisher()
         self._order = CommitOrder()
         self._in_flight: set[Deferred[Any]] = set()
@@ -350,6 +351,13 @@ class JobQueue:
     def active_jobs(self) -> list[dict[str, Any]]:
         """The queued, running and cancelling jobs, oldest first (without reading the journal)."""
         return [self.job_json(active.record) for active in self._active.values()]
+
+    def firmware_in_use(self) -> set[str]:
+        """The firmware file names of the jobs being created (their images open, their rows being
+        written), queued, running or cancelling: what must not be replaced or removed now."""
+        names = {name for active in self._active.values() for name in active.record.firmware_set}
+        names.update(name for job in self._creating.values() for name in job)
+        return names
 
     def is_active(self, job_id: str) -> bool:
         return job_id in self._active
@@ -509,6 +517,7 @@ class JobQueue:
             image_sha256=images[0].sha256() if len(images) == 1 else None,
         )
         self._by_device[device] = record.id  # busy from now on, before the row is written
+        self._creating[record.id] = tuple(names)  # its images are open: their files are in use
         try:
             await self._order.after(
                 self._journal.create(record, note=f"created (resumes {resumed_from})" if resumed_from else "created")
@@ -516,6 +525,8 @@ class JobQueue:
         except JournalError as e:
             del self._by_device[device]
             raise JournalUnavailable(f"the job could not be recorded, so it was not started: {e}") from None
+        finally:
+            del self._creating[record.id]
         active = ActiveJob(
             record=record,
             image=image,
