@@ -273,7 +273,7 @@ def test_show_batches_and_cancel(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["BATCH", "CREATED", "FIRMWARE", "DEVICES", "STATE", "RESULT", "MEMBERS"]
     assert "b1" in out and "1 starting" in out
-    assert out.splitlines()[-1] == "older batches: netota batches --limit 5 --cursor 3"
+    assert out.splitlines()[-1] == "older batches: netota batches --limit=5 --cursor=3"
     assert run(client, "batch", "cancel", "b1", "--reason", "wrong shelf") == 0
     assert client.requests[-1] == ("POST", "/v1/batches/b1/cancel", {"reason": "wrong shelf"})
     capsys.readouterr()

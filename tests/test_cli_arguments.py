@@ -55,7 +55,7 @@ def subcommand_paths(capsys, prefix: tuple[str, ...] = ()) -> list[tuple[str, ..
     paths = []
     for name in choices(prefix, capsys):
         paths.append((*prefix, name))
-        if name in ("batch", "firmware"):
+        if name in ("batch", "firmware", "sim"):  # the commands with subcommands of their own
             paths += subcommand_paths(capsys, (*prefix, name))
     return paths
 
@@ -72,7 +72,7 @@ def test_every_commands_help_fits_80_columns(monkeypatch, capsys):
     columns = 80
     monkeypatch.setenv("COLUMNS", str(columns))
     paths = subcommand_paths(capsys)
-    assert ("batch", "start") in paths and ("firmware", "add") in paths and ("flash",) in paths
+    assert {("batch", "start"), ("firmware", "add"), ("sim", "make-image"), ("flash",)} <= set(paths)
     for words in paths:
         text = help_text(words, capsys)
         long = [line for line in text.splitlines() if len(line) > columns]
@@ -89,3 +89,25 @@ def test_a_wrapped_epilog_keeps_every_word_and_the_exit_code_list(monkeypatch, c
     lines = text.splitlines()
     first = lines.index("  64  bad arguments (missing, empty, unreadable or over-4-GiB firmware,")
     assert lines[first + 1].startswith("      unknown interface")
+
+
+def test_the_formatter_fills_prose_and_keeps_headings_and_lists(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "42")  # argparse fills to COLUMNS - 2
+    parser = argparse.ArgumentParser(
+        prog="p",
+        formatter_class=arguments.WrappingHelpFormatter,
+        epilog="exit codes:\n  0   all went well, and this line is long enough to wrap\n  64  bad arguments\n\n"
+        "A paragraph of prose with --an-option-name and unix:/a/long/path/that/stays/whole in it.",
+    )
+    epilog = parser.format_help().split("\n\n", 2)[2]
+    assert epilog.splitlines() == [
+        "exit codes:",
+        "  0   all went well, and this line is",
+        "      long enough to wrap",
+        "  64  bad arguments",
+        "",
+        "A paragraph of prose with",
+        "--an-option-name and",  # broken at spaces only: an option and a path stay whole
+        "unix:/a/long/path/that/stays/whole in",
+        "it.",
+    ]

@@ -354,25 +354,39 @@ def test_jobs_has_a_time_column_and_one_spelling_for_phases_and_booleans(capsys,
     assert re.match(r"j1 +2025-06-15 15:06 +a +v2\.bin +interrupted +phase 1 +- +interrupted +yes$", older)
 
 
-def test_jobs_pages_with_the_cursor_the_daemon_gave(capsys):
-    """A page with older jobs ends with the command that shows them (the same filters, quoted for a
-    shell, and the daemon's cursor); the last page has no such line. The query is URL-encoded."""
+def test_jobs_pages_with_the_cursor_the_daemon_gave(capsys, monkeypatch):
+    """A page with older jobs ends with the command that shows them: the same filters, each word
+    quoted for a shell with its value attached (a device name may start with a dash), and the
+    daemon's cursor; the last page has no such line. The query is URL-encoded."""
+    monkeypatch.delenv("NETOTA_CONTROL", raising=False)
     client = FakeControl(
         answers={
-            ("GET", "/v1/jobs?device=shelf+1&limit=1"): {"jobs": [job("j2", "shelf 1")], "next_cursor": "1843"},
-            ("GET", "/v1/jobs?device=shelf+1&limit=1&cursor=1843"): {
-                "jobs": [job("j1", "shelf 1")],
+            ("GET", "/v1/jobs?device=-shelf+1&limit=1"): {"jobs": [job("j2", "-shelf 1")], "next_cursor": "1843"},
+            ("GET", "/v1/jobs?device=-shelf+1&limit=1&cursor=1843"): {
+                "jobs": [job("j1", "-shelf 1")],
                 "next_cursor": None,
             },
         }
     )
-    assert run(client, "jobs", "--device", "shelf 1", "--limit", "1") == 0
+    assert run(client, "jobs", "--device=-shelf 1", "--limit", "1") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[0] == "j2"
-    assert lines[-1] == "older jobs: netota jobs --device 'shelf 1' --limit 1 --cursor 1843"
+    assert lines[-1] == "older jobs: netota jobs '--device=-shelf 1' --limit=1 --cursor=1843"
     assert run(client, *shlex.split(lines[-1].split(": ", 1)[1])[1:]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["JOB", "j1"]
+
+
+def test_the_next_page_command_keeps_an_explicit_control_and_never_the_token(capsys, monkeypatch):
+    monkeypatch.delenv("NETOTA_CONTROL", raising=False)
+    client = FakeControl(answers={("GET", "/v1/jobs"): {"jobs": [job("j2")], "next_cursor": "7"}})
+    assert run(client, "jobs", "--control", "tcp:7000:interface=127.0.0.1", "--token", "s3cret") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "older jobs: netota jobs --control=tcp:7000:interface=127.0.0.1 --cursor=7"
+    )
+    monkeypatch.setenv("NETOTA_CONTROL", "tcp:7000:interface=127.0.0.1")  # the next command gets it too
+    assert run(client, "jobs", "--control", "tcp:7000:interface=127.0.0.1") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "older jobs: netota jobs --cursor=7"
 
 
 def test_show_prints_human_times_and_durations(capsys, monkeypatch):
@@ -760,7 +774,7 @@ async def test_jobs_pages_through_a_daemons_journal(tmp_path, reactor):
         assert code == 0, err
         lines = out.splitlines()
         assert [line.split()[0] for line in lines[1:3]] == ids[:2]
-        assert lines[3].startswith("older jobs: netota jobs --limit 2 --cursor ")
+        assert lines[3].startswith("older jobs: netota jobs --limit=2 --cursor=")
         code, out, err = await run_netota(reactor, control, *shlex.split(lines[3].split(": ", 1)[1])[1:])
         assert code == 0, err
         assert [line.split()[0] for line in out.splitlines()] == ["JOB", ids[2]]
@@ -873,3 +887,16 @@ async def test_a_broken_pipe_ends_quietly(tmp_path, reactor, argv, expected):
         await service.stopService()
     assert child.err == b"", child.err.decode()
     assert code == expected
+
+
+def test_the_limits_in_the_help_are_the_daemons(capsys, monkeypatch):
+    """--limit's help repeats the daemon's page sizes (the client does not import the daemon)."""
+    from netota_daemon.cli.main import build_parser
+    from netota_daemon.daemon import batch_store, journal
+
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    for words, store in ((["jobs"], journal), (["batches"], batch_store)):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*words, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"1 to {store.MAX_PAGE}; default: the daemon's page, {store.DEFAULT_PAGE}" in text

@@ -67,7 +67,8 @@ class WrappingHelpFormatter(argparse.HelpFormatter):
     ``$COLUMNS``, else the terminal's, less 2) paragraph by paragraph, as argparse fills an
     option's help, but keeping their layout: blank lines between paragraphs stay, and an indented
     paragraph is a list whose items (the lines at its least indentation, each with the deeper lines
-    after it) are filled one by one, their continuation lines indented as written."""
+    after it) are filled one by one, their continuation lines indented as written. A first line
+    less indented than the rest is the list's heading, a line of its own ("exit codes:")."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         paragraphs = [p for p in re.split(r"\n[ \t]*\n", text.strip("\n")) if p.strip()]
@@ -81,6 +82,9 @@ def _indent_of(line: str) -> str:
 def _fill_paragraph(lines: list[str], width: int, indent: str) -> str:
     if not any(_indent_of(line) for line in lines):  # prose
         return _fill(" ".join(lines), width, indent, indent)
+    if len(lines) > 1 and len(_indent_of(lines[0])) < min(len(_indent_of(line)) for line in lines[1:]):
+        heading = _fill(lines[0].strip(), width, indent + _indent_of(lines[0]), indent + _indent_of(lines[0]))
+        return heading + "\n" + _fill_paragraph(lines[1:], width, indent)
     least = min(len(_indent_of(line)) for line in lines)
     items: list[list[str]] = []
     for line in lines:

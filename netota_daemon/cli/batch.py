@@ -370,7 +370,7 @@ async def cmd_batches(client: Any, args: argparse.Namespace) -> int:
             ]
         )
     print(table(rows, ["BATCH", "CREATED", "FIRMWARE", "DEVICES", "STATE", "RESULT", "MEMBERS"]))
-    hint = older_hint("batches", "netota batches", answer.get("next_cursor"), limit=args.limit)
+    hint = older_hint("batches", "netota batches", args, answer.get("next_cursor"), limit=args.limit)
     if hint:
         print(hint)
     return 0
@@ -440,16 +440,20 @@ after a restart), 75 busy (a device in another unfinished batch) or not cancella
 )
 
 RESCUE_EPILOG = (
-    CONTROL_TEXT
-    + """
+    """\
 Each device is probed (its description document only); one found in its phase-2 loader is
 finished: the job that left it there is resumed, else phase 2 runs with --firmware. Devices not in
 a loader, busy or unreachable are left alone and listed with the reason.
 
+"""
+    + CONTROL_TEXT
+    + """
 Exit codes: 0 nothing is left in a loader that netota could not take on (with --wait: every rescue
-job succeeded); 1 a device needs an image named (--firmware) or a rescue job failed (with --wait,
-its outcome's code: 2 unverified, 4 aborted); 64 bad arguments or an unknown device; 69 the daemon
-can't be reached or went away.
+job succeeded); 1 a device needs an image named (--firmware); with --wait, a rescue job's outcome
+(1 failed, 2 unverified, 4 aborted, 64 an image of the other kind); 64 bad arguments or a request
+refused as bad (an unknown device, a bad firmware name); 69 the daemon can't be reached, went away
+or is stopping; 70 an internal error of the client; 75 refused as busy (409); 130 interrupted
+(Ctrl-C: a rescue job keeps running in the daemon); 141 the reader of the output went away.
 """
 )
 

@@ -7,13 +7,14 @@ The commands: their arguments, the requests each makes, what each prints and its
 :mod:`netota_daemon.cli.progress` (one line per device, :class:`~netota_daemon.cli.progress.DeviceBoard`,
 when it follows several); values are written as :mod:`netota_daemon.cli.text` spells them.
 
-``--json`` prints what the API answered, in its own shape: ``{"devices": [...]}``, ``{"jobs": [...]}``,
-``{"job": {...}}``; ``watch --json`` prints the API's events as JSON lines.
+``--json`` prints what the API answered, in its own shape: ``{"devices": [...]}``, ``{"jobs": [...],
+"next_cursor": ...}``, ``{"job": {...}}``; ``watch --json`` prints the API's events as JSON lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -39,7 +40,7 @@ from netota_daemon.cli.exit_codes import (
 from netota_daemon.cli.junit import CaseResult, JUnitError, case_from_job, check_junit_path, write_junit
 from netota_daemon.cli.output import print_json
 from netota_daemon.cli.progress import DeviceBoard, ProgressRenderer, colour_wanted
-from netota_daemon.cli.runner import Command, add_common_options, command_runner, refusal_text
+from netota_daemon.cli.runner import DEFAULT_CONTROL, Command, add_common_options, command_runner, refusal_text
 from netota_daemon.cli.text import (
     dash,
     format_bytes,
@@ -505,21 +506,25 @@ async def _upgrade_many(
 
 
 def page_query(**fields: Any) -> str:
-    """A list request's query (``?device=a%20b&limit=5``): the fields given, encoded; "" for none."""
+    """A list request's query (``?device=a+b&limit=5``): the fields given, encoded; "" for none."""
     given = {name: value for name, value in fields.items() if value is not None}
     return "?" + urllib.parse.urlencode(given) if given else ""
 
 
-def older_hint(what: str, command: str, next_cursor: Any, **options: Any) -> str | None:
+def older_hint(what: str, command: str, args: argparse.Namespace, next_cursor: Any, **options: Any) -> str | None:
     """The line after a page of a list that has older entries: the command that shows the next page
-    (the same ``options``, and ``--cursor``); None on the last page."""
+    (the same ``options``, the ``--control`` given unless it is the one the next command gets
+    anyway, and ``--cursor``), each word quoted for a shell and an option's value attached to it
+    (``--device=-x``: a value may start with a dash); None on the last page. Never the token."""
     if not next_cursor:
         return None
-    words = [command]
-    for name, value in options.items():
-        if value is not None:
-            words += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
-    return f"older {what}: {' '.join(words)} --cursor {next_cursor}"
+    given = {**options, "cursor": next_cursor}
+    if args.control != os.environ.get("NETOTA_CONTROL", DEFAULT_CONTROL):
+        given = {"control": args.control, **given}
+    words = [command] + [
+        shlex.quote(f"--{name.replace('_', '-')}={value}") for name, value in given.items() if value is not None
+    ]
+    return f"older {what}: {' '.join(words)}"
 
 
 async def cmd_jobs(client: Any, args: argparse.Namespace) -> int:
@@ -552,7 +557,7 @@ async def cmd_jobs(client: Any, args: argparse.Namespace) -> int:
         )
     headers = ["JOB", "CREATED", "DEVICE", "FIRMWARE", "STATE", "PHASE", "PERCENT", "OUTCOME", "RESUMABLE"]
     print(table(rows, headers))
-    hint = older_hint("jobs", "netota jobs", answer.get("next_cursor"), device=args.device, limit=args.limit)
+    hint = older_hint("jobs", "netota jobs", args, answer.get("next_cursor"), device=args.device, limit=args.limit)
     if hint:
         print(hint)
     return 0
@@ -693,7 +698,8 @@ The control address is --control, else $NETOTA_CONTROL, else unix:/run/netota/co
 (the daemon's own endpoint string works: unix:PATH[:mode=...], tcp:PORT:interface=HOST, or
 http://HOST:PORT). A bearer token comes from --token or $NETOTA_TOKEN.
 
---json prints the API's own answer: {"devices": [...]}, {"jobs": [...]} or {"job": {...}}
+--json prints the API's own answer: {"devices": [...]}, {"jobs": [...], "next_cursor": ...} or
+{"job": {...}}
 (watch: the API's events as JSON lines, then {"job": {...}} for watch JOB).
 
 Exit codes: 0 succeeded (or already current), 1 failed, 2 unverified, 3 already current with

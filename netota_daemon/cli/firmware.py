@@ -22,7 +22,6 @@ import json
 import os
 import stat
 import sys
-import textwrap
 import time
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -88,7 +87,7 @@ def add_parser(subparsers: arguments.Subcommands) -> None:
         p = commands.add_parser(
             name,
             help=help_text,
-            description=textwrap.fill(help_text, 96),
+            description=help_text,
             epilog=EPILOG,
             formatter_class=arguments.WrappingHelpFormatter,
         )

@@ -52,7 +52,6 @@ BAD_ARGUMENT_EXAMPLE = '{"error": "bad_argument", "message": "...", "exit_code":
 
 EPILOG = f"""\
 exit codes:
-
   {EXIT_CODES[OutcomeKind.SUCCEEDED]}   succeeded (the new firmware answered), or already current (the device
       answered SAME) unless --strict
   {EXIT_CODES[OutcomeKind.FAILED]}   failed (device refused, device error, timeout, protocol error, firmware
