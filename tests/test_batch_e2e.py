@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 
 from tests.conftest import free_port
 from tests.live_rig import LiveRig
+from tests.openapi_schema import answer_errors
 from tests.test_daemon_e2e import IMAGE_SIZE, PHASE2_HOLD_SCALE, PHASE2_HOLD_STALL
 
 PHASE1_HOLD_STALL = "4:3000"
@@ -43,6 +44,13 @@ class Rack(LiveRig):
 
     async def netota(self, *args: str, timeout: float = 120) -> tuple[int, str, str]:
         return await super().netota(*args, timeout=timeout)
+
+    async def control(self, method: str, path: str, body: dict | None = None) -> dict:
+        """A request on the control socket, its answer checked against the OpenAPI document."""
+        answer = await super().control(method, path, body)
+        errors = answer_errors(method, path, answer)
+        assert not errors, (method, path, errors)
+        return answer
 
     async def batch(self, batch_id: str) -> dict:
         return (await self.control("GET", f"/v1/batches/{batch_id}"))["batch"]
@@ -177,6 +185,9 @@ async def test_cancel_of_a_batch_stops_what_runs_and_skips_the_rest(rack, reacto
     assert states(final) == {"first": ("cancelled", None), "second": ("skipped", "cancelled")}
     await rack.changes.until(lambda: rack.sims["first"].saw("stop_received"), "STOP at the device")
     assert not rack.sims["second"].saw("ctp_connect")
+    listed = (await rack.control("GET", "/v1/batches"))["batches"]  # its schema checked too
+    assert [b["id"] for b in listed] == [batch["id"]] and listed[0]["state"] == "cancelled"
+    assert (await rack.batch(batch["id"]))["members"] == final["members"]
 
 
 @pytest_twisted.ensureDeferred
