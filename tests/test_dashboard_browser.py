@@ -1,6 +1,7 @@
 """The dashboard in a real browser (headless Chromium through Playwright) against a real daemon and
 simulators: the tiles, an upgrade started from the page with its progress and outcome, a cancel
-(the simulator records the STOP), a refusal's message. ``tests/browser.py`` says what is needed."""
+(the simulator records the STOP), a refusal's message, the point of no return's banner, a resume
+from the history. ``tests/browser.py`` says what is needed."""
 
 from __future__ import annotations
 
@@ -187,3 +188,121 @@ async def test_a_batch_from_the_page_whose_canary_fails(rig, page):
 
     await run(batch_from_the_page)
     assert canary.saw("session_start") and not rest.saw("ctp_connect")
+
+
+#: Installed in the page: records every text set in a tile's parts and every show/hide of its
+#: banner, as [part, text] (part: the element's first class; text: "shown"/"hidden" for the banner),
+#: so a test can check what the page drew and in which order however quickly it went by.
+RECORD_TILE = """(device) => {
+  const tile = document.querySelector(`[data-device="${device}"]`);
+  const seen = window.netotaSeen = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const part = r.target.classList ? r.target.classList[0] : r.target.parentElement.classList[0];
+      if (r.type === "attributes") {
+        if (part === "no-return") seen.push([part, r.target.hidden ? "hidden" : "shown"]);
+      } else {
+        for (const node of r.addedNodes) seen.push([part, node.textContent]);
+      }
+    }
+  }).observe(tile, { subtree: true, childList: true, attributes: true, attributeFilter: ["hidden"] });
+}"""
+
+
+def first_index(seen: list[list[str]], part: str, text: str | re.Pattern[str]) -> int:
+    """Where the tile first showed ``text`` (or a match of it) in ``part``; fails if it never did."""
+    for i, (p, t) in enumerate(seen):
+        if p == part and (text.search(t) if isinstance(text, re.Pattern) else t == text):
+            return i
+    raise AssertionError(f"the tile never showed {text!r} in .{part}: {seen}")
+
+
+def banner_past_all_size(seen: list[list[str]]) -> int:
+    """Checks that the tile drew phase 2 without the banner before it showed it (the daemon says the
+    point of no return is passed once the loader announced all_size, after phase 2 began); returns
+    where it first showed."""
+    phase2 = first_index(seen, "phase", "phase 2")
+    shown = first_index(seen, "no-return", "shown")
+    assert phase2 < shown and ["no-return", "hidden"] in seen[phase2:shown], seen
+    return shown
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_point_of_no_return_and_a_resume_from_the_page(rig, page):
+    from playwright.sync_api import expect
+
+    run, page = page
+    rig.make_image("v2.bin", "2.0.0", 200_000)
+    # Phase 2 stalls after 3 replies, past the all_size notice, for 50 device seconds (10 s at this
+    # time scale; the loader's watchdog would reset it at 60): the page is looked at, and the job
+    # cancelled, during that stall. The stall fires once, so the resumed job runs through.
+    dev = await rig.start_sim("dev", "--stall-after-reads", "3:50", "--fault-phase", "2", time_scale="0.2")
+    await rig.start_daemon()
+    tile = page.locator('[data-device="dev"]')
+    banner = tile.locator(".no-return")
+
+    def upgrade():
+        page.goto(rig.url + "/")
+        expect(page.locator("#live")).to_have_text("live", timeout=WAIT_MS)
+        expect(tile.locator(".state")).to_have_text("idle")
+        expect(page.locator("#firmware-select option")).to_contain_text("v2.bin")
+        expect(banner).to_be_hidden()
+        page.evaluate(RECORD_TILE, "dev")
+        tile.locator(".select").check()
+        page.locator("#upgrade-button").click()
+
+    await run(upgrade)
+    stall = await rig.wait_for(lambda: dev.first("fault_stall", phase=2), "the simulator's stall in phase 2")
+    all_size = dev.first("all_size_sent", phase=2)
+    assert all_size is not None and all_size["time"] <= stall["time"], dev.events()
+
+    def past_the_point_of_no_return_then_cancel():
+        # The device is stalled in phase 2, past all_size: the banner says so, the tile is framed.
+        expect(banner).to_be_visible(timeout=WAIT_MS)
+        expect(banner).to_have_text("POINT OF NO RETURN: do not power off")
+        expect(tile).to_have_class(re.compile(r"\bpast-no-return\b"))
+        expect(tile.locator(".phase")).to_have_text("phase 2")
+        expect(tile.locator(".state")).to_have_text("running")
+        seen = page.evaluate("window.netotaSeen")
+        assert first_index(seen, "phase", "phase 1") < first_index(seen, "phase", "phase 2"), seen
+        banner_past_all_size(seen)
+        job = tile.locator(".cancel").get_attribute("data-job")
+        tile.locator(".cancel").click()
+        expect(tile.locator(".outcome")).to_have_text("aborted", timeout=WAIT_MS)
+        expect(tile.locator(".state")).to_have_text("idle")
+        expect(banner).to_be_hidden()
+        expect(tile).not_to_have_class(re.compile(r"\bpast-no-return\b"))
+        return job
+
+    aborted = await run(past_the_point_of_no_return_then_cancel)
+    # The STOP came during the stall: the page showed the banner while the device was past all_size.
+    ended = dev.first("session_end", phase=2)
+    assert ended is not None and (ended["stop_received"], ended["replies"]) == (True, 3), dev.events()
+
+    def resume():
+        # The aborted job's row offers Resume; clicking it starts a new job, whose progress and
+        # outcome arrive on the tile.
+        row = page.locator(f'#history tr[data-job="{aborted}"]')
+        expect(row.locator(".outcome")).to_have_text("aborted", timeout=WAIT_MS)
+        page.evaluate("window.netotaSeen.length = 0")
+        row.locator(".resume").click()
+        expect(tile.locator(".outcome")).to_have_text("succeeded", timeout=WAIT_MS)
+        expect(tile.locator(".version")).to_have_text("2.0.0")
+        expect(tile.locator(".state")).to_have_text("idle")
+        expect(banner).to_be_hidden()
+        # Resumed once: the old row offers Resume no more, and the new job's row says how it ended.
+        expect(row.locator(".resume")).to_have_count(0, timeout=WAIT_MS)
+        resumed = rig.api("GET", f"/v1/jobs/{aborted}")["job"]["resumed_by"]
+        expect(page.locator(f'#history tr[data-job="{resumed}"] .outcome')).to_have_text("succeeded", timeout=WAIT_MS)
+        return resumed, page.evaluate("window.netotaSeen")
+
+    resumed, seen = await run(resume)
+    # The new job went straight to phase 2 (the device waited in its loader), its progress was drawn,
+    # the banner came back once it passed all_size again, then the outcome.
+    succeeded = first_index(seen, "outcome", "succeeded")
+    assert first_index(seen, "phase", "phase 2") <= first_index(seen, "progress-text", re.compile(r"\d %")) < succeeded
+    assert banner_past_all_size(seen) < succeeded, seen
+    assert ["phase", "phase 1"] not in seen, seen
+    new = rig.api("GET", f"/v1/jobs/{resumed}")["job"]
+    assert (new["resumed_from"], new["state"], new["outcome"]["kind"]) == (aborted, "finished", "succeeded")
+    assert len(dev.saw("session_start", phase=1)) == 1 and dev.saw("session_end", phase=2, outcome="ok")
