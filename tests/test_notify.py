@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import Logger, capturedLogs
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -20,6 +23,7 @@ from netota_daemon.daemon.notify import (
     KILL_GRACE,
     CommandHook,
     JobNotifier,
+    Notification,
     NotifyConfigError,
     check_webhook_url,
     default_http_client,
@@ -27,6 +31,8 @@ from netota_daemon.daemon.notify import (
     url_for_log,
 )
 from netota_daemon.protocols.log_limit import LogLimiter
+from netota_daemon.protocols.shell_process import OUTPUT_DRAIN, SETSID
+from tests.waiting import Changes
 
 URL = "http://hooks.example/netota/T0KEN-SECRET?key=abc"
 
@@ -266,7 +272,9 @@ def test_the_environment_says_what_ended():
     )
 
 
-# ----- the command's time limit, on a Clock
+# ----- the command's process group, time limit and result, on a Clock with a fake process
+
+FAKE_SETSID = "/usr/bin/setsid"  # never run: the spawner is a fake
 
 
 class FakeProcessTransport:
@@ -275,6 +283,7 @@ class FakeProcessTransport:
         self.pid = 4242
         self.stdin = b""
         self.stdin_closed = False
+        self.closed = False
         self.signals: list[str] = []
 
     def write(self, data):
@@ -283,57 +292,169 @@ class FakeProcessTransport:
     def closeStdin(self):
         self.stdin_closed = True
 
+    def loseConnection(self):
+        self.closed = True
+
     def signalProcess(self, name):
         self.signals.append(name)
 
 
-def test_a_command_that_overruns_is_terminated_then_killed():
-    clock = Clock()
-    spawned: list[tuple] = []
+class FakeProcesses:
+    """The spawner and the group signaller a hook gets: they record, no process is started or signalled."""
 
-    def spawn(protocol, executable, args, env):
+    def __init__(self):
+        self.spawned: list[tuple] = []
+        self.group_signals: list[tuple[int, int]] = []
+
+    def spawn(self, protocol, executable, args, env):
         transport = FakeProcessTransport(protocol)
         protocol.makeConnection(transport)
-        spawned.append((protocol, transport, executable, args, env))
+        self.spawned.append((protocol, transport, executable, args, env))
 
-    hooks = JobNotifier(clock, on_job_end="notify-chat --room rack", spawn=spawn, timeout=30.0, base_environment={})
-    hooks.job_ended(JOB)
-    ((protocol, transport, executable, args, env),) = spawned
-    assert (executable, args) == ("/bin/sh", ["/bin/sh", "-c", "notify-chat --room rack"])
-    assert json.loads(transport.stdin) == JOB and transport.stdin_closed
-    assert env["NETOTA_JOB"] == "3f2a9c0d1e4b" and env["NETOTA_OUTCOME"] == "failed"
+    def signal_group(self, pgid, signum):
+        self.group_signals.append((pgid, signum))
+
+    @property
+    def protocol(self):
+        return self.spawned[-1][0]
+
+    @property
+    def transport(self):
+        return self.spawned[-1][1]
+
+
+def command_hook(clock, processes, command="notify-chat --room rack", setsid=FAKE_SETSID, **kwargs):
+    warnings = LogLimiter(clock, Logger(), burst=1, interval=60.0)
+    return CommandHook(
+        command,
+        processes.spawn,
+        clock,
+        warnings,
+        base_environment={},
+        signal_group=processes.signal_group,
+        setsid=setsid,
+        **kwargs,
+    )
+
+
+def notification(n: int = 1) -> Notification:
+    body = json.dumps(job(n), sort_keys=True).encode()
+    return Notification(job=f"job{n}", device="shelf1", body=body, environment=job_environment(job(n)))
+
+
+def stats(hook):
+    return hook.counters.to_json(hook.pending)
+
+
+def failures(events):
+    return [e["error"] for e in events if e["log_format"].startswith("{hook} for job")]
+
+
+def test_a_command_that_overruns_has_its_whole_group_terminated_then_killed():
+    clock = Clock()
+    processes = FakeProcesses()
+    hook = command_hook(clock, processes, timeout=30.0)
+    hook.offer(notification())
+    ((protocol, transport, executable, args, env),) = processes.spawned
+    assert (executable, args) == (FAKE_SETSID, [FAKE_SETSID, "/bin/sh", "-c", "notify-chat --room rack"])
+    assert json.loads(transport.stdin) == job(1) and transport.stdin_closed
+    assert env["NETOTA_JOB"] == "job1" and env["NETOTA_OUTCOME"] == "failed"
     clock.advance(29.9)
-    assert transport.signals == []
+    assert processes.group_signals == []
     with capturedLogs() as events:
         clock.advance(0.1)
-        assert transport.signals == ["TERM"]
-        clock.advance(KILL_GRACE)
-        assert transport.signals == ["TERM", "KILL"]
-    (warning,) = [e for e in events if e["log_format"].startswith("{hook} for job")]
-    assert warning["error"] == "still running after 30 s: killed"
-    assert hooks.stats()["on_job_end"]["failed"] == 1
+        assert processes.group_signals == [(4242, signal.SIGTERM)]  # the group setsid made: the shell's pid
+        clock.advance(KILL_GRACE - 0.1)
+        assert processes.group_signals == [(4242, signal.SIGTERM)]
+        clock.advance(0.1)
+        assert processes.group_signals == [(4242, signal.SIGTERM), (4242, signal.SIGKILL)]
+    assert transport.signals == []  # the group's signal reached the shell too
+    assert failures(events) == ["still running after 30 s: killed"]
+    assert stats(hook) == {"sent": 0, "failed": 1, "dropped": 0, "attempts": 1, "pending": 0}
     assert clock.getDelayedCalls() == []
 
 
 def test_a_command_that_ends_on_sigterm_is_not_killed():
     clock = Clock()
-    transports = []
-
-    def spawn(protocol, executable, args, env):
-        transport = FakeProcessTransport(protocol)
-        protocol.makeConnection(transport)
-        transports.append(transport)
-
-    hooks = JobNotifier(clock, on_job_end="x", spawn=spawn, timeout=1.0, base_environment={})
-    hooks.job_ended(JOB)
+    processes = FakeProcesses()
+    hook = command_hook(clock, processes, timeout=1.0)
+    hook.offer(notification())
     clock.advance(1.0)
-    from twisted.internet.error import ProcessTerminated
-    from twisted.python.failure import Failure
-
-    transports[0].protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+    processes.protocol.processExited(Failure(ProcessTerminated(signal=15)))
+    processes.protocol.processEnded(Failure(ProcessTerminated(signal=15)))  # and every pipe closed
+    assert stats(hook)["failed"] == 1 and stats(hook)["pending"] == 0  # at once, not after the grace
     clock.advance(KILL_GRACE)
-    assert transports[0].signals == ["TERM"]
-    assert hooks.stats()["on_job_end"]["failed"] == 1
+    assert processes.group_signals == [(4242, signal.SIGTERM)]
+    assert clock.getDelayedCalls() == []
+
+
+def test_what_outlives_the_shell_after_sigterm_holding_its_output_is_killed_after_the_grace():
+    clock = Clock()
+    processes = FakeProcesses()
+    hook = command_hook(clock, processes, timeout=1.0)
+    hook.offer(notification())
+    clock.advance(1.0)
+    processes.protocol.processExited(Failure(ProcessTerminated(signal=15)))  # its pipes stay open
+    clock.advance(OUTPUT_DRAIN)
+    assert processes.transport.closed  # our ends of its pipes: closed
+    assert processes.group_signals == [(4242, signal.SIGTERM)] and stats(hook)["pending"] == 1
+    clock.advance(KILL_GRACE - OUTPUT_DRAIN)
+    assert processes.group_signals == [(4242, signal.SIGTERM), (4242, signal.SIGKILL)]
+    assert stats(hook)["failed"] == 1 and stats(hook)["pending"] == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_without_setsid_the_command_runs_as_before_and_only_the_shell_is_signalled():
+    clock = Clock()
+    processes = FakeProcesses()
+    hook = command_hook(clock, processes, command="x", setsid=None, timeout=1.0)
+    hook.offer(notification())
+    ((_, transport, executable, args, _),) = processes.spawned
+    assert (executable, args) == ("/bin/sh", ["/bin/sh", "-c", "x"])
+    clock.advance(1.0)
+    assert transport.signals == ["TERM"]
+    clock.advance(KILL_GRACE)
+    assert transport.signals == ["TERM", "KILL"] and processes.group_signals == []
+    assert stats(hook)["failed"] == 1
+
+
+def test_the_result_comes_when_the_shell_exits_even_if_its_output_stays_held():
+    clock = Clock()
+    processes = FakeProcesses()
+    hook = command_hook(clock, processes, timeout=30.0)
+    hook.offer(notification(1))
+    hook.offer(notification(2))
+    processes.protocol.processExited(Failure(ProcessDone(0)))  # a background child keeps its pipes
+    assert stats(hook)["sent"] == 0  # what it printed last may still come
+    clock.advance(OUTPUT_DRAIN)
+    assert stats(hook)["sent"] == 1 and len(processes.spawned) == 2  # the next one is under way
+    first = processes.spawned[0][1]
+    assert first.closed and first.signals == [] and processes.group_signals == []  # its child is left alone
+    with capturedLogs() as events:
+        processes.protocol.childDataReceived(1, b"chat ")
+        processes.protocol.processExited(Failure(ProcessTerminated(exitCode=3)))
+        processes.protocol.childDataReceived(2, b"is down\n")  # after the exit: still read
+        clock.advance(OUTPUT_DRAIN)
+    assert failures(events) == ["exited with 3: chat is down"]
+    assert stats(hook) == {"sent": 1, "failed": 1, "dropped": 0, "attempts": 2, "pending": 0}
+    assert clock.getDelayedCalls() == []
+
+
+def test_stopping_the_daemon_kills_the_running_commands_group():
+    clock = Clock()
+    processes = FakeProcesses()
+    hooks = JobNotifier(
+        clock, on_job_end="x", spawn=processes.spawn, signal_group=processes.signal_group, base_environment={}
+    )
+    hook = hooks.hooks[0]
+    hook.setsid = FAKE_SETSID  # (the system's own may be missing: this test is about the group)
+    hooks.job_ended(JOB)
+    done = hooks.stop(grace=1.0)
+    clock.advance(1.0)
+    assert done.called
+    assert processes.group_signals == [(4242, signal.SIGKILL)]
+    assert stats(hook)["dropped"] == 1 and stats(hook)["pending"] == 0
+    assert clock.getDelayedCalls() == []
 
 
 def test_an_empty_command_is_refused():
@@ -410,6 +531,92 @@ async def test_a_command_that_hangs_is_killed(reactor):
     hooks.job_ended(JOB)
     await hooks.hooks[0].idle().addTimeout(30, reactor)
     assert hooks.stats()["on_job_end"]["failed"] == 1
+
+
+def still_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent, here init, to reap it does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class ExitWatch:
+    """Pokes ``changes`` when process ``pid`` ends: its pidfd turns readable (a reader on the reactor)."""
+
+    def __init__(self, reactor, pid: int, changes: Changes) -> None:
+        self.reactor = reactor
+        self.changes = changes
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.fd = None
+            return
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return -1 if self.fd is None else self.fd
+
+    def doRead(self) -> None:
+        self.close()
+        self.changes.poke()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.reactor.removeReader(self)
+            os.close(self.fd)
+            self.fd = None
+
+    def connectionLost(self, reason) -> None:
+        self.close()
+
+    def logPrefix(self) -> str:
+        return "pidfd"
+
+
+@pytest.mark.skipif(SETSID is None, reason="no setsid: the command shares the daemon's process group")
+@pytest_twisted.ensureDeferred
+async def test_an_overrunning_command_is_killed_with_what_it_started(reactor, tmp_path: Path):
+    command = 'sleep 60 & echo $! > "$OUT/child"; sleep 60'
+    hooks = JobNotifier(reactor, on_job_end=command, timeout=0.5, base_environment={**os.environ, "OUT": str(tmp_path)})
+    with capturedLogs() as events:
+        hooks.job_ended(JOB)
+        await hooks.hooks[0].idle().addTimeout(30, reactor)
+    assert failures(events) == ["still running after 0.5 s: killed"]
+    child = int((tmp_path / "child").read_text())
+    changes = Changes(reactor)
+    watch = ExitWatch(reactor, child, changes)
+    try:
+        await changes.until(lambda: not still_running(child), "the command's background child to be killed", 20)
+    finally:
+        watch.close()
+    assert stats(hooks.hooks[0]) == {"sent": 0, "failed": 1, "dropped": 0, "attempts": 1, "pending": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_that_leaves_a_child_holding_its_output_is_delivered_when_it_exits(reactor, tmp_path: Path):
+    command = 'sleep 60 & echo $! > "$OUT/child"; echo notified'
+    hooks = JobNotifier(
+        reactor, on_job_end=command, timeout=30.0, base_environment={**os.environ, "OUT": str(tmp_path)}
+    )
+    hooks.job_ended(JOB)
+    try:
+        # The child holds the command's stdout for 60 s: the hook's result is the shell's exit.
+        await hooks.hooks[0].idle().addTimeout(20, reactor)
+        child = int((tmp_path / "child").read_text())
+        assert hooks.stats()["on_job_end"] == {"sent": 1, "failed": 0, "dropped": 0, "attempts": 1, "pending": 0}
+        assert still_running(child)  # delivered before the child's end, and left alone
+    finally:
+        if (tmp_path / "child").exists():  # what the command left running is its own business; the test cleans up
+            try:
+                os.kill(int((tmp_path / "child").read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_the_default_http_client_is_treqs():

@@ -15,7 +15,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from netota_daemon.protocols.reconnect_hook import MAX_OUTPUT, OUTPUT_DRAIN, run_hook
+from netota_daemon.protocols.reconnect_hook import MAX_OUTPUT, run_hook
+from netota_daemon.protocols.shell_process import OUTPUT_DRAIN
 
 ENV = {"PATH": "/usr/bin:/bin", "NETOTA_DEVICE": "shelf-3", "NETOTA_PHASE": "reboot"}
 

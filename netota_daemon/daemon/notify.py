@@ -5,8 +5,12 @@
   JSON on its standard input and ``NETOTA_JOB``, ``NETOTA_DEVICE``, ``NETOTA_FIRMWARE``,
   ``NETOTA_STATE``, ``NETOTA_OUTCOME`` (the outcome kind, or ``interrupted``), ``NETOTA_FAILURE``
   (the failure class, or empty), ``NETOTA_PHASE`` (the phase reached) and ``NETOTA_BATCH`` (the
-  job's batch, or empty) in its environment. It may run ``timeout`` seconds; then it is sent
-  SIGTERM, and SIGKILL :data:`KILL_GRACE` seconds later. A non-zero exit is a failure.
+  job's batch, or empty) in its environment, in a process group of its own (under ``setsid``, where
+  the system has it: :mod:`~netota_daemon.protocols.shell_process`). Its result is the shell's exit
+  (a non-zero one is a failure), taken once its output is read, so something it left running in the
+  background can't hold the hook back. It may run ``timeout`` seconds; then its whole group is sent
+  SIGTERM, and SIGKILL :data:`KILL_GRACE` seconds later if anything of it is left (the shell, or
+  whatever still holds its output). When the daemon stops while it runs, its group is sent SIGKILL.
 - **The webhook** gets the same JSON in a POST (``Content-Type: application/json``,
   ``X-Netota-Event: job_end``) through treq. Each attempt is bounded by ``timeout`` seconds (the
   whole request and the first :data:`BODY_LIMIT` bytes of the answer, the rest is not read);
@@ -46,6 +50,7 @@ from twisted.python.failure import Failure
 from netota_daemon import __version__
 from netota_daemon.protocols.endpoints import bounded
 from netota_daemon.protocols.log_limit import LogLimiter
+from netota_daemon.protocols.shell_process import SETSID, GroupSignal, ShellProcess, shell_argv
 
 log = Logger()
 
@@ -364,53 +369,6 @@ class WebhookHook(_Hook):
         raise NotSent(f"{last_error} (after {self.attempts} attempt(s))")
 
 
-class _CommandProcess(ProcessProtocol):
-    """The command's process: gets the job on stdin, keeps a little output, fires ``ended`` with the
-    exit code (None when killed by a signal)."""
-
-    def __init__(self, stdin: bytes) -> None:
-        self.stdin = stdin
-        self.output = bytearray()
-        self.ended: defer.Deferred[int | None] = defer.Deferred()
-        self.pid: int | None = None
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.pid = getattr(self.transport, "pid", None)
-        self.transport.write(self.stdin)
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data[: max(0, OUTPUT_LIMIT - len(self.output))]
-
-    def errReceived(self, data: bytes) -> None:
-        self.outReceived(data)
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self.ended.called:
-            self.ended.callback(getattr(reason.value, "exitCode", None))
-
-    def when_ended(self) -> defer.Deferred[None]:
-        """A new Deferred that fires once the process ended: a wait that gives up on it (cancels it)
-        leaves ``ended`` alone."""
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def fired(result: Any) -> Any:
-            if not d.called:
-                d.callback(None)
-            return result
-
-        self.ended.addBoth(fired)
-        return d
-
-    def signal(self, name: str) -> None:
-        try:
-            if self.transport is not None:
-                self.transport.signalProcess(name)
-        except Exception:  # already gone (ProcessExitedAlready), or never started
-            pass
-
-
 class CommandHook(_Hook):
     name = "on_job_end"
 
@@ -423,6 +381,8 @@ class CommandHook(_Hook):
         timeout: float = DEFAULT_TIMEOUT,
         max_pending: int = MAX_PENDING,
         base_environment: Mapping[str, str] | None = None,
+        signal_group: GroupSignal = os.killpg,
+        setsid: str | None = SETSID,
     ) -> None:
         super().__init__(clock, warnings, max_pending)
         if not command.strip():
@@ -431,36 +391,48 @@ class CommandHook(_Hook):
         self.spawn = spawn
         self.timeout = timeout
         self.base_environment = dict(os.environ if base_environment is None else base_environment)
+        self.signal_group = signal_group
+        self.setsid = setsid
 
     def describe(self) -> str:
         return "on_job_end command"
 
     async def deliver(self, notification: Notification) -> None:
-        process = _CommandProcess(notification.body + b"\n")
+        process = ShellProcess(
+            self.clock,
+            own_group=self.setsid is not None,
+            output_limit=OUTPUT_LIMIT,
+            stdin=notification.body + b"\n",
+            signal_group=self.signal_group,
+        )
         env = {**self.base_environment, **notification.environment}
+        argv = shell_argv(self.command, self.setsid)
         self.counters.attempts += 1
         try:
-            self.spawn(process, "/bin/sh", ["/bin/sh", "-c", self.command], env)
+            self.spawn(process, argv[0], argv, env)
         except Exception as e:
-            raise NotSent(f"could not start /bin/sh: {e}") from None
+            raise NotSent(f"could not start {argv[0]}: {e}") from None
         try:
             try:
                 await bounded(self.clock, process.when_ended(), self.timeout, "the command")
             except defer.TimeoutError:
+                # TERM to its whole group; KILL to what of it is left (the shell, or whatever still
+                # holds its output) once the grace is over.
                 process.signal("TERM")
+                # (In a group of its own, something it started may outlive the shell: wait for all.)
+                after_term = process.when_gone() if process.own_group else process.when_ended()
                 try:
-                    await bounded(self.clock, process.when_ended(), KILL_GRACE, "the command after SIGTERM")
+                    await bounded(self.clock, after_term, KILL_GRACE, "the command after SIGTERM")
                 except defer.TimeoutError:
                     process.signal("KILL")
                 raise NotSent(f"still running after {self.timeout:g} s: killed") from None
-        except defer.CancelledError:
-            if not process.ended.called:
-                process.signal("KILL")
+        except defer.CancelledError:  # the daemon is stopping
+            process.signal("KILL")
             raise
         code = process.ended.result if process.ended.called else None
         if code == 0:
             return
-        output = bytes(process.output).decode("utf-8", "replace").strip()
+        output = process.text()
         how = f"exited with {code}" if code is not None else "was killed by a signal"
         raise NotSent(how + (f": {output[:500]}" if output else ""))
 
@@ -491,6 +463,7 @@ class JobNotifier:
         retry_delay: Callable[[int], float] | None = None,
         clock: IReactorTime | None = None,
         base_environment: Mapping[str, str] | None = None,
+        signal_group: GroupSignal = os.killpg,
     ) -> None:
         self.clock: IReactorTime = clock or reactor
         self.warnings = LogLimiter(self.clock, log, burst=1, interval=LOG_INTERVAL)
@@ -509,6 +482,7 @@ class JobNotifier:
                     timeout,
                     max_pending,
                     base_environment,
+                    signal_group,
                 )
             )
         if webhook:
