@@ -214,7 +214,16 @@ def test_usage_errors_exit_64(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
     assert e.value.code == EXIT_USAGE
-    assert "error:" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "error:" in err and out == ""
+    # With --json, the same error is one JSON object on stdout too.
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--json"])
+    assert e.value.code == EXIT_USAGE
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["error"] == "bad_argument" and answer["exit_code"] == EXIT_USAGE
+    assert answer["message"] in err
 
 
 @pytest.mark.parametrize("strict,expected", [(False, 0), (True, 3)])

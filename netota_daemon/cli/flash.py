@@ -36,7 +36,7 @@ from netota_daemon.cli.exit_codes import (
     exit_code,
 )
 from netota_daemon.cli.junit import JUnitError, case_from_outcome, check_junit_path, write_junit
-from netota_daemon.cli.output import silence_stdout
+from netota_daemon.cli.output import bad_argument_json, silence_stdout
 from netota_daemon.cli.progress import ProgressRenderer, colour_wanted
 from netota_daemon.cli.text import human_text, outcome_text
 from netota_daemon.engine.outcome import Outcome, OutcomeKind, Phase, phase_label
@@ -65,8 +65,8 @@ exit codes:
 
 --json prints one JSON object on stdout: the outcome (kind, message, phase, failure, advice,
 point_of_no_return, firmware_version_before, firmware_version_after, details) and exit_code; for a
-bad argument found by netota's checks (the firmware, the interface, the --junit path),
-{BAD_ARGUMENT_EXAMPLE} (argparse's own usage errors are text only).
+bad argument (a missing --host, a bad number, a firmware that can't be opened, an unknown
+interface), {BAD_ARGUMENT_EXAMPLE}.
 The progress goes to stderr, one line per phase (percent, bytes, rate, an ETA once there is one,
 "device working" while the device writes, the point of no return in red); --quiet turns it off,
 --no-color (or NO_COLOR) turns its colour off. --log-file writes the engine's log as JSON lines
@@ -164,6 +164,8 @@ def add_parser(subparsers: arguments.Subcommands) -> argparse.ArgumentParser:
     )
 
     parser.set_defaults(func=run_flash_command)
+    # argparse's own usage errors (a missing --host) are a JSON object too with --json (cli.main).
+    parser.json_usage_errors = True  # type: ignore[attr-defined]
     return parser
 
 
@@ -223,7 +225,7 @@ def usage_error(error: UsageError, args: argparse.Namespace, out: TextIO, err: T
     JSON object on ``out`` (``{"error": "bad_argument", "message": ..., "exit_code": 64}``); 64."""
     err.write(f"netota flash: error: {error}\n")
     if getattr(args, "json", False):
-        out.write(json.dumps({"error": "bad_argument", "message": str(error), "exit_code": EXIT_USAGE}) + "\n")
+        out.write(bad_argument_json(str(error), EXIT_USAGE) + "\n")
         out.flush()
     return EXIT_USAGE
 

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from netota_daemon import __version__
 from netota_daemon.cli.exit_codes import EXIT_BROKEN_PIPE, EXIT_USAGE
-from netota_daemon.cli.output import silence_stdout
+from netota_daemon.cli.output import bad_argument_json, silence_stdout
 
 COMMAND_MODULES = (
     "netota_daemon.cli.sim",
@@ -28,13 +28,22 @@ class NetotaArgumentParser(argparse.ArgumentParser):
     option itself (``netota sim: error: unrecognized arguments: --bogus``), with its own usage,
     rather than leaving it to the top-level parser, which would name only ``netota``."""
 
+    #: A parser whose command promises one JSON object on stdout with ``--json`` (``netota flash``)
+    #: prints its usage errors as one too (:func:`~netota_daemon.cli.output.bad_argument_json`).
+    json_usage_errors = False
+    #: The arguments being parsed (what an error is about).
+    arguments: Sequence[str] = ()
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
+        if self.json_usage_errors and "--json" in self.arguments:
+            print(bad_argument_json(message, EXIT_USAGE), flush=True)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
+        self.arguments = list(sys.argv[1:] if args is None else args)
         parsed, extras = super().parse_known_args(args, namespace)
         if extras and " " in self.prog:  # a subcommand ("netota sim"), not "netota" itself
             self.error(f"unrecognized arguments: {' '.join(extras)}")

@@ -21,6 +21,11 @@ def print_json(data: Any, lines: bool = False) -> None:
         print(json.dumps(data, indent=2, sort_keys=True), flush=True)
 
 
+def bad_argument_json(message: str, code: int) -> str:
+    """The one JSON object a command with ``--json`` prints for a bad argument (``netota flash``)."""
+    return json.dumps({"error": "bad_argument", "message": message, "exit_code": code})
+
+
 def silence_stdout() -> None:
     """After a broken pipe: every later write to stdout (the interpreter's flush at exit too) goes
     to /dev/null instead of raising again."""
