@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 
 from netota_daemon.cli.exit_codes import EXIT_USAGE
-from netota_daemon.cli.flash import abort_line, flash, run_flash_command
+from netota_daemon.cli.flash import abort_line, abort_on_signal, flash, run_flash_command
 from netota_daemon.cli.main import build_parser
 from netota_daemon.engine.outcome import Phase, phase_label
 from netota_daemon.sim.device import SimulatedDevice
@@ -412,3 +413,28 @@ def test_bad_arguments_with_json_give_one_json_error_too(tmp_path, capsys):
 def test_a_signal_says_what_the_abort_does_in_each_phase(phase, what):
     line = abort_line("Ctrl-C", phase)
     assert line.startswith(f"Ctrl-C: aborting in {phase_label(phase)} (") and what in line
+
+
+def test_a_signal_prints_the_line_of_the_jobs_phase_and_cancels_it_on_the_reactor():
+    class Job:
+        phase = Phase.UPLOAD
+
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
+
+        def cancel(self, reason: str) -> None:
+            self.cancelled.append(reason)
+
+    class Reactor:
+        def callFromThread(self, f, *args):
+            f(*args)
+
+    job, err = Job(), io.StringIO()
+    handler = abort_on_signal(Reactor(), job, err)
+    handler(signal.SIGTERM, None)
+    assert err.getvalue() == "\n" + abort_line("SIGTERM", Phase.UPLOAD) + "\n"
+    assert job.cancelled == ["interrupted (SIGTERM)"]
+    job.phase = Phase.PHASE2
+    handler(signal.SIGINT, None)
+    assert err.getvalue().endswith(abort_line("Ctrl-C", Phase.PHASE2) + "\n")
+    assert job.cancelled[-1] == "interrupted (Ctrl-C)"

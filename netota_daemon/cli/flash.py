@@ -242,6 +242,19 @@ def abort_line(signal_name: str, phase: Phase) -> str:
     return f"{signal_name}: aborting in {phase_label(phase)} ({what})..."
 
 
+def abort_on_signal(reactor: Any, job: Any, err: TextIO) -> Callable[[int, Any], None]:
+    """The SIGINT / SIGTERM handler of a running flash: it says on ``err`` what the abort does in the
+    job's phase (:func:`abort_line`) and cancels the job on the reactor (a handler runs between the
+    reactor's steps: ``callFromThread`` wakes it)."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        err.write(f"\n{abort_line(name, job.phase)}\n")
+        reactor.callFromThread(job.cancel, f"interrupted ({name})")
+
+    return on_signal
+
+
 def result_json(outcome: Outcome, code: int) -> str:
     return json.dumps({**outcome.to_json(), "exit_code": code}, sort_keys=True)
 
@@ -358,10 +371,7 @@ def run_flash_command(
         return usage_error(e, args, sys.stdout, sys.stderr)
 
     def hook_signals(reactor: Any, job: Any) -> None:
-        def on_signal(signum: int, frame: Any) -> None:
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            sys.stderr.write(f"\n{abort_line(name, job.phase)}\n")
-            reactor.callFromThread(job.cancel, f"interrupted ({name})")
+        on_signal = abort_on_signal(reactor, job, sys.stderr)
 
         def install() -> None:  # after the reactor installed its own handlers
             signal.signal(signal.SIGINT, on_signal)
