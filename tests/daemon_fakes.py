@@ -318,7 +318,13 @@ def make_service(
 class ApiWorld:
     """The control API in memory: a Clock, a journal that answers at once, fake engine jobs, a
     prober whose fetch answers at once (or never, with ``hold_probes``), and a StubTreq client over
-    the API's resource. Nothing listens; nothing leaves the process."""
+    the API's resource. Nothing listens; nothing leaves the process.
+
+    ``full``: also the firmware catalogue, the batch manager (its store in ``tmp_path``), the rescuer
+    and the job-end notifier, wired as ``service.py`` wires them, so ``/v1/firmware...``,
+    ``/v1/batches...`` and ``/v1/rescue`` answer too. What blocks in the daemon (the catalogue's
+    ``run_blocking``, the image inspection) runs here at once on the caller's thread, and the batch
+    manager has carried on its unfinished batches (none) before the first request."""
 
     def __init__(
         self,
@@ -328,6 +334,8 @@ class ApiWorld:
         token: str | None = None,
         max_connections: int = 256,
         idle_timeout: float = 60.0,
+        full: bool = False,
+        tags: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         import os
         from pathlib import Path
@@ -351,7 +359,14 @@ class ApiWorld:
         self.firmware_dir = Path(tmp_path) / "fw"
         self.firmware_dir.mkdir(exist_ok=True)
         (self.firmware_dir / "v2.bin").write_bytes(os.urandom(2048))
-        device_configs = {n: DeviceConfig(DeviceTarget(name=n, host="127.0.0.1"), UpgradeTimeouts()) for n in devices}
+        tags = tags or {}
+        # One HTTP port per device, so that the fake fetch below knows whose description is asked for.
+        device_configs = {
+            n: DeviceConfig(
+                DeviceTarget(name=n, host="127.0.0.1", http_port=8080 + i), UpgradeTimeouts(), tags=tags.get(n, ())
+            )
+            for i, n in enumerate(devices)
+        }
         self.config = DaemonConfig(
             source="test",
             state_dir=Path(tmp_path) / "state",
@@ -363,25 +378,31 @@ class ApiWorld:
         self.journal = JobJournal(self.config.state_dir, self.clock)
         self.registry = DeviceRegistry(device_configs.values())
         self.factory = FakeJobFactory(stop_delay=0.0)
+        self.async_journal = AsyncJournal(self.journal, ImmediateExecutor())
         self.queue = JobQueue(
             self.clock,
             self.config,
-            AsyncJournal(self.journal, ImmediateExecutor()),
+            self.async_journal,
             self.registry,
             FirmwareStore(self.firmware_dir),
             job_factory=self.factory,
         )
         self.hold_probes = False
         self.held_probes: list[Deferred] = []
+        #: The description document a device's probe reads (by name; default: main firmware 9.9).
+        #: ``LOADER_DOCUMENT`` puts a device in its loader (rescue's case).
+        self.descriptions: dict[str, bytes] = {}
+        by_port = {device.target.http_port: n for n, device in device_configs.items()}
 
         async def fetch(connector: Any, port: int, timeout: float, clock: Any) -> Any:
             if self.hold_probes:
                 d: Deferred = Deferred()
                 self.held_probes.append(d)
                 await d
-            return parse_description(main_firmware_document("9.9"))
+            return parse_description(self.descriptions.get(by_port[port], main_firmware_document("9.9")))
 
         self.prober = DeviceProber(self.registry, self.clock, fetch=fetch, clock=self.clock)
+        wiring = self._wire_the_rest() if full else {}
         self.api = ControlApi(
             self.queue,
             self.registry,
@@ -390,8 +411,71 @@ class ApiWorld:
             token=token,
             idle_timeout=idle_timeout,
             max_connections=max_connections,
+            **wiring,
         )
         self.http = StubTreq(self.api.resource)
+
+    def _wire_the_rest(self) -> dict[str, Any]:
+        """The firmware catalogue, batches, rescue and the notifier, as ``NetotaService`` makes them
+        (``service.py``), in memory: ``ControlApi``'s keyword arguments for them."""
+        import os
+
+        from netota_daemon.control.firmware import FirmwareEndpoints
+        from netota_daemon.daemon.batch_store import AsyncBatchStore, BatchStore
+        from netota_daemon.daemon.batches import BatchManager
+        from netota_daemon.daemon.firmware_catalog import FirmwareCatalog
+        from netota_daemon.daemon.firmware_store import FirmwareStore
+        from netota_daemon.daemon.image_facts import read_image_facts
+        from netota_daemon.daemon.notify import JobNotifier
+        from netota_daemon.daemon.ports import QueuePort
+        from netota_daemon.daemon.rescue import Rescuer
+
+        config, queue, registry = self.config, self.queue, self.registry
+
+        def run_blocking(call: Callable[[], Any]) -> Deferred:
+            return maybeDeferred(call)  # at once, on this thread: no thread pool on a Clock
+
+        def in_use() -> list[str]:
+            return [os.path.normpath(name) for name in queue.firmware_in_use()]
+
+        self.catalog = FirmwareCatalog(
+            config.firmware_dir, run_blocking, in_use=in_use, max_upload=config.firmware_max_upload
+        )
+        firmware = FirmwareStore(config.firmware_dir)
+
+        def inspect(name: str) -> Deferred:
+            return maybeDeferred(read_image_facts, firmware, name)
+
+        def busy_job(name: str) -> str | None:
+            status = registry.get(name)
+            return status.job if status.state in ("queued", "running") else None
+
+        def held(name: str) -> str | None:
+            batch = self.batches.batch_of_device(name)
+            return busy_job(name) or (f"batch {batch}" if batch else None)
+
+        self.batch_store = BatchStore(config.state_dir)
+        port = QueuePort(queue, self.async_journal)
+        self.batches = BatchManager(
+            self.clock,
+            port,
+            self.prober,
+            AsyncBatchStore(self.batch_store, self.async_journal.run),
+            list(config.devices),
+            inspect,
+            busy=busy_job,
+            known_version=lambda name: registry.get(name).firmware_version,
+            device_tags={name: device.tags for name, device in config.devices.items()},
+        )
+        self.rescuer = Rescuer(self.clock, port, self.prober.probe, inspect, held, list(config.devices))
+        self.notifier = JobNotifier(self.clock)
+        fired(Deferred.fromCoroutine(self.batches.recover()))
+        return {
+            "firmware": FirmwareEndpoints(self.catalog),
+            "batches": self.batches,
+            "rescuer": self.rescuer,
+            "notifier": self.notifier,
+        }
 
     def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Any:
         """(status, headers, parsed JSON or raw bytes) of one request, answered in memory."""
