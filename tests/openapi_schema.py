@@ -27,27 +27,34 @@ def _registry() -> Any:
     return Registry().with_resource("netota", DRAFT202012.create_resource(_document()))
 
 
-def _operation(method: str, path: str) -> tuple[str, dict[str, Any]]:
-    """The document's path template that ``path`` (no query) matches, and its operation."""
+def _template(method: str, path: str) -> str:
+    """The document's path template that ``path`` (no query) matches, for ``method``."""
     for template, operations in _document()["paths"].items():
         pattern = "^" + re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(template)) + "$"
-        if re.match(pattern, path) and method.lower() in operations:
-            return template, operations[method.lower()]
-    raise AssertionError(f"{method} {path}: not an operation of the OpenAPI document")
+        if re.match(pattern, path) and method in operations:
+            return template
+    raise AssertionError(f"{method.upper()} {path}: not an operation of the OpenAPI document")
 
 
 def answer_errors(method: str, path: str, answer: Any) -> list[str]:
     """What is wrong with ``answer``, the body of a successful ``METHOD PATH``, by the schema of the
     operation's success response; [] when it matches."""
+    method = method.lower()
+    validator = _validator(method, _template(method, path.split("?", 1)[0]))
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(answer)'}: {e.message}" for e in validator.iter_errors(answer)]
+
+
+@cache
+def _validator(method: str, template: str) -> Any:
+    """The validator of ``METHOD TEMPLATE``'s success response (one per operation, kept)."""
     from jsonschema import Draft202012Validator
 
-    template, operation = _operation(method, path.split("?", 1)[0])
+    operation = _document()["paths"][template][method]
     successes = [status for status in operation["responses"] if status.startswith("2")]
     assert successes, f"{method} {template} documents no success"
     # By reference into the document, so that the schema's own $refs (#/components/...) resolve there.
-    where = f"/paths/{_pointer(template)}/{method.lower()}/responses/{successes[0]}/content/application~1json/schema"
-    validator = Draft202012Validator({"$ref": "netota#" + where}, registry=_registry())
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(answer)'}: {e.message}" for e in validator.iter_errors(answer)]
+    where = f"/paths/{_pointer(template)}/{method}/responses/{successes[0]}/content/application~1json/schema"
+    return Draft202012Validator({"$ref": "netota#" + where}, registry=_registry())
 
 
 def _pointer(template: str) -> str:
