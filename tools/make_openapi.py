@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the enums below are the daemon's own: the document can't drift from them
 
 from netota_daemon.control.firmware import REFUSALS as FIRMWARE_REFUSALS  # noqa: E402
+from netota_daemon.control.routing import MAX_REASON  # noqa: E402
 from netota_daemon.daemon.batch_policy import BatchState, MemberState, Reason  # noqa: E402
 from netota_daemon.daemon.batch_store import MAX_PAGE as MAX_BATCH_PAGE  # noqa: E402
 from netota_daemon.daemon.config import MAX_COUNT, MAX_SECONDS, MAY_BE_ZERO, TIMEOUT_KEYS  # noqa: E402
@@ -100,6 +101,10 @@ COMMON_CODES: dict[int, tuple[str, ...]] = {
 }
 #: What a JSON body adds (routing.ApiRequest.body and field_of).
 BODY_CODES = ("bad_json", "unknown_field", "bad_field")
+#: A cancel's body, of a job or a batch (routing.reason_of).
+CANCEL_BODY = body(
+    obj({"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON, "pattern": "\\S"}}, required=())
+)
 UNAUTHORIZED = error(
     401,
     "unauthorized",
@@ -701,9 +706,7 @@ PATHS: Schema = {
         "post": {
             "summary": "cancel a queued or running job (STOP is sent to the device)",
             "parameters": [JOB_ID],
-            "requestBody": body(
-                obj({"reason": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": "\\S"}}, required=())
-            ),
+            "requestBody": CANCEL_BODY,
             "responses": responses(
                 {"200": ok(JOB_ANSWER)}, {400: BODY_CODES, 404: ("unknown_job",), 409: ("not_active",)}
             ),
@@ -839,9 +842,7 @@ PATHS: Schema = {
         "post": {
             "summary": "cancel a batch: members not started are skipped, running jobs stopped (STOP)",
             "parameters": [BATCH_ID],
-            "requestBody": body(
-                obj({"reason": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": "\\S"}}, required=())
-            ),
+            "requestBody": CANCEL_BODY,
             "responses": responses(
                 {"200": ok(BATCH_ANSWER)}, {400: BODY_CODES, 404: ("unknown_batch",), 409: ("not_active",)}
             ),

@@ -23,7 +23,7 @@ from netota_daemon.cli.control_client import ApiRefused, DaemonUnavailable, even
 from netota_daemon.cli.exit_codes import EXIT_CANT_CREATE, EXIT_UNAVAILABLE, exit_code
 from netota_daemon.cli.junit import JUnitError, case_from_member, check_junit_path, write_junit
 from netota_daemon.cli.output import print_json
-from netota_daemon.cli.runner import add_common_options, command_runner
+from netota_daemon.cli.runner import add_client_command
 from netota_daemon.cli.text import dash, format_elapsed, format_time, kind_label, outcome_text, table
 from netota_daemon.engine.outcome import OutcomeKind
 
@@ -462,16 +462,7 @@ def add_parser(subparsers: Any) -> None:
     def sub(
         parent: Any, name: str, help_text: str, command: Any, draws: bool = False, epilog: str = EPILOG
     ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=epilog,
-            formatter_class=arguments.WrappingHelpFormatter,
-        )
-        add_common_options(p, draws)
-        p.set_defaults(func=command_runner(command), command=command)
-        return p
+        return add_client_command(parent, name, help_text, command, epilog, draws)
 
     batch = subparsers.add_parser(
         "batch",

@@ -25,7 +25,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from netota_daemon.cli import arguments
 from netota_daemon.cli.control_client import (
     ApiRefused,
     DaemonUnavailable,
@@ -40,7 +39,7 @@ from netota_daemon.cli.exit_codes import (
 from netota_daemon.cli.junit import CaseResult, JUnitError, case_from_job, check_junit_path, write_junit
 from netota_daemon.cli.output import print_json
 from netota_daemon.cli.progress import DeviceBoard, ProgressRenderer, colour_wanted
-from netota_daemon.cli.runner import DEFAULT_CONTROL, Command, add_common_options, command_runner, refusal_text
+from netota_daemon.cli.runner import DEFAULT_CONTROL, Command, add_client_command, refusal_text
 from netota_daemon.cli.text import (
     dash,
     format_bytes,
@@ -714,16 +713,7 @@ the output went away (| head).
 
 def add_parser(subparsers: Any) -> None:
     def sub(name: str, help_text: str, command: Command, draws: bool = False) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = subparsers.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=EPILOG,
-            formatter_class=arguments.WrappingHelpFormatter,
-        )
-        add_common_options(p, draws)
-        p.set_defaults(func=command_runner(command), command=command)
-        return p
+        return add_client_command(subparsers, name, help_text, command, EPILOG, draws)
 
     p = sub("devices", "List the daemon's devices and what each is doing.", cmd_devices)
     p.add_argument(

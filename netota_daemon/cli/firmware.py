@@ -30,7 +30,7 @@ from netota_daemon.cli import arguments
 from netota_daemon.cli.control_client import ApiRefused
 from netota_daemon.cli.exit_codes import EXIT_FAILED, EXIT_USAGE
 from netota_daemon.cli.output import print_json
-from netota_daemon.cli.runner import add_common_options, command_runner
+from netota_daemon.cli.runner import add_client_command
 from netota_daemon.cli.text import dash, format_bytes, format_short_time, kind_label, table
 from netota_daemon.daemon.firmware_catalog import CatalogError, check_name
 from netota_daemon.firmware import FirmwareError, FirmwareImage
@@ -84,16 +84,7 @@ def add_parser(subparsers: arguments.Subcommands) -> None:
     inspect.set_defaults(func=inspect_command)
 
     def client_command(name: str, help_text: str, command: Any) -> argparse.ArgumentParser:
-        p = commands.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=EPILOG,
-            formatter_class=arguments.WrappingHelpFormatter,
-        )
-        add_common_options(p)
-        p.set_defaults(func=command_runner(command), command=command)
-        return p
+        return add_client_command(commands, name, help_text, command, EPILOG)
 
     client_command("list", "List the images in the daemon's firmware_dir: kind, version, size, SHA-256.", cmd_list)
     add = client_command(

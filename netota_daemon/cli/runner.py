@@ -3,7 +3,8 @@
 A command is a coroutine function ``(client, args) -> exit code`` that talks to the daemon through
 a :class:`~netota_daemon.cli.control_client.ControlClient`. :func:`add_common_options` gives its
 parser ``--control``, ``--token`` and ``--json`` (and ``--no-color`` for one that draws progress);
-:func:`command_runner` makes it the parser's ``func``: it runs the command on a reactor of its own
+:func:`command_runner` makes it the parser's ``func`` (:func:`add_client_command` does both, with the
+command's help): it runs the command on a reactor of its own
 and turns each way it can end (the daemon away, a refusal, a bad argument, a closed stdout, Ctrl-C,
 a bug) into one plain line on stderr and its exit code (:mod:`netota_daemon.cli.exit_codes`).
 The commands themselves live in :mod:`netota_daemon.cli.client`, :mod:`netota_daemon.cli.batch`
@@ -20,6 +21,7 @@ from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 
+from netota_daemon.cli import arguments
 from netota_daemon.cli.control_client import ApiRefused, ControlClient, DaemonUnavailable
 from netota_daemon.cli.exit_codes import (
     EXIT_BROKEN_PIPE,
@@ -100,6 +102,23 @@ def command_runner(command: Command) -> Callable[[argparse.Namespace], int]:
         return codes[0]
 
     return func
+
+
+def add_client_command(
+    subparsers: Any, name: str, help_text: str, command: Command, epilog: str, draws: bool = False
+) -> argparse.ArgumentParser:
+    """The parser of one client command: its help (filled to the terminal), the common options, and
+    ``command`` run by :func:`command_runner` as its ``func``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=epilog,
+        formatter_class=arguments.WrappingHelpFormatter,
+    )
+    add_common_options(parser, draws)
+    parser.set_defaults(func=command_runner(command), command=command)
+    return parser
 
 
 def add_common_options(parser: argparse.ArgumentParser, draws: bool = False) -> None:

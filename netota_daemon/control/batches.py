@@ -9,7 +9,18 @@ from typing import Any
 
 from netota_daemon.control.errors import ApiError
 from netota_daemon.control.events import EventStreams
-from netota_daemon.control.routing import API_PREFIX, STREAMING, Answer, ApiRequest, Route, Streaming, field_of
+from netota_daemon.control.routing import (
+    API_PREFIX,
+    STREAMING,
+    Answer,
+    ApiRequest,
+    Route,
+    Streaming,
+    device_names,
+    field_of,
+    page_limit,
+    reason_of,
+)
 from netota_daemon.daemon.batch_store import DEFAULT_PAGE, MAX_PAGE
 from netota_daemon.daemon.batches import BATCH_FIELDS, BatchError, BatchManager, BatchRefusal
 from netota_daemon.daemon.jobs import JobQueue, QueueEvent
@@ -18,14 +29,9 @@ from netota_daemon.daemon.rescue import Rescuer
 
 CANCEL_FIELDS = {"reason"}
 RESCUE_FIELDS = {"devices", "firmware"}
-MAX_REASON = 500
 MAX_BATCH_ID = 64
 #: The job events a batch's stream carries for its members' jobs.
 JOB_EVENTS = ("state", "phase", "progress", "waiting", "outcome")
-
-
-def _digits(text: str, longest: int) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= longest
 
 
 class BatchEndpoints:
@@ -66,13 +72,7 @@ class BatchEndpoints:
 
     async def list(self, request: ApiRequest) -> Answer:
         query = request.query(("limit", "cursor"))
-        limit = DEFAULT_PAGE
-        if "limit" in query:
-            text = query["limit"]
-            if not _digits(text, 8) or not 1 <= int(text) <= MAX_PAGE:
-                raise ApiError(400, "bad_query", f"limit must be an integer from 1 to {MAX_PAGE}, not {text[:20]!r}")
-            limit = int(text)
-        return Answer(await self.manager.page(limit, query.get("cursor")))
+        return Answer(await self.manager.page(page_limit(query, DEFAULT_PAGE, MAX_PAGE), query.get("cursor")))
 
     async def show(self, request: ApiRequest) -> Answer:
         request.query(())
@@ -81,9 +81,7 @@ class BatchEndpoints:
     async def cancel(self, request: ApiRequest) -> Answer:
         request.query(())
         body = request.body(CANCEL_FIELDS)
-        reason = field_of(body, "reason", str, "a string", "batch cancelled")
-        if len(reason) > MAX_REASON or not reason.strip():
-            raise ApiError(400, "bad_field", f"reason must be a non-empty text of at most {MAX_REASON} characters")
+        reason = reason_of(body, "batch cancelled")
         return Answer({"batch": await self.manager.cancel(self._batch_id(request), reason)})
 
     async def events(self, request: ApiRequest) -> Streaming:
@@ -121,18 +119,7 @@ class BatchEndpoints:
     async def rescue(self, request: ApiRequest) -> Answer:
         request.query(())
         body = request.body(RESCUE_FIELDS)
-        names = body.get("devices")
-        if "devices" in body:  # given, it names devices: null is not "all of them" (leave the field out)
-            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-                raise ApiError(400, "bad_field", "devices must be a non-empty list of device names")
-            unknown = [n for n in dict.fromkeys(names) if n not in self.registry]
-            if unknown:
-                raise ApiError(
-                    404,
-                    "unknown_device",
-                    f"no such device(s) {', '.join(repr(n) for n in unknown[:10])} "
-                    f"(known: {', '.join(self.registry.names())})",
-                )
+        names = device_names(body, self.registry)
         firmware = field_of(body, "firmware", str, "a string")
         if firmware is not None and not firmware.strip():
             raise ApiError(400, "bad_field", "firmware must be a file name in firmware_dir")

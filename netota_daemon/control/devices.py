@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from netota_daemon.control.errors import ApiError
-from netota_daemon.control.routing import Answer, ApiRequest, Route
+from netota_daemon.control.routing import Answer, ApiRequest, Route, device_names
 from netota_daemon.daemon.probe import DeviceProber
 from netota_daemon.daemon.registry import DeviceRegistry
 
@@ -32,18 +31,7 @@ class DeviceEndpoints:
         """Answer once every named device's probe has ended (each is bounded by its http timeout)."""
         request.query(())
         body = request.body(PROBE_FIELDS)
-        names = body.get("devices")
-        if "devices" in body:  # given, it names devices: null is not "all of them" (leave the field out)
-            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-                raise ApiError(400, "bad_field", "devices must be a non-empty list of device names")
-            unknown = [n for n in dict.fromkeys(names) if n not in self.registry]
-            if unknown:
-                raise ApiError(
-                    404,
-                    "unknown_device",
-                    f"no such device(s) {', '.join(repr(n) for n in unknown[:10])} "
-                    f"(known: {', '.join(self.registry.names())})",
-                )
+        names = device_names(body, self.registry)
         results = await self.prober.probe(names)
         devices: list[dict[str, Any]] = []
         for name, result in results.items():

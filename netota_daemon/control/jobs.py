@@ -6,20 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from netota_daemon.control.errors import ApiError
-from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route, field_of
+from netota_daemon.control.routing import API_PREFIX, Answer, ApiRequest, Route, digits, field_of, page_limit, reason_of
 from netota_daemon.daemon.jobs import JobQueue, UnknownJob
 from netota_daemon.daemon.journal import DEFAULT_PAGE, MAX_PAGE
 
 START_FIELDS = {"device", "firmware", "options"}
 CANCEL_FIELDS = {"reason"}
 RESUME_FIELDS = {"force"}
-MAX_REASON = 500
 MAX_JOB_ID = 64
-
-
-def _digits(text: str, longest: int) -> bool:
-    """ASCII digits only ("²" and "٣" are digits to str.isdigit), at most ``longest`` of them."""
-    return text.isascii() and text.isdigit() and len(text) <= longest
 
 
 class JobEndpoints:
@@ -36,14 +30,9 @@ class JobEndpoints:
 
     async def list_jobs(self, request: ApiRequest) -> Answer:
         query = request.query(("device", "limit", "cursor"))
-        limit = DEFAULT_PAGE
-        if "limit" in query:
-            text = query["limit"]
-            if not _digits(text, 8) or not 1 <= int(text) <= MAX_PAGE:
-                raise ApiError(400, "bad_query", f"limit must be an integer from 1 to {MAX_PAGE}, not {text[:20]!r}")
-            limit = int(text)
+        limit = page_limit(query, DEFAULT_PAGE, MAX_PAGE)
         cursor = query.get("cursor")
-        if cursor is not None and not _digits(cursor, 19):
+        if cursor is not None and not digits(cursor, 19):
             raise ApiError(400, "bad_query", f"cursor {cursor[:20]!r} is not a cursor this daemon gave (next_cursor)")
         jobs, next_cursor = await self.queue.page(query.get("device"), limit, cursor)
         return Answer({"jobs": jobs, "next_cursor": next_cursor})
@@ -69,9 +58,7 @@ class JobEndpoints:
     async def cancel(self, request: ApiRequest) -> Answer:
         request.query(())
         body = request.body(CANCEL_FIELDS)
-        reason = field_of(body, "reason", str, "a string", "cancelled by user")
-        if len(reason) > MAX_REASON or not reason.strip():
-            raise ApiError(400, "bad_field", f"reason must be a non-empty text of at most {MAX_REASON} characters")
+        reason = reason_of(body, "cancelled by user")
         job: dict[str, Any] = await self.queue.cancel(self._job_id(request), reason)
         return Answer({"job": job})
 

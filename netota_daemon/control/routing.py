@@ -26,6 +26,7 @@ from netota_daemon.control.errors import ApiError, from_refusal, json_bytes
 from netota_daemon.control.json_body import MAX_BODY, BodyError, decode_json
 from netota_daemon.daemon.batches import BatchError
 from netota_daemon.daemon.jobs import JobError
+from netota_daemon.daemon.registry import DeviceRegistry
 
 log = Logger()
 
@@ -175,6 +176,52 @@ def field_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], wha
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # a bool is an int
         raise ApiError(400, "bad_field", f"{name} must be {what}")
     return value
+
+
+#: The longest ``reason`` a cancel may record.
+MAX_REASON = 500
+
+
+def digits(text: str, longest: int) -> bool:
+    """ASCII digits only ("²" and "٣" are digits to str.isdigit), at most ``longest`` of them."""
+    return text.isascii() and text.isdigit() and len(text) <= longest
+
+
+def page_limit(query: dict[str, str], default: int, maximum: int) -> int:
+    """A list's ``limit`` query parameter: 1 to ``maximum``, ``default`` when not given; else 400."""
+    if "limit" not in query:
+        return default
+    text = query["limit"]
+    if not digits(text, 8) or not 1 <= int(text) <= maximum:
+        raise ApiError(400, "bad_query", f"limit must be an integer from 1 to {maximum}, not {text[:20]!r}")
+    return int(text)
+
+
+def reason_of(body: dict[str, Any], default: str) -> str:
+    """A cancel's ``reason``: a non-empty text of at most :data:`MAX_REASON` characters; else 400."""
+    reason: str = field_of(body, "reason", str, "a string", default)
+    if len(reason) > MAX_REASON or not reason.strip():
+        raise ApiError(400, "bad_field", f"reason must be a non-empty text of at most {MAX_REASON} characters")
+    return reason
+
+
+def device_names(body: dict[str, Any], registry: DeviceRegistry) -> list[str] | None:
+    """The body's ``devices``: configured device names (400 ``bad_field`` for anything else, 404
+    ``unknown_device`` naming the unknown ones), or None (all of them) when the field is left out.
+    Given, it names devices: null is not "all of them"."""
+    if "devices" not in body:
+        return None
+    names = body["devices"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ApiError(400, "bad_field", "devices must be a non-empty list of device names")
+    unknown = [n for n in dict.fromkeys(names) if n not in registry]
+    if unknown:
+        raise ApiError(
+            404,
+            "unknown_device",
+            f"no such device(s) {', '.join(repr(n) for n in unknown[:10])} (known: {', '.join(registry.names())})",
+        )
+    return names
 
 
 class ControlResource(Resource):

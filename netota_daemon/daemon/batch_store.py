@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from netota_daemon.daemon.journal import JournalError
+from netota_daemon.daemon.journal import JournalError, write_transaction
 
 JOURNAL_FILE = "journal.sqlite3"
 DEFAULT_PAGE = 50
@@ -84,13 +84,7 @@ class BatchStore:
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> None:
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(sql, params)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            write_transaction(self._db, [(sql, params)])
         except sqlite3.Error as e:
             raise BatchStoreError(f"can't write the batch journal {self.path}: {e}") from None
 

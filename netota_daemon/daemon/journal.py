@@ -155,6 +155,20 @@ CREATE TABLE IF NOT EXISTS job_history (
 CREATE INDEX IF NOT EXISTS job_history_job ON job_history (job_id);
 """
 
+
+def write_transaction(db: sqlite3.Connection, statements: Iterable[tuple[str, Any]]) -> None:
+    """``statements`` (SQL, parameters) in one write transaction: all of them, or none (rolled back
+    on any error, which is raised again for the caller to name its file)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in statements:
+            db.execute(sql, params)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 _COLUMNS = (
     "id",
     "device",
@@ -306,14 +320,7 @@ class JobJournal:
     def _write(self, statements: Iterable[tuple[str, Any]]) -> None:
         began = time.perf_counter()
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            write_transaction(self._db, statements)
         except sqlite3.Error as e:
             raise JournalError(f"can't write the job journal {self.path}: {e}") from None
         if self.on_write is not None:
