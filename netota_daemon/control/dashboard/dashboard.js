@@ -291,12 +291,7 @@ async function loadHistory() {
       }
       const actions = document.createElement("td");
       if (job.resumable) {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.className = "resume";
-        button.textContent = "Resume";
-        button.addEventListener("click", () => resume(job.id));
-        actions.appendChild(button);
+        actions.appendChild(actionButton("resume", "Resume", () => resume(job.id)));
       }
       row.appendChild(actions);
       body.appendChild(row);
@@ -304,6 +299,16 @@ async function loadHistory() {
   } catch (e) {
     showError(`the job history can't be read: ${e.message}`);
   }
+}
+
+// A table row's action: a button of class `cls` that calls `onClick`.
+function actionButton(cls, text, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = cls;
+  button.textContent = text;
+  button.addEventListener("click", onClick);
+  return button;
 }
 
 function countsText(counts) {
@@ -334,12 +339,7 @@ async function loadBatches() {
       }
       const actions = document.createElement("td");
       if (!["finished", "cancelled", "cancelling"].includes(batch.state)) {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.className = "cancel-batch";
-        button.textContent = "Cancel";
-        button.addEventListener("click", () => cancelBatch(batch.id));
-        actions.appendChild(button);
+        actions.appendChild(actionButton("cancel-batch", "Cancel", () => cancelBatch(batch.id)));
       }
       row.appendChild(actions);
       body.appendChild(row);
